@@ -1,0 +1,468 @@
+"""Writing a shard of an activation store.
+
+The calling thread validates a batch and copies its rows into per-layer chunk buffers;
+full chunks go through a bounded queue to a background thread that checksums and writes
+them (a slow disk blocks the caller: back-pressure, bounded memory). Every
+``commit_interval`` seconds, and on ``flush()`` / ``close()``, the background thread
+writes the partial chunks, closes the current segment and atomically replaces the
+shard manifest: only then do those rows exist for readers. The next rows go to a new
+segment, so committed files are never modified again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import queue
+import re
+import shutil
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from activation_store import backends
+from activation_store.dtypes import disk_dtype, to_stored
+from activation_store.errors import IncompatibleStoreError, InvalidRowsError, StoreError, WriterClosedError
+from activation_store.manifest import (
+    SHARD_MANIFEST, SHARDS_DIR, STORE_FILE, LayerSpec, SegmentLayerRecord, SegmentRecord, ShardManifest,
+    StoreManifest, check_name, create_json_exclusive, read_shard_manifest, read_store_manifest,
+    write_json_atomic,
+)
+
+DEFAULT_CHUNK_BYTES = 8 << 20
+NONFINITE_POLICIES = ("count", "error")
+
+
+@dataclass
+class Rows:
+    """Rows of one layer with their row index.
+
+    ``positions`` is the flat spatial position or token index (-1 for a pooled row),
+    ``labels`` the class label (-1 for none).
+    """
+
+    data: np.ndarray
+    sample_ids: np.ndarray | Sequence[int]
+    positions: np.ndarray | Sequence[int] | None = None
+    labels: np.ndarray | Sequence[int] | None = None
+
+
+def shard_name(shard: int | str) -> str:
+    """The directory name of a shard: ``rank-00003`` for an int, else the validated name."""
+    if isinstance(shard, (int, np.integer)):
+        if shard < 0:
+            raise ValueError(f"shard number must be >= 0, got {shard}")
+        return f"rank-{int(shard):05d}"
+    return check_name(str(shard), "shard")
+
+
+def nonfinite_row_mask(data: np.ndarray, stored: str) -> np.ndarray:
+    """Boolean mask of rows holding a NaN or an infinity (``data`` in its on-disk dtype)."""
+    if stored == "bfloat16":
+        return ((data & np.uint16(0x7F80)) == np.uint16(0x7F80)).any(axis=1)
+    if stored == "float16":
+        return ((data.view(np.uint16) & np.uint16(0x7C00)) == np.uint16(0x7C00)).any(axis=1)
+    return ~np.isfinite(data).all(axis=1)
+
+
+def chunk_checksum(data: np.ndarray, index: np.ndarray) -> int:
+    """CRC-32 (zlib) of a chunk's committed data bytes followed by its index bytes."""
+    crc = zlib.crc32(memoryview(np.ascontiguousarray(data)).cast("B"))
+    return zlib.crc32(memoryview(np.ascontiguousarray(index)).cast("B"), crc)
+
+
+def _provenance(extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    from activation_store import __version__
+
+    info = {"writer": f"activation_store {__version__}", "host": platform.node(), "python": platform.python_version(),
+            "numpy": np.__version__}
+    info.update(dict(extra or {}))
+    return info
+
+
+@dataclass
+class _LayerBuffer:
+    data: np.ndarray
+    index: np.ndarray
+    fill: int = 0
+
+
+@dataclass
+class _ChunkJob:
+    segment: int
+    layer: str
+    chunk: int
+    buffer: _LayerBuffer
+    rows: int
+
+
+@dataclass
+class _CommitJob:
+    segment: int
+    partials: list[tuple[str, int, _LayerBuffer]]  # (layer, chunk number, buffer)
+    rows: dict[str, int]
+    cursor: Any
+    done: threading.Event
+
+
+class StoreWriter:
+    """Appends rows of several layers to one shard of a store (creating the store if needed).
+
+    Reopening a shard resumes it: rows committed before a crash are kept, uncommitted
+    segment files are deleted, and :attr:`cursor` returns the progress marker committed
+    with the last rows. Use as a context manager; leaving the block commits.
+
+    Example::
+
+        with StoreWriter("acts", model="timm:resnet18", layers={"layer4": LayerSpec(512)}) as writer:
+            writer.write({"layer4": feats}, sample_ids=ids, labels=labels, cursor={"next": 1024})
+    """
+
+    def __init__(self, path: str | os.PathLike, *, model: str, layers: Mapping[str, LayerSpec | int],
+                 shard: int | str = 0, backend: str = "zarr", compression: str | None = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, nonfinite: str = "count", allow_cast: bool = False,
+                 commit_interval: float = 10.0, max_queued_chunks: int = 8, durable: bool = False,
+                 provenance: Mapping[str, Any] | None = None):
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if not layers:
+            raise ValueError("a store needs at least one layer")
+        backends.check_compression(backend, compression)
+        specs = {check_name(name, "layer"): spec if isinstance(spec, LayerSpec) else LayerSpec(dim=int(spec))
+                 for name, spec in layers.items()}
+        self.root = Path(path)
+        self.shard = shard_name(shard)
+        self.nonfinite = nonfinite
+        self.allow_cast = allow_cast
+        self.commit_interval = float(commit_interval)
+        self.durable = durable
+
+        self.manifest = self._open_or_create(model, specs, backend, compression, chunk_bytes, provenance)
+        self.layers: dict[str, LayerSpec] = dict(self.manifest.layers)
+        self._chunk_rows = {name: int(spec.chunk_rows) for name, spec in self.layers.items()}
+        self.shard_dir = self.root / SHARDS_DIR / self.shard
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_handle = self._lock_shard()
+        try:
+            self._shard_manifest = self._resume_shard()
+        except BaseException:
+            self._release_lock()
+            raise
+
+        self._buffers = {name: self._new_buffer(name) for name in self.layers}
+        self._free: dict[str, queue.SimpleQueue] = {name: queue.SimpleQueue() for name in self.layers}
+        self._segment = (max((s.id for s in self._shard_manifest.segments), default=-1) + 1)
+        self._segment_chunks = dict.fromkeys(self.layers, 0)
+        self._segment_rows = dict.fromkeys(self.layers, 0)
+        self._pending_cursor: Any = self._shard_manifest.cursor
+        self._rows_written = {name: self._shard_manifest.rows(name) for name in self.layers}
+        self._last_commit = time.monotonic()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(max_queued_chunks)))
+        self._thread = threading.Thread(target=self._run, name=f"store-writer-{self.shard}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ opening
+    def _open_or_create(self, model: str, specs: dict[str, LayerSpec], backend: str, compression: str | None,
+                        chunk_bytes: int, provenance: Mapping[str, Any] | None) -> StoreManifest:
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"{self.root} exists and is not a directory")
+        if self.root.is_dir() and not (self.root / STORE_FILE).exists() and any(
+                p.name not in (SHARDS_DIR,) for p in self.root.iterdir()):
+            raise StoreError(f"{self.root} is a non-empty directory that is not an activation store; "
+                             f"choose an empty or new path so nothing there is overwritten")
+        if not (self.root / STORE_FILE).exists():
+            self.root.mkdir(parents=True, exist_ok=True)
+            sized = {name: dataclasses.replace(spec, chunk_rows=backends.chunk_rows_for(spec, chunk_bytes))
+                     for name, spec in specs.items()}
+            fresh = StoreManifest(model=str(model), layers=sized, backend=backend, compression=compression,
+                                  provenance=_provenance(provenance))
+            create_json_exclusive(self.root / STORE_FILE, fresh.to_json())  # another rank may win the race
+        existing = read_store_manifest(self.root)
+        existing.check_compatible(str(model), specs)
+        if existing.backend != backend or existing.compression != compression:
+            raise IncompatibleStoreError(
+                f"{self.root} uses backend {existing.backend!r} with compression {existing.compression!r}; "
+                f"it cannot be resumed as {backend!r} / {compression!r}")
+        return existing
+
+    def _lock_shard(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - non-POSIX: no cross-process shard lock
+            return None
+        handle = open(self.shard_dir / ".lock", "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise StoreError(f"shard {self.shard!r} of {self.root} is being written by another process; "
+                             f"give every writer its own shard (e.g. its rank)") from None
+        return handle
+
+    def _release_lock(self) -> None:
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    def _resume_shard(self) -> ShardManifest:
+        path = self.shard_dir / SHARD_MANIFEST
+        committed = read_shard_manifest(path) if path.exists() else ShardManifest(shard=self.shard)
+        keep = {seg.file for seg in committed.segments}
+        # Segment files a crashed writer left uncommitted are garbage: no manifest counts them.
+        for entry in self.shard_dir.iterdir():
+            if re.fullmatch(r"seg-\d{6}\.(zarr|h5)", entry.name) and entry.name not in keep:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        if not path.exists():
+            write_json_atomic(path, committed.to_json())
+        return committed
+
+    # ------------------------------------------------------------------ public state
+    @property
+    def cursor(self) -> Any:
+        """The progress marker committed with the last committed rows (None for a new shard)."""
+        return self._shard_manifest.cursor
+
+    @property
+    def committed_rows(self) -> dict[str, int]:
+        """Rows per layer that readers can see in this shard."""
+        return {name: self._shard_manifest.rows(name) for name in self.layers}
+
+    @property
+    def rows_written(self) -> dict[str, int]:
+        """Rows per layer accepted so far (committed or still buffered)."""
+        return dict(self._rows_written)
+
+    # ------------------------------------------------------------------ writing
+    def write(self, batch: Mapping[str, Rows | np.ndarray], *, sample_ids: Sequence[int] | np.ndarray | None = None,
+              positions: Sequence[int] | np.ndarray | None = None, labels: Sequence[int] | np.ndarray | None = None,
+              cursor: Any = None) -> None:
+        """Append rows of one or more layers; all-or-nothing per call.
+
+        ``batch`` maps layer names to :class:`Rows` or to plain ``[n, dim]`` arrays that
+        share the keyword ``sample_ids`` / ``positions`` / ``labels``. ``cursor`` is a
+        JSON-able progress marker committed together with these rows.
+        """
+        self._check_alive()
+        prepared = {name: self._prepare(name, rows, sample_ids, positions, labels) for name, rows in batch.items()}
+        for name, (data, index) in prepared.items():
+            self._append(name, data, index)
+        if cursor is not None:
+            self._pending_cursor = cursor
+        if time.monotonic() - self._last_commit >= self.commit_interval:
+            self._enqueue_commit(wait=False)
+
+    def flush(self) -> None:
+        """Commit everything written so far and wait until readers can see it."""
+        self._check_alive()
+        self._enqueue_commit(wait=True)
+
+    def close(self) -> None:
+        """Commit, stop the background thread and release the shard."""
+        if self._closed:
+            return
+        try:
+            if self._error is None:
+                self._enqueue_commit(wait=True)
+        finally:
+            self._shutdown()
+        if self._error is not None:
+            raise WriterClosedError(f"writer of shard {self.shard!r} failed; committed rows are intact") from self._error
+
+    def abort(self) -> None:
+        """Stop without committing rows written since the last commit."""
+        self._shutdown()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None and self._error is not None:
+            self.abort()
+        else:
+            self.close()
+
+    # ------------------------------------------------------------------ internals
+    def _prepare(self, name: str, rows: Rows | np.ndarray, sample_ids, positions, labels) -> tuple[np.ndarray, np.ndarray]:
+        if name not in self.layers:
+            raise InvalidRowsError(f"unknown layer {name!r}; this store holds {sorted(self.layers)}")
+        if not isinstance(rows, Rows):
+            if sample_ids is None:
+                raise InvalidRowsError(f"layer {name!r}: pass sample_ids= (or Rows objects) so rows can be traced "
+                                       f"back to their images")
+            rows = Rows(rows, sample_ids, positions, labels)
+        spec = self.layers[name]
+        data = np.asarray(rows.data)
+        if data.ndim != 2:
+            raise InvalidRowsError(f"layer {name!r}: rows must be a 2-D array [rows, {spec.dim}], got shape {data.shape}")
+        if data.shape[1] != spec.dim:
+            raise InvalidRowsError(f"layer {name!r} has width {spec.dim}; got rows of width {data.shape[1]}")
+        try:
+            data = to_stored(data, spec.dtype, allow_cast=self.allow_cast)
+        except TypeError as error:
+            raise InvalidRowsError(f"layer {name!r}: {error}") from None
+        n = data.shape[0]
+        index = np.empty((n, 3), dtype=backends.INDEX_DTYPE)
+        for column, values, default in ((0, rows.sample_ids, None), (1, rows.positions, -1), (2, rows.labels, -1)):
+            label = backends.INDEX_COLUMNS[column]
+            if values is None:
+                if default is None:
+                    raise InvalidRowsError(f"layer {name!r}: sample_ids are required")
+                index[:, column] = default
+                continue
+            values = np.asarray(values)
+            if values.ndim == 0:
+                values = np.broadcast_to(values, (n,))
+            if values.shape != (n,) or values.dtype.kind not in "iu":
+                raise InvalidRowsError(f"layer {name!r}: {label} must be {n} integers, got shape {values.shape} "
+                                       f"of dtype {values.dtype}")
+            index[:, column] = values
+        if self.nonfinite == "error":
+            bad = np.flatnonzero(nonfinite_row_mask(data, spec.dtype))
+            if bad.size:
+                raise InvalidRowsError(
+                    f"layer {name!r}: {bad.size} rows hold NaN or Inf (batch rows {bad[:10].tolist()}, sample ids "
+                    f"{index[bad[:10], 0].tolist()}); nothing of this batch was written")
+        return data, index
+
+    def _new_buffer(self, name: str) -> _LayerBuffer:
+        spec = self.layers[name]
+        rows = self._chunk_rows[name]
+        return _LayerBuffer(np.empty((rows, spec.dim), dtype=disk_dtype(spec.dtype)),
+                            np.empty((rows, 3), dtype=backends.INDEX_DTYPE))
+
+    def _take_buffer(self, name: str) -> _LayerBuffer:
+        try:
+            buffer = self._free[name].get_nowait()
+            buffer.fill = 0
+            return buffer
+        except queue.Empty:
+            return self._new_buffer(name)
+
+    def _append(self, name: str, data: np.ndarray, index: np.ndarray) -> None:
+        chunk_rows = self._chunk_rows[name]
+        start = 0
+        while start < data.shape[0]:
+            buffer = self._buffers[name]
+            take = min(chunk_rows - buffer.fill, data.shape[0] - start)
+            buffer.data[buffer.fill:buffer.fill + take] = data[start:start + take]
+            buffer.index[buffer.fill:buffer.fill + take] = index[start:start + take]
+            buffer.fill += take
+            start += take
+            if buffer.fill == chunk_rows:
+                self._put(_ChunkJob(self._segment, name, self._segment_chunks[name], buffer, chunk_rows))
+                self._segment_chunks[name] += 1
+                self._buffers[name] = self._take_buffer(name)
+        self._segment_rows[name] += data.shape[0]
+        self._rows_written[name] += data.shape[0]
+
+    def _enqueue_commit(self, wait: bool) -> None:
+        partials = []
+        for name, buffer in self._buffers.items():
+            if buffer.fill:
+                partials.append((name, self._segment_chunks[name], buffer))
+                self._buffers[name] = self._take_buffer(name)
+        job = _CommitJob(self._segment, partials, dict(self._segment_rows), self._pending_cursor, threading.Event())
+        self._put(job)
+        if any(self._segment_rows.values()):
+            self._segment += 1
+        self._segment_chunks = dict.fromkeys(self.layers, 0)
+        self._segment_rows = dict.fromkeys(self.layers, 0)
+        self._last_commit = time.monotonic()
+        if wait:
+            while not job.done.wait(0.05):
+                self._check_alive()
+            self._check_alive()
+
+    def _put(self, job: Any) -> None:
+        while True:
+            self._check_alive()
+            try:
+                self._queue.put(job, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise WriterClosedError(f"the background writer of shard {self.shard!r} failed; rows committed before "
+                                    f"the failure are intact") from self._error
+        if self._closed:
+            raise WriterClosedError(f"writer of shard {self.shard!r} is closed")
+
+    def _shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive():
+            while True:
+                try:
+                    self._queue.put(None, timeout=0.1)
+                    break
+                except queue.Full:
+                    if not self._thread.is_alive():
+                        break
+            self._thread.join()
+        self._release_lock()
+
+    # ------------------------------------------------------------------ background thread
+    def _run(self) -> None:
+        segment_writer = None
+        segment_id = None
+        checksums: dict[str, list[int]] = {}
+        nonfinite: dict[str, int] = {}
+        try:
+            while True:
+                job = self._queue.get()
+                if job is None:
+                    break
+                if segment_writer is None and (isinstance(job, _ChunkJob) or (isinstance(job, _CommitJob) and job.partials)):
+                    segment_id = job.segment
+                    path = self.shard_dir / backends.segment_file_name(self.manifest.backend, segment_id)
+                    segment_writer = backends.create_segment(self.manifest.backend, path, self.layers,
+                                                             self._chunk_rows, self.manifest.compression)
+                    checksums = {name: [] for name in self.layers}
+                    nonfinite = dict.fromkeys(self.layers, 0)
+                if isinstance(job, _ChunkJob):
+                    self._write_chunk(segment_writer, job.layer, job.chunk, job.buffer, job.rows, checksums, nonfinite)
+                    self._free[job.layer].put(job.buffer)
+                    continue
+                for name, chunk, buffer in job.partials:
+                    buffer.data[buffer.fill:] = 0
+                    buffer.index[buffer.fill:] = 0
+                    self._write_chunk(segment_writer, name, chunk, buffer, buffer.fill, checksums, nonfinite)
+                    self._free[name].put(buffer)
+                record = None
+                if segment_writer is not None:
+                    segment_writer.close(job.rows, self.durable)
+                    record = SegmentRecord(
+                        id=segment_id, file=backends.segment_file_name(self.manifest.backend, segment_id),
+                        layers={name: SegmentLayerRecord(job.rows[name], tuple(checksums[name]), nonfinite[name])
+                                for name in self.layers})
+                    segment_writer = None
+                updated = self._shard_manifest.with_commit(record, job.cursor)
+                write_json_atomic(self.shard_dir / SHARD_MANIFEST, updated.to_json())
+                self._shard_manifest = updated
+                job.done.set()
+        except BaseException as error:  # noqa: BLE001 - surfaced to the caller on its next call
+            self._error = error
+            while True:  # unblock producers waiting on a full queue
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+
+    def _write_chunk(self, segment_writer, layer: str, chunk: int, buffer: _LayerBuffer, rows: int,
+                     checksums: dict[str, list[int]], nonfinite: dict[str, int]) -> None:
+        assert len(checksums[layer]) == chunk, "chunks must arrive in order"
+        data = buffer.data[:rows]
+        checksums[layer].append(chunk_checksum(data, buffer.index[:rows]))
+        if self.nonfinite == "count":
+            nonfinite[layer] += int(np.count_nonzero(nonfinite_row_mask(data, self.layers[layer].dtype)))
+        segment_writer.write_chunk(layer, chunk, buffer.data, buffer.index, rows)
