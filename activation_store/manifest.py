@@ -124,7 +124,7 @@ class SegmentLayerRecord:
     """What one committed segment holds for one layer."""
 
     rows: int
-    checksums: tuple[int, ...]  # CRC-32 per chunk, over the committed rows' data then index bytes
+    checksums: tuple[int, ...]  # XXH3-64 per chunk over the committed rows' data then index bytes (hex in JSON)
     nonfinite_rows: int = 0
 
 
@@ -138,13 +138,13 @@ class SegmentRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "file": self.file,
-                "layers": {k: {"rows": v.rows, "checksums": list(v.checksums), "nonfinite_rows": v.nonfinite_rows}
+                "layers": {k: {"rows": v.rows, "checksums": [f"{c:016x}" for c in v.checksums], "nonfinite_rows": v.nonfinite_rows}
                            for k, v in self.layers.items()}}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "SegmentRecord":
         return cls(id=int(data["id"]), file=str(data["file"]),
-                   layers={k: SegmentLayerRecord(rows=int(v["rows"]), checksums=tuple(int(c) for c in v["checksums"]),
+                   layers={k: SegmentLayerRecord(rows=int(v["rows"]), checksums=tuple(int(c, 16) for c in v["checksums"]),
                                                  nonfinite_rows=int(v.get("nonfinite_rows", 0)))
                            for k, v in data["layers"].items()})
 

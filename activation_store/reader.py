@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+import xxhash
 
 from activation_store import backends
 from activation_store.dtypes import disk_dtype, from_disk, read_dtype
@@ -26,7 +27,6 @@ from activation_store.manifest import (
     SHARD_MANIFEST, SHARDS_DIR, LayerSpec, ShardManifest, StoreManifest, read_shard_manifest, read_store_manifest,
 )
 from activation_store.stats import RunningMoments
-from activation_store.writer import chunk_checksum, nonfinite_row_mask
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ class _ChunkTable:
 class ActivationStore:
     """A read-only view of the committed contents of a store.
 
-    ``verify_reads`` (default on) checks every chunk's CRC-32 as it is read, so a damaged
+    ``verify_reads`` (default on) checks every chunk's XXH3-64 checksum as it is read, so a damaged
     chunk raises :class:`CorruptChunkError` instead of returning wrong numbers.
     Call :meth:`refresh` to see rows committed after opening.
     """
@@ -221,7 +221,7 @@ class ActivationStore:
             starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64) if len(rows) else rows
             self._tables[layer] = _ChunkTable(np.asarray(table["shard"], np.int64), np.asarray(table["segment"], np.int64),
                                               np.asarray(table["chunk"], np.int64), rows, starts,
-                                              np.asarray(table["checksum"], np.int64))
+                                              np.asarray(table["checksum"], np.uint64))
 
     # ------------------------------------------------------------------ access
     @property
@@ -260,7 +260,7 @@ class ActivationStore:
                          tuple(layers), shards, size)
 
     def verify(self, *, layers: Sequence[str] | None = None, progress: bool = False) -> VerifyReport:
-        """Re-read every committed chunk and check its CRC-32; report every bad chunk."""
+        """Re-read every committed chunk and check its XXH3-64 checksum; report every bad chunk."""
         bad: list[BadChunk] = []
         checked = 0
         nbytes = 0
@@ -419,12 +419,13 @@ class LayerView:
         verify = self.store.verify_reads if verify is None else verify
         data = out if out is not None else np.empty((rows, self.dim), disk_dtype(self.spec.dtype))
         index = np.empty((rows, 3), backends.INDEX_DTYPE) if (with_index or verify) else None
+        digest = xxhash.xxh3_64() if verify else None
         try:
             reader = self.store._segment_reader(segment_pos)
-            reader.read_chunk(self.name, chunk, rows, data, index)
+            reader.read_chunk(self.name, chunk, rows, data, index, digest)
         except backends.ChunkReadError as error:
             raise CorruptChunkError(self.name, shard, segment_id, chunk, str(error)) from error
-        if verify and chunk_checksum(data, index) != int(table.checksum[position]) & 0xFFFFFFFF:
+        if verify and digest.intdigest() != int(table.checksum[position]):
             raise CorruptChunkError(self.name, shard, segment_id, chunk,
                                     "checksum mismatch (the chunk's bytes changed after it was committed)")
         return (data if raw else from_disk(data, self.spec.dtype, raw=False)), index
@@ -439,7 +440,7 @@ class LayerView:
         start = int(self._table.start[position])
         return data, RowIndex(np.arange(start, start + len(data)), index[:, 0], index[:, 1], index[:, 2])
 
-    def iter_chunks(self, *, shuffle: bool = False, seed: int = 0, raw: bool = False, prefetch: int = 2,
+    def iter_chunks(self, *, shuffle: bool = False, seed: int = 0, raw: bool = False, prefetch: int = 1,
                     rank: int = 0, world_size: int = 1, _positions: bool = False) -> Iterator[np.ndarray]:
         """Yield every committed chunk (optionally in a seeded random order), reading ahead on threads."""
         order = np.arange(self.num_chunks)
@@ -509,7 +510,7 @@ class LayerView:
     # ------------------------------------------------------------------ batches
     def iter_batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                      shuffle_buffer_chunks: int = 8, drop_last: bool = False, with_index: bool = False,
-                     raw: bool = False, rank: int = 0, world_size: int = 1, prefetch: int = 2) -> Iterator:
+                     raw: bool = False, rank: int = 0, world_size: int = 1, prefetch: int = 1) -> Iterator:
         """Yield ``[batch_size, dim]`` arrays (or :class:`Batch` with ``with_index``).
 
         Shuffling is two-level: the chunk order is permuted (seeded by ``seed`` and
