@@ -479,6 +479,9 @@ class LayerView:
         return ids
 
     def __getitem__(self, rows) -> np.ndarray:
+        if isinstance(rows, tuple):  # numpy-style view[rows, columns]
+            return self[rows[0]][(slice(None),) + rows[1:]] if not isinstance(rows[0], (int, np.integer)) \
+                else self[rows[0]][rows[1:]]
         if isinstance(rows, (int, np.integer)):
             return self.read_rows([rows])[0]
         return self.read_rows(rows)

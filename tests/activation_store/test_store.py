@@ -314,3 +314,41 @@ def test_throughput_benchmark_quick_run_prints_its_json_line():
     for key in ("zarr_write_vs_memmap", "zarr_read_vs_memmap", "hdf5_write_vs_memmap", "hdf5_read_vs_memmap"):
         assert line["ratios"][key] > 0
     assert line["figures"]["bytes_per_system"] > 50e6
+
+
+def test_writes_happen_off_the_callers_thread_with_bounded_back_pressure(tmp_path, monkeypatch):
+    import threading
+
+    from activation_store import backends
+
+    gate = threading.Event()
+    writer_threads = set()
+    original = backends._ZarrSegmentWriter.write_chunk
+
+    def slow_disk(self, *args, **kwargs):
+        writer_threads.add(threading.current_thread().name)
+        gate.wait()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(backends._ZarrSegmentWriter, "write_chunk", slow_disk)
+    writer = StoreWriter(tmp_path / "s", model="m", layers={"layer": LayerSpec(4, "float32", chunk_rows=10)},
+                         max_queued_chunks=2)
+    allocated = []
+    monkeypatch.setattr(writer, "_new_buffer", lambda name, f=writer._new_buffer: allocated.append(1) or f(name))
+    done = threading.Event()
+
+    def produce():
+        for i in range(20):  # 20 chunks' worth of rows
+            writer.write({"layer": np.full((10, 4), i, np.float32)}, sample_ids=np.arange(i * 10, i * 10 + 10))
+        done.set()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    assert not done.wait(0.5), "the caller should block while the disk is stuck"
+    assert writer._queue.qsize() <= 2 and len(allocated) <= 4  # memory stays bounded
+    gate.set()
+    producer.join(10)
+    assert done.is_set()
+    writer.close()
+    assert writer_threads == {"store-writer-rank-00000"}
+    np.testing.assert_array_equal(ActivationStore(tmp_path / "s")["layer"][::10, 0], np.arange(20))
