@@ -155,12 +155,16 @@ class _ZarrSegmentWriter:
     def write_chunk(self, layer: str, chunk: int, data: np.ndarray, index: np.ndarray, rows: int) -> None:
         data_array, index_array, chunk_rows, raw = self._arrays[layer]
         if raw:
-            # Edge chunks are stored full-size in zarr v3, so whole buffers are written.
+            # zarr v3 stores edge chunks full-size: the valid rows are written and the file is
+            # extended with truncate(), which leaves a sparse hole that reads back as zeros
+            # and takes no disk blocks (a segment's last chunk is usually partial).
             for array, buffer in ((data_array, data), (index_array, index)):
                 target = self.path / layer / array.basename / array.metadata.encode_chunk_key((chunk, 0))
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with open(target, "wb") as handle:
-                    handle.write(memoryview(np.ascontiguousarray(buffer)).cast("B"))
+                    handle.write(memoryview(np.ascontiguousarray(buffer[:rows])).cast("B"))
+                    if rows < len(buffer):
+                        handle.truncate(buffer.nbytes)
                 self._written.append(target)
         else:
             start = chunk * chunk_rows

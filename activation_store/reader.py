@@ -149,6 +149,11 @@ class StoreInfo:
                            for s in self.shards]}
 
 
+def _allocated_bytes(stat: os.stat_result) -> int:
+    blocks = getattr(stat, "st_blocks", None)
+    return stat.st_size if blocks is None else min(stat.st_size, blocks * 512)
+
+
 def _human_bytes(size: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if size < 1024 or unit == "TiB":
@@ -255,7 +260,8 @@ class ActivationStore:
                                     nonfinite, dict(spec.meta)))
         shards = tuple(ShardInfo(name, len(m.segments), {layer: m.rows(layer) for layer in self.layers}, m.cursor)
                        for name, m in self.shards.items())
-        size = sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
+        # allocated blocks, not apparent sizes: partial chunks are sparse files
+        size = sum(_allocated_bytes(f.stat()) for f in self.root.rglob("*") if f.is_file())
         return StoreInfo(str(self.root), self.manifest.model, self.manifest.backend, self.manifest.compression,
                          tuple(layers), shards, size)
 
