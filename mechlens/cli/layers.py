@@ -1,0 +1,81 @@
+"""``mechlens layers MODEL``: list a model's layers with their output shapes (one dry forward)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, TextIO
+
+__all__ = ["register", "run", "format_shape"]
+
+
+def format_shape(shape: Any, *, drop_batch: bool = True) -> str:
+    """``(1, 64, 8, 8)`` -> ``"[64, 8, 8]"``; nested outputs keep their structure."""
+    if shape is None:
+        return "None"
+    if isinstance(shape, str):
+        return shape
+    if isinstance(shape, dict):
+        return "{" + ", ".join(f"{k}: {format_shape(v, drop_batch=drop_batch)}" for k, v in shape.items()) + "}"
+    if isinstance(shape, tuple) and all(isinstance(v, int) for v in shape):
+        dims = shape[1:] if drop_batch and shape else shape
+        return "[" + ", ".join(str(v) for v in dims) + "]"
+    return "(" + ", ".join(format_shape(v, drop_batch=drop_batch) for v in shape) + ")"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``layers`` sub-command."""
+    parser = subparsers.add_parser(
+        "layers",
+        help="list a model's layers with their output shapes",
+        description=(
+            "List the dotted layer names of MODEL (timm:NAME, torchvision:NAME, mechlens:NAME, "
+            "package.module:factory or a checkpoint directory) with module type, output shape per "
+            "sample (one dry forward with random input) and parameter count."
+        ),
+    )
+    parser.add_argument("model", metavar="MODEL", help="model spec, e.g. timm:resnet18 or mechlens:small_cnn")
+    parser.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
+                        help="input size for the dry forward (default: the model's preprocessing)")
+    parser.add_argument("--filter", action="append", metavar="GLOB",
+                        help="only layers matching this name or glob (repeatable), e.g. 'layer4.*' or '**.relu'")
+    parser.add_argument("--max-depth", type=int, default=None, metavar="D",
+                        help="only layers with at most D dotted segments")
+    parser.add_argument("--pretrained", action="store_true", help="load the library's pretrained weights")
+    parser.add_argument("--weights", metavar="PATH", help="local .safetensors or state-dict file")
+    parser.add_argument("--num-classes", type=int, default=None, help="number of classes of the head")
+    parser.add_argument("--device", default="cpu", help="device for the dry forward (default: cpu)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Handler of ``mechlens layers``; returns the exit code."""
+    from mechlens.models import layer_shapes, load_model
+
+    out = out or sys.stdout
+    loaded = load_model(
+        args.model, pretrained=args.pretrained, weights=args.weights, num_classes=args.num_classes,
+        device=args.device,
+    )
+    input_size = tuple(args.input_size) if args.input_size else loaded.preprocessing.input_size
+    infos = layer_shapes(loaded.model, input_size, args.filter, device=args.device)
+    if args.max_depth is not None:
+        infos = [i for i in infos if i.name.count(".") < args.max_depth]
+    total = sum(p.numel() for p in loaded.model.parameters())
+    print(
+        f"{loaded.spec}  ({type(loaded.model).__name__}, {total:,} parameters, input "
+        f"{list(input_size)}, preprocessing: {loaded.preprocessing.source})",
+        file=out,
+    )
+    rows = [("name", "type", "output shape", "params")]
+    for info in infos:
+        shape = format_shape(info.output_shape) if info.calls else "(did not run)"
+        if info.calls > 1:
+            shape += f"  x{info.calls} calls (last shown)"
+        rows.append((info.name, info.type, shape, f"{info.num_params:,}"))
+    widths = [max(len(r[k]) for r in rows) for k in range(3)]
+    for k, row in enumerate(rows):
+        print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]:>10}".rstrip(), file=out)
+        if k == 0:
+            print("-" * (sum(widths) + 16), file=out)
+    print(f"{len(infos)} layers (output shapes per sample, batch dimension omitted)", file=out)
+    return 0
