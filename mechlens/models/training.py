@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from mechlens.data.adapters import check_nonempty
+
 __all__ = [
     "EpochStats",
     "TrainResult",
@@ -109,16 +111,6 @@ class Predictions:
         return float(self.correct.float().mean())
 
 
-def _check_dataset(dataset: Dataset, what: str) -> int:
-    try:
-        n = len(dataset)  # type: ignore[arg-type]
-    except TypeError as error:
-        raise TypeError(f"{what} must be a map-style Dataset with a length, got {type(dataset).__name__}") from error
-    if n == 0:
-        raise ValueError(f"{what} is empty (size 0): nothing to train on or evaluate")
-    return n
-
-
 def _loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int,
             device: torch.device) -> DataLoader:
     # Always a private generator: without one, every DataLoader iterator draws its base seed
@@ -164,9 +156,9 @@ def train_classifier(
     afterwards. Returns per-epoch figures; the model keeps the device and comes back in the
     train/eval mode it had.
     """
-    n = _check_dataset(train_dataset, "train_dataset")
+    n = check_nonempty(train_dataset, "train_dataset")
     if eval_dataset is not None:
-        _check_dataset(eval_dataset, "eval_dataset")
+        check_nonempty(eval_dataset, "eval_dataset")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got epochs={epochs}, batch_size={batch_size}")
     device = torch.device(device)
@@ -268,7 +260,7 @@ def predict(
 ) -> Predictions:
     """Logits and labels of every item of ``dataset`` (eval mode; the model's mode is restored).
     ``device`` defaults to the device of the model's parameters."""
-    _check_dataset(dataset, "dataset")
+    check_nonempty(dataset, "dataset")
     if device is None:
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
