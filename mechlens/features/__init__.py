@@ -1,0 +1,45 @@
+"""Features: scalar readouts of a model's internals, the one idea every mechlens tool speaks.
+
+See :mod:`mechlens.features.base` for the protocol and kinds, :func:`feature_forward` for the
+shared forward pass, :func:`parse_feature` for spec strings and :mod:`mechlens.features.layout`
+for how activations map onto ``[B, positions, channels]`` rows.
+"""
+from mechlens.features.base import (
+    OUTPUT,
+    Channel,
+    ClassLogit,
+    Direction,
+    Feature,
+    LatentEncoder,
+    LayerEnergy,
+    Neuron,
+    SAELatent,
+    feature_layers,
+    reduce_map,
+)
+from mechlens.features.forward import FeatureForward, feature_forward
+from mechlens.features.layout import as_position_rows, pool_positions, positions_to_map, resolve_layout
+from mechlens.features.parse import FEATURE_KINDS, parse_feature, register_feature_kind
+
+__all__ = [
+    "FEATURE_KINDS",
+    "OUTPUT",
+    "Channel",
+    "ClassLogit",
+    "Direction",
+    "Feature",
+    "FeatureForward",
+    "LatentEncoder",
+    "LayerEnergy",
+    "Neuron",
+    "SAELatent",
+    "as_position_rows",
+    "feature_forward",
+    "feature_layers",
+    "parse_feature",
+    "pool_positions",
+    "positions_to_map",
+    "reduce_map",
+    "register_feature_kind",
+    "resolve_layout",
+]

@@ -1,0 +1,116 @@
+"""Run a model and read features: the one forward pass every feature-based method shares."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from mechlens.capture.hooks import capture
+from mechlens.features.base import OUTPUT, Feature, _FeatureBase, feature_layers, reduce_map
+from mechlens.models.layers import get_module
+
+__all__ = ["FeatureForward", "feature_forward"]
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every layer we need has run (the rest of the net is skipped)."""
+
+
+class _StopWhenAllFired:
+    def __init__(self, needed: set[str]) -> None:
+        self.needed = set(needed)
+        self.fired: set[str] = set()
+
+    def hook_for(self, name: str):
+        def hook(module: nn.Module, args, output) -> None:
+            self.fired.add(name)
+            if self.fired >= self.needed:
+                raise _StopForward
+        return hook
+
+
+@dataclass
+class FeatureForward:
+    """Result of :func:`feature_forward`.
+
+    ``values``: ``[B, F]`` one column per feature; ``readouts``: per-feature maps;
+    ``activations``: layer -> captured output (attached to the graph when ``grads=True``);
+    ``output``: the model output (``None`` when the forward stopped early).
+    """
+
+    values: torch.Tensor
+    readouts: list[torch.Tensor]
+    activations: dict[str, torch.Tensor]
+    output: torch.Tensor | None
+
+
+def feature_forward(
+    model: nn.Module,
+    features: Feature | Sequence[Feature],
+    inputs: torch.Tensor,
+    *,
+    grads: bool = True,
+    keep_layers: Sequence[str] = (),
+    stop_early: bool = False,
+) -> FeatureForward:
+    """Run ``model(inputs)`` and read ``features`` (and keep ``keep_layers``' activations).
+
+    ``grads=True`` keeps the activations on the autograd graph, so gradients of the feature
+    values w.r.t. the input or any kept layer can be taken. ``stop_early=True`` aborts the forward
+    once every needed layer has run (saves the rest of the network; only valid when each needed
+    module runs once per forward, which is true of blocks/stages but not of a shared ``relu``).
+    """
+    if not isinstance(model, nn.Module):
+        model = getattr(model, "model", model)
+    feature_list = [features] if not isinstance(features, Sequence) else list(features)
+    if not feature_list:
+        raise ValueError("feature_forward needs at least one feature")
+    layers = feature_layers(feature_list)
+    hooked = [name for name in dict.fromkeys([*layers, *keep_layers]) if name != OUTPUT]
+    stopper = None
+    handles = []
+    output = None
+    with capture(model, hooked, grads=grads, detach=not grads) if hooked else _null_capture() as cap:
+        try:
+            if stop_early and OUTPUT not in layers and hooked:
+                stopper = _StopWhenAllFired(set(hooked))
+                for name in hooked:
+                    handles.append(get_module(model, name).register_forward_hook(stopper.hook_for(name)))
+            try:
+                output = model(inputs)
+            except _StopForward:
+                output = None
+        finally:
+            for handle in handles:
+                handle.remove()
+        if cap is not None:
+            cap.check_all_fired()
+        activations = {name: cap[name] for name in hooked} if cap is not None else {}
+    if OUTPUT in layers:
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(
+                f"the model output is a {type(output).__name__}, not a logits tensor; a feature on the "
+                "output needs model(x) to return [B, classes]"
+            )
+        activations[OUTPUT] = output
+    readouts = [feature.readout(activations[feature.layer]) for feature in feature_list]
+    values = torch.stack(
+        [
+            # Built-in kinds reduce the readout already computed instead of reading twice.
+            reduce_map(readout, feature.reduce) if isinstance(feature, _FeatureBase)
+            else feature.value(activations[feature.layer])
+            for feature, readout in zip(feature_list, readouts)
+        ],
+        dim=1,
+    )
+    return FeatureForward(values=values, readouts=readouts, activations=activations, output=output)
+
+
+class _null_capture:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc) -> bool:
+        return False
