@@ -64,6 +64,11 @@ class LayerSpec:
                    meta=dict(data.get("meta", {})))
 
 
+def _json_normal(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), for comparisons."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
 @dataclass(frozen=True)
 class StoreManifest:
     """Contents of ``store.json``: fixed when the store is created."""
@@ -112,6 +117,9 @@ class StoreManifest:
                 problems.append(f"layer {name!r} has width {have.dim}, not {want.dim}")
             if have.dtype != want.dtype:
                 problems.append(f"layer {name!r} is stored as {have.dtype}, not {want.dtype}")
+            # meta describes how rows were made (pooling, positions); mixing two kinds is corrupt.
+            if want.meta and _json_normal(have.meta) != _json_normal(want.meta):
+                problems.append(f"layer {name!r} was written with {dict(have.meta)}, not {dict(want.meta)}")
         if problems:
             raise IncompatibleStoreError(
                 "cannot resume this store with different settings: " + "; ".join(problems)

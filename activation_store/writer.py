@@ -179,8 +179,10 @@ class StoreWriter:
                         chunk_bytes: int, provenance: Mapping[str, Any] | None) -> StoreManifest:
         if self.root.exists() and not self.root.is_dir():
             raise StoreError(f"{self.root} exists and is not a directory")
+        # Another rank may be creating the store right now: its shards/ dir and the temp file of
+        # store.json's exclusive create are not foreign content.
         if self.root.is_dir() and not (self.root / STORE_FILE).exists() and any(
-                p.name not in (SHARDS_DIR,) for p in self.root.iterdir()):
+                p.name != SHARDS_DIR and not p.name.startswith(f".{STORE_FILE}.new-") for p in self.root.iterdir()):
             raise StoreError(f"{self.root} is a non-empty directory that is not an activation store; "
                              f"choose an empty or new path so nothing there is overwritten")
         if not (self.root / STORE_FILE).exists():

@@ -1,8 +1,24 @@
-"""Activation capture: scoped forward hooks for interactive use (:func:`capture`).
-
-Capture jobs that stream activations of a whole dataset into the on-disk activation store
-live in ``mechlens.capture.job`` and build on the same hooks.
-"""
+"""Activation capture: scoped forward hooks for interactive use (:func:`capture`) and capture
+jobs that stream a whole dataset's activations into the on-disk store (:func:`capture_to_store`,
+``mechlens capture``)."""
 from mechlens.capture.hooks import Capture, LayerNotFiredError, capture
+from mechlens.capture.job import (
+    SPATIAL_MODES,
+    CaptureResult,
+    SkippedSample,
+    capture_to_store,
+    model_fingerprint,
+    random_positions,
+)
 
-__all__ = ["Capture", "LayerNotFiredError", "capture"]
+__all__ = [
+    "SPATIAL_MODES",
+    "Capture",
+    "CaptureResult",
+    "LayerNotFiredError",
+    "SkippedSample",
+    "capture",
+    "capture_to_store",
+    "model_fingerprint",
+    "random_positions",
+]

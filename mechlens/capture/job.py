@@ -1,0 +1,643 @@
+"""Capture jobs: run a model over a dataset and stream chosen layers' activations into the store.
+
+>>> result = capture_to_store(load_model("mechlens:small_cnn"), "synthetic:shapes?n=256",
+...                           "runs/acts", layers=["stage2", "stage3"], spatial="all")
+
+One row per (image, position) for ``spatial="all"``, ``k`` seeded random positions per image
+for ``spatial="random"``, one pooled row per image for ``"mean"`` / ``"max"``, the first
+token for ``"cls"``. The row index holds the dataset index as ``sample_id``, the flat position
+(``y * W + x`` or the token index; -1 for pooled rows) and the label.
+
+The pipeline, GPU-first: DataLoader workers decode and pin batches; the batch is copied
+non-blocking to the device, normalised there and run under ``inference_mode`` (autocast and
+channels_last on CUDA); the selected rows are cast to the stored dtype *on the device* and
+copied into pinned host buffers asynchronously; batch ``i`` is handed to the store's
+background writer only after batch ``i + 1``'s forward has been queued, so device→host copies
+and disk writes overlap compute. When every hooked layer runs once per forward, the forward
+is cut off after the last of them (the head of the network is never computed).
+
+Resume: every write carries a cursor (images of this rank done so far); rerunning the same job
+on the same store continues after the last committed image. Distributed: under ``torchrun``
+each rank takes a contiguous block of the dataset and writes its own shard.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from activation_store import LayerSpec, Rows, StoreWriter
+from activation_store.errors import IncompatibleStoreError
+from mechlens.capture.hooks import LayerNotFiredError
+from mechlens.data.adapters import UnreadableImageError, build_dataset, check_nonempty
+from mechlens.features.layout import POOLINGS, as_position_rows, resolve_layout
+from mechlens.models.layers import get_module, resolve_layers
+from mechlens.models.loading import LoadedModel, Preprocessing
+
+__all__ = [
+    "SPATIAL_MODES",
+    "CaptureResult",
+    "SkippedSample",
+    "capture_to_store",
+    "distributed_context",
+    "model_fingerprint",
+    "random_positions",
+]
+
+SPATIAL_MODES: tuple[str, ...] = (*POOLINGS, "random")
+_STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_AUTOCAST = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """An image left out of the capture (unreadable at decode time)."""
+
+    sample_id: int
+    reason: str
+
+
+@dataclass
+class CaptureResult:
+    """What a capture job did. Counts are for this process (rank)."""
+
+    store: str
+    layers: list[str]
+    rank: int
+    world_size: int
+    images_assigned: int  # this rank's share of the dataset
+    images_before: int  # already done by an earlier (interrupted) run
+    images_captured: int  # newly processed in this run (including skipped ones)
+    rows: dict[str, int]  # rows written in this run, per layer
+    skipped: list[SkippedSample] = field(default_factory=list)
+    seconds: float = 0.0
+    bytes_written: int = 0
+    early_stop: bool = False
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_captured / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.images_before + self.images_captured >= self.images_assigned
+
+
+# ----------------------------------------------------------------------------- helpers
+def model_fingerprint(model: nn.Module) -> str:
+    """XXH3-64 of every parameter and buffer (names, shapes, dtypes, bytes): a resume with other
+    weights (another random init, another checkpoint) is then refused by the store."""
+    import xxhash
+
+    digest = xxhash.xxh3_64()
+    for name, tensor in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        data = tensor.detach().to("cpu").contiguous()
+        if data.dtype == torch.bfloat16:
+            data = data.view(torch.int16)
+        digest.update(data.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def random_positions(sample_ids: np.ndarray, num_positions: int, k: int, seed: int) -> np.ndarray:
+    """``k`` distinct positions in ``[0, num_positions)`` for each sample, ``[B, k]``, sorted.
+
+    A function of ``(seed, sample_id)`` only (a splitmix64 hash ranks the positions), so a resumed
+    or distributed run picks exactly the positions a single uninterrupted run picks.
+    """
+    if k > num_positions:
+        raise ValueError(f"k={k} random positions per image, but the layer has only {num_positions} positions")
+    with np.errstate(over="ignore"):
+        ids = sample_ids.astype(np.uint64)[:, None]
+        pos = np.arange(num_positions, dtype=np.uint64)[None, :]
+        z = (ids * np.uint64(0x9E3779B97F4A7C15)) ^ (pos + np.uint64(seed) * np.uint64(0xD1B54A32D192ED03))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    chosen = np.argpartition(z, k - 1, axis=1)[:, :k] if k < num_positions else np.broadcast_to(
+        np.arange(num_positions), z.shape)
+    return np.sort(chosen, axis=1).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class _Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    initialized_here: bool
+
+
+def distributed_context(rank: int | None = None, world_size: int | None = None) -> _Dist:
+    """Rank and world size from the arguments or torchrun's environment (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``); joins the process group when there are several ranks."""
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = int(world_size) if world_size is not None else env_world
+    this = int(rank) if rank is not None else int(os.environ.get("RANK", "0"))
+    if world < 1 or not 0 <= this < world:
+        raise ValueError(f"rank {this} is not in a world of size {world}")
+    initialized_here = False
+    if world > 1 and env_world == world and "MASTER_ADDR" in os.environ:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend=backend)
+            initialized_here = True
+    return _Dist(this, world, int(os.environ.get("LOCAL_RANK", this)), initialized_here)
+
+
+def _rank_block(n: int, rank: int, world: int) -> range:
+    """Contiguous block of dataset indices for ``rank`` (sizes differ by at most one)."""
+    start = n * rank // world
+    return range(start, n * (rank + 1) // world)
+
+
+class _IndexedSamples(Dataset):
+    """``dataset[indices[i]]`` as ``(sample_id, image, label)``; an unreadable image becomes
+    ``(sample_id, None, reason)`` when skipping, so one bad file does not kill a worker."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], skip_unreadable: bool) -> None:
+        self.dataset = dataset
+        self.indices = indices
+        self.skip_unreadable = skip_unreadable
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _unpack(self, sample_id: int, item: Any) -> tuple[int, Any, Any]:
+        if isinstance(item, (tuple, list)):
+            image, label = item[0], (item[1] if len(item) > 1 else -1)
+        elif isinstance(item, dict):
+            image, label = item.get("image", item.get("pixel_values")), item.get("label", -1)
+        else:
+            image, label = item, -1
+        if not isinstance(image, torch.Tensor):
+            image = torch.as_tensor(np.asarray(image))
+        return sample_id, image, int(label) if label is not None else -1
+
+    def __getitem__(self, i: int) -> tuple[int, Any, Any]:
+        sample_id = int(self.indices[i])
+        try:
+            return self._unpack(sample_id, self.dataset[sample_id])
+        except (UnreadableImageError, OSError) as error:
+            if not self.skip_unreadable:
+                raise
+            return sample_id, None, f"{type(error).__name__}: {error}"
+
+    def __getitems__(self, positions: Sequence[int]) -> list[tuple[int, Any, Any]]:
+        batched = getattr(self.dataset, "__getitems__", None)
+        if batched is None:
+            return [self[i] for i in positions]
+        ids = [int(self.indices[i]) for i in positions]
+        try:
+            items = batched(ids)
+        except (UnreadableImageError, OSError):
+            return [self[i] for i in positions]  # find and skip the bad ones one by one
+        return [self._unpack(sid, item) for sid, item in zip(ids, items)]
+
+
+@dataclass
+class _Batch:
+    sample_ids: torch.Tensor
+    images: torch.Tensor
+    labels: torch.Tensor
+    skipped: list[SkippedSample]
+    size: int  # samples consumed, including skipped ones
+
+    def pin_memory(self) -> "_Batch":  # DataLoader(pin_memory=True) calls this in its pin thread
+        self.images = self.images.pin_memory()
+        return self
+
+
+def _collate(items: list[tuple[int, Any, Any]]) -> _Batch:
+    good = [it for it in items if it[1] is not None]
+    skipped = [SkippedSample(sid, str(reason)) for sid, image, reason in items if image is None]
+    if good:
+        shapes = {tuple(it[1].shape) for it in good}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"images of different sizes in one batch: {sorted(shapes)} (sample ids "
+                f"{[it[0] for it in good][:8]}); resize them in the dataset (e.g. image_size=) or pass "
+                "on_size_mismatch='resize'"
+            )
+        images = torch.stack([it[1] for it in good])
+    else:
+        images = torch.empty(0)
+    return _Batch(
+        sample_ids=torch.tensor([it[0] for it in good], dtype=torch.int64),
+        images=images,
+        labels=torch.tensor([it[2] for it in good], dtype=torch.int64),
+        skipped=skipped,
+        size=len(items),
+    )
+
+
+class _LayerTaps:
+    """Forward hooks that keep each layer's latest output (no copy: we only read it before the
+    next forward) and optionally stop the forward once all layers have run."""
+
+    class Stop(Exception):
+        pass
+
+    def __init__(self, model: nn.Module, layers: list[str]) -> None:
+        self.model = model
+        self.layers = layers
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = dict.fromkeys(layers, 0)
+        self.stop_early = False
+        self.select: Callable[[str, torch.Tensor], Any] | None = None
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "_LayerTaps":
+        try:
+            for name in self.layers:
+                self._handles.append(get_module(self.model, name).register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(
+                    f"layer {name!r} returns a {type(output).__name__}, not a tensor; capture the "
+                    "submodule that produces the tensor you want"
+                )
+            # Rows are selected and cast inside the hook: the result is a fresh tensor, so an
+            # in-place op downstream (ReLU(inplace=True)) cannot change what we keep.
+            self.outputs[name] = self.select(name, output) if self.select is not None else output.clone()
+            self.calls[name] += 1
+            if self.stop_early and len(self.outputs) == len(self.layers):
+                raise _LayerTaps.Stop
+        return hook
+
+    def run(self, inputs: torch.Tensor, select: Callable[[str, torch.Tensor], Any] | None = None) -> dict[str, Any]:
+        """Forward ``inputs``; ``select(name, output)`` turns each output into what is kept."""
+        self.outputs = {}
+        self.calls = dict.fromkeys(self.layers, 0)
+        self.select = select
+        try:
+            self.model(inputs)
+        except _LayerTaps.Stop:
+            pass
+        finally:
+            self.select = None
+        silent = [n for n in self.layers if n not in self.outputs]
+        if silent:
+            raise LayerNotFiredError(
+                f"layer(s) {', '.join(silent)} did not run during the forward pass of "
+                f"{type(self.model).__name__}, so there is nothing to capture (an unused module or a "
+                "branch the forward skips). Nothing was written."
+            )
+        return self.outputs
+
+
+def _select_rows(
+    activation: torch.Tensor, layout: str, spatial: str, k: int, sample_ids: np.ndarray, seed: int
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Rows ``[N, C]`` (on the activation's device), their positions and their batch indices."""
+    rows, spatial_shape = as_position_rows(activation, layout)
+    b, p, c = rows.shape
+    if spatial == "all":
+        return rows.reshape(b * p, c), np.tile(np.arange(p), b), np.repeat(np.arange(b), p)
+    if spatial in ("mean", "max"):
+        pooled = rows.float().mean(dim=1) if spatial == "mean" else rows.amax(dim=1)
+        return pooled, np.full(b, -1), np.arange(b)
+    if spatial == "cls":
+        return rows[:, 0], np.zeros(b, dtype=np.int64), np.arange(b)
+    chosen = random_positions(sample_ids, p, k, seed)  # [B, k]
+    index = torch.from_numpy(chosen).to(rows.device, non_blocking=True)
+    picked = rows.gather(1, index[:, :, None].expand(b, k, c))
+    return picked.reshape(b * k, c), chosen.reshape(-1), np.repeat(np.arange(b), k)
+
+
+class _HostBuffers:
+    """Double-buffered pinned host memory per layer for asynchronous device→host copies."""
+
+    def __init__(self, pinned: bool) -> None:
+        self.pinned = pinned
+        self._slots: dict[tuple[str, int], torch.Tensor] = {}
+        self._turn = 0
+
+    def next_turn(self) -> None:
+        self._turn ^= 1
+
+    def copy(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        if not self.pinned:
+            return rows.to("cpu")
+        key = (name, self._turn)
+        slot = self._slots.get(key)
+        if slot is None or slot.numel() < rows.numel() or slot.dtype != rows.dtype:
+            slot = torch.empty(rows.numel(), dtype=rows.dtype, pin_memory=True)
+            self._slots[key] = slot
+        view = slot[: rows.numel()].view(rows.shape)
+        view.copy_(rows, non_blocking=True)
+        return view
+
+
+def _to_numpy_stored(rows: torch.Tensor, stored: str) -> np.ndarray:
+    if stored == "bfloat16":
+        return rows.view(torch.int16).numpy().view(np.uint16)  # bit patterns, as the store keeps them
+    return rows.numpy()
+
+
+def _default_workers() -> int:
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+# ----------------------------------------------------------------------------- the job
+def capture_to_store(
+    model: LoadedModel | nn.Module,
+    data: Dataset | str,
+    out: str | os.PathLike,
+    *,
+    layers: str | Sequence[str],
+    spatial: str = "all",
+    k: int = 16,
+    dtype: str = "float16",
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    device: str | torch.device | None = None,
+    autocast: str | None = "auto",
+    channels_last: bool | None = None,
+    preprocessing: Preprocessing | None = None,
+    normalize: bool = True,
+    on_size_mismatch: str = "error",
+    on_unreadable: str = "skip",
+    max_images: int | None = None,
+    seed: int = 0,
+    backend: str = "zarr",
+    compression: str | None = None,
+    chunk_bytes: int | None = None,
+    nonfinite: str = "count",
+    model_name: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+    commit_interval: float = 10.0,
+) -> CaptureResult:
+    """Capture ``layers`` of ``model`` over ``data`` into the store at ``out`` (created or resumed).
+
+    ``data`` is a torch ``Dataset`` yielding ``(image, label)`` / images in ``[0, 1]`` (normalised
+    on the device with the model's preprocessing when ``normalize``), or a dataset spec string
+    for :func:`mechlens.data.build_dataset` (built at the model's input size). ``spatial``: one of
+    :data:`SPATIAL_MODES` (``random`` keeps ``k`` seeded positions per image). ``dtype``: the
+    stored dtype. ``autocast``: ``"auto"`` (bf16 on CUDA, off on CPU), ``"bf16"``, ``"fp16"`` or
+    ``None``. ``on_size_mismatch``: ``"error"`` or ``"resize"`` when images differ from the model's
+    input size; ``on_unreadable``: ``"skip"`` (counted in the result) or ``"error"``.
+    """
+    started = time.perf_counter()
+    if spatial not in SPATIAL_MODES:
+        raise ValueError(f"spatial must be one of {', '.join(SPATIAL_MODES)}, got {spatial!r}")
+    if spatial == "random" and k < 1:
+        raise ValueError(f"spatial='random' needs k >= 1 positions per image, got {k}")
+    if dtype not in _STORE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_STORE_DTYPES)}, got {dtype!r}")
+    if on_size_mismatch not in ("error", "resize"):
+        raise ValueError(f"on_size_mismatch must be 'error' or 'resize', got {on_size_mismatch!r}")
+    if on_unreadable not in ("skip", "error"):
+        raise ValueError(f"on_unreadable must be 'skip' or 'error', got {on_unreadable!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    loaded = model if isinstance(model, LoadedModel) else None
+    net = loaded.model if loaded is not None else model
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"model must be an nn.Module or a LoadedModel, got {type(model).__name__}")
+    if preprocessing is None and loaded is not None:
+        preprocessing = loaded.preprocessing
+    if isinstance(data, str):
+        size = preprocessing.image_size[0] if preprocessing is not None else None
+        data = build_dataset(data, image_size=size)
+    total = check_nonempty(data, "capture dataset")
+    if max_images is not None:
+        if max_images < 1:
+            raise ValueError(f"max_images must be >= 1, got {max_images}")
+        total = min(total, int(max_images))
+    layer_names = resolve_layers(net, layers)
+
+    dist = distributed_context(rank, world_size)
+    target = torch.device(device) if device is not None else (
+        torch.device("cuda", dist.local_rank % torch.cuda.device_count()) if torch.cuda.is_available() else torch.device("cpu"))
+    on_cuda = target.type == "cuda"
+    if autocast == "auto":
+        autocast = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else None
+    if autocast is not None and autocast not in _AUTOCAST:
+        raise ValueError(f"autocast must be 'auto', 'bf16', 'fp16' or None, got {autocast!r}")
+    if channels_last is None:
+        channels_last = on_cuda and any(isinstance(m, nn.Conv2d) for m in net.modules())
+
+    was_training = net.training
+    net.eval()
+    net.to(target)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    identity = f"{model_name or (loaded.spec if loaded else type(net).__module__ + '.' + type(net).__qualname__)}" \
+               f"@{model_fingerprint(net)}"
+    block = _rank_block(total, dist.rank, dist.world_size)
+    taps = _LayerTaps(net, layer_names)
+    buffers = _HostBuffers(pinned=on_cuda)
+    amp = torch.autocast(target.type, dtype=_AUTOCAST[autocast]) if autocast else None
+
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        x = images.to(target, non_blocking=True)
+        if not x.is_floating_point():
+            x = x.float() / 255.0
+        if x.dim() == 3:
+            x = x[None]
+        if preprocessing is not None:
+            expected = preprocessing.image_size
+            if tuple(x.shape[-2:]) != expected:
+                if on_size_mismatch == "error":
+                    raise ValueError(
+                        f"images are {x.shape[-2]}x{x.shape[-1]} but the model expects {expected[0]}x{expected[1]} "
+                        "(HxW); build the dataset at the model's input size or pass on_size_mismatch='resize' "
+                        "(--resize). Nothing was written for this batch."
+                    )
+                x = torch.nn.functional.interpolate(x, size=expected, mode="bilinear", antialias=True, align_corners=False)
+            if normalize:
+                x = preprocessing.normalize(x)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+    def forward(images: torch.Tensor, select: Callable[[str, torch.Tensor], Any] | None = None) -> dict[str, Any]:
+        x = prepare(images)
+        with torch.inference_mode():
+            if amp is None:
+                return taps.run(x, select)
+            with amp:
+                return taps.run(x, select)
+
+    result = CaptureResult(store=str(out), layers=layer_names, rank=dist.rank, world_size=dist.world_size,
+                           images_assigned=len(block), images_before=0, images_captured=0,
+                           rows=dict.fromkeys(layer_names, 0))
+    writer: StoreWriter | None = None
+    try:
+        with taps:
+            # A dry forward on one real sample: output shapes (the store's row widths), layers that
+            # never fire, wrong input sizes, and whether the forward can be cut short.
+            probe = _collate([_IndexedSamples(data, [block.start if len(block) else 0], False)[0]])
+            outputs = forward(probe.images)
+            layouts = {name: resolve_layout(out_) for name, out_ in outputs.items()}
+            taps.stop_early = all(count == 1 for count in taps.calls.values())
+            result.early_stop = taps.stop_early
+            specs = {}
+            for name, activation in outputs.items():
+                rows, shape = as_position_rows(activation, layouts[name])
+                if spatial == "random" and k > rows.shape[1]:
+                    raise ValueError(f"k={k} random positions per image, but layer {name!r} has only {rows.shape[1]} positions")
+                if spatial == "cls" and layouts[name] != "nlc":
+                    raise ValueError(f"spatial='cls' needs token maps [B, T, D]; layer {name!r} has layout {layouts[name]}")
+                meta = {"spatial": spatial, "layout": layouts[name], "spatial_shape": list(shape)}
+                if spatial == "random":
+                    meta.update(k=int(k), seed=int(seed))
+                specs[name] = LayerSpec(dim=int(rows.shape[-1]), dtype=dtype, meta=meta)
+            provenance = {
+                "capture": {
+                    "dataset": repr(data)[:500], "num_images": total, "world_size": dist.world_size,
+                    "preprocessing": preprocessing.to_dict() if preprocessing is not None else None,
+                    "normalize": normalize, "autocast": autocast, "batch_size": batch_size,
+                },
+                "model": {"spec": loaded.spec if loaded else None, "weights": loaded.weights if loaded else None,
+                          "pretrained": loaded.pretrained if loaded else None},
+            }
+            writer_kwargs: dict[str, Any] = dict(model=identity, layers=specs, shard=dist.rank, backend=backend,
+                                                 compression=compression, nonfinite=nonfinite,
+                                                 commit_interval=commit_interval, provenance=provenance)
+            if chunk_bytes is not None:
+                writer_kwargs["chunk_bytes"] = chunk_bytes
+            writer = StoreWriter(out, **writer_kwargs)
+            done = _check_cursor(writer.cursor, total, dist, out)
+            result.images_before = done
+            todo = block[done:]
+            workers = _default_workers() if num_workers is None else int(num_workers)
+            loader = DataLoader(
+                _IndexedSamples(data, todo, skip_unreadable=on_unreadable == "skip"),
+                batch_size=batch_size, shuffle=False,
+                num_workers=workers, collate_fn=_collate, pin_memory=on_cuda,
+                prefetch_factor=4 if workers else None,
+            )
+            _run_batches(loader, forward, writer, result, layouts, spatial, k, seed, dtype, buffers,
+                         on_cuda, done, total, dist, progress)
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            # Rows written so far are whole batches with a matching cursor: commit them so a rerun
+            # resumes after them (also on Ctrl-C). A failed writer keeps its last commit.
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - report the original error, not the follow-up
+                pass
+        raise
+    finally:
+        net.train(was_training)
+        if dist.initialized_here:
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _check_cursor(cursor: Any, total: int, dist: _Dist, out: Any) -> int:
+    if cursor is None:
+        return 0
+    if not isinstance(cursor, dict) or "images_done" not in cursor:
+        raise IncompatibleStoreError(f"shard of rank {dist.rank} in {out} was not written by a capture job (cursor {cursor!r})")
+    if cursor.get("world_size") != dist.world_size or cursor.get("num_images") != total:
+        raise IncompatibleStoreError(
+            f"{out} was captured with world_size={cursor.get('world_size')} over {cursor.get('num_images')} images; "
+            f"this run has world_size={dist.world_size} over {total} images, so the ranks' blocks differ. Resume "
+            "with the same number of ranks and dataset, or write a new store."
+        )
+    return int(cursor["images_done"])
+
+
+def _run_batches(loader: DataLoader, forward: Callable, writer: StoreWriter, result: CaptureResult,
+                 layouts: dict[str, str], spatial: str, k: int, seed: int, dtype: str, buffers: _HostBuffers,
+                 on_cuda: bool, done: int, total: int, dist: _Dist, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    stored = _STORE_DTYPES[dtype]
+    bar = tqdm(total=result.images_assigned, initial=done, unit="img", desc=f"capture rank {dist.rank}",
+               disable=not progress or dist.rank != 0, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    images_done = done
+
+    def finish(item: tuple[Any, ...]) -> None:
+        nonlocal images_done
+        event, selected, batch = item
+        if event is not None:
+            event.synchronize()  # the asynchronous device->host copies of this batch are complete
+        images_done += batch.size
+        cursor = {"images_done": images_done, "world_size": dist.world_size, "num_images": total}
+        sample_ids, labels = batch.sample_ids.numpy(), batch.labels.numpy()
+        rows = {
+            name: Rows(_to_numpy_stored(host, dtype), sample_ids=sample_ids[owners], positions=positions,
+                       labels=labels[owners])
+            for name, (host, positions, owners) in selected.items()
+        }
+        # All layers and the cursor in one all-or-nothing call: a resume never sees half a batch.
+        writer.write(rows, cursor=cursor)
+        result.skipped.extend(batch.skipped)
+        for name, r in rows.items():
+            result.rows[name] += r.data.shape[0]
+            result.bytes_written += r.data.nbytes
+        result.images_captured = images_done - done
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        bar.update(batch.size)
+        bar.set_postfix_str(
+            f"{sum(result.rows.values()) / elapsed:,.0f} rows/s, {result.bytes_written / elapsed / 1e6:,.1f} MB/s"
+            + (f", skipped {len(result.skipped)}" if result.skipped else ""),
+            refresh=False,
+        )
+
+    pending: tuple[Any, ...] | None = None
+    try:
+        for batch in loader:
+            selected: dict[str, Any] = {}
+            event = None
+            if batch.images.numel():  # else every image of the batch was unreadable
+                sample_ids = batch.sample_ids.numpy()
+
+                def select(name: str, output: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+                    rows, positions, owners = _select_rows(output, layouts[name], spatial, k, sample_ids, seed)
+                    cast = rows.to(stored)
+                    if cast is rows:  # no conversion happened: copy, the output may be modified in place
+                        cast = rows.clone()
+                    return buffers.copy(name, cast), positions, owners
+
+                selected = forward(batch.images, select)
+                if on_cuda:
+                    event = torch.cuda.Event()
+                    event.record()
+                buffers.next_turn()
+            if pending is not None:
+                finishing, pending = pending, None
+                finish(finishing)  # the previous batch's copies ran while this forward was queued
+            pending = (event, selected, batch)
+        if pending is not None:
+            finishing, pending = pending, None
+            finish(finishing)
+    except BaseException:
+        # Interrupted (Ctrl-C, kill, a bad batch): the previous batch is complete, keep it.
+        if pending is not None:
+            finish(pending)
+        raise
+    finally:
+        bar.close()

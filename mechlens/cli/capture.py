@@ -1,0 +1,100 @@
+"""``mechlens capture``: stream layer activations of a model over a dataset into a store.
+
+Runs as one process or under ``torchrun --nproc_per_node=N -m mechlens capture ...`` (each rank
+writes its own shard). Rerunning the same command on the same ``--out`` resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from typing import Any, TextIO
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``capture`` sub-command."""
+    from mechlens.capture.job import SPATIAL_MODES
+
+    parser = subparsers.add_parser(
+        "capture",
+        help="capture layer activations over a dataset into an activation store",
+        description=(
+            "Run MODEL over DATA and write the activations of LAYERS into the store at OUT (created, "
+            "or resumed after the last committed image). DATA: 'synthetic:shapes?n=512', 'digits', "
+            "'skimage:astronaut,coffee', 'folder:PATH' or an image folder with class subfolders."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="model spec, e.g. timm:resnet50, torchvision:resnet18, mechlens:small_cnn")
+    parser.add_argument("--weights", metavar="PATH", help="local .safetensors or state-dict file")
+    parser.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs a download or cache)")
+    parser.add_argument("--num-classes", type=int, default=None, help="number of classes of the model head")
+    parser.add_argument("--layers", nargs="+", required=True, metavar="LAYER", help="layer names or globs, e.g. layer3 layer4")
+    parser.add_argument("--data", required=True, help="dataset spec or image folder")
+    parser.add_argument("--out", required=True, help="store directory")
+    parser.add_argument("--spatial", choices=SPATIAL_MODES, default="all",
+                        help="all positions, k random positions, mean/max pooled or the CLS token (default: all)")
+    parser.add_argument("--k", type=int, default=16, help="positions per image for --spatial random (default 16)")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="stored dtype")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores - 1, at most 8)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
+    parser.add_argument("--autocast", choices=("auto", "bf16", "fp16", "none"), default="auto",
+                        help="mixed precision of the forward (auto: bf16 on CUDA, off on CPU)")
+    parser.add_argument("--resize", action="store_true", help="resize images that differ from the model's input size")
+    parser.add_argument("--on-unreadable", choices=("skip", "error"), default="skip",
+                        help="unreadable images: skip and count (default) or stop with an error")
+    parser.add_argument("--max-images", type=int, default=None, help="capture only the first N images")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --spatial random")
+    parser.add_argument("--backend", choices=("zarr", "hdf5"), default="zarr")
+    parser.add_argument("--compression", default=None, help="e.g. zstd (default: none)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(handler=run)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    # `kill` (SIGTERM) unwinds like Ctrl-C, so the rows of finished batches are committed.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Handler of ``mechlens capture``; returns the exit code."""
+    from mechlens.capture.job import capture_to_store
+    from mechlens.models import load_model
+
+    out = out or sys.stdout
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        loaded = load_model(args.model, pretrained=args.pretrained, weights=args.weights, num_classes=args.num_classes)
+        result = capture_to_store(
+            loaded, args.data, args.out, layers=args.layers, spatial=args.spatial, k=args.k, dtype=args.dtype,
+            batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+            autocast=None if args.autocast == "none" else args.autocast,
+            on_size_mismatch="resize" if args.resize else "error", on_unreadable=args.on_unreadable,
+            max_images=args.max_images, seed=args.seed, backend=args.backend, compression=args.compression,
+            progress=not args.no_progress,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    summary = {
+        "store": result.store, "rank": result.rank, "world_size": result.world_size,
+        "images_assigned": result.images_assigned, "images_before": result.images_before,
+        "images_captured": result.images_captured, "rows": result.rows, "skipped": len(result.skipped),
+        "seconds": round(result.seconds, 3), "images_per_second": round(result.images_per_second, 1),
+        "megabytes": round(result.bytes_written / 1e6, 2),
+    }
+    if args.json:
+        print(json.dumps(summary), file=out)
+    else:
+        print(
+            f"rank {result.rank}/{result.world_size}: {result.images_captured} images captured "
+            f"({result.images_before} done before, {len(result.skipped)} skipped) in {result.seconds:.1f}s "
+            f"({result.images_per_second:.1f} images/s); rows {result.rows} -> {result.store}",
+            file=out,
+        )
+        for skipped in result.skipped[:10]:
+            print(f"  skipped sample {skipped.sample_id}: {skipped.reason}", file=out)
+    return 0
