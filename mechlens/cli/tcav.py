@@ -1,0 +1,94 @@
+"""``mechlens tcav``: TCAV scores with random-counterpart t-tests for concepts given as image folders."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TextIO
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``tcav`` sub-command."""
+    parser = subparsers.add_parser(
+        "tcav",
+        help="TCAV: does a human concept drive a prediction or a feature? (with p-values)",
+        description=(
+            "Train CAVs for each --concept against random counterpart sets at each --layer, score the "
+            "directional derivative of each --target on the --examples, and test the scores against "
+            "random-vs-random scores (two-sided t-test, Bonferroni-corrected). Writes tcav.csv, "
+            "tcav.json, tcav.png and the CAVs to --out."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="model spec or checkpoint directory")
+    parser.add_argument("--weights", metavar="PATH", help="local .safetensors or state-dict file")
+    parser.add_argument("--num-classes", type=int, default=None)
+    parser.add_argument("--layer", nargs="+", required=True, metavar="LAYER", help="layer name(s)")
+    parser.add_argument("--concept", nargs="+", required=True, metavar="NAME=DIR", help="concept image folders")
+    parser.add_argument("--random", nargs="+", required=True, metavar="DIR",
+                        help="one folder to draw --num-random random sets from, or >= 3 folders used as the sets")
+    parser.add_argument("--examples", required=True, metavar="DIR", help="folder of examples the target is scored on")
+    parser.add_argument("--target", nargs="+", default=["class:0"],
+                        help="feature specs: class:K, channel:LAYER:C, sae:PATH:I, cav:PATH (default class:0)")
+    parser.add_argument("--num-random", type=int, default=10, help="N random counterpart sets (default 10)")
+    parser.add_argument("--set-size", type=int, default=50, help="examples per random set drawn from one folder")
+    parser.add_argument("--pooling", choices=("mean", "max", "flatten"), default="mean")
+    parser.add_argument("--classifier", choices=("logistic", "linear_svm", "sgd"), default="logistic")
+    parser.add_argument("--score", choices=("sign", "magnitude"), default="sign")
+    parser.add_argument("--alpha", type=float, default=0.05, help="significance level after Bonferroni")
+    parser.add_argument("--min-accuracy", type=float, default=0.7, help="flag CAVs below this held-out accuracy")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.set_defaults(handler=run)
+
+
+def _concept_arg(text: str) -> tuple[str, str]:
+    name, sep, folder = text.partition("=")
+    if not sep or not name or not folder:
+        raise ValueError(f"--concept expects NAME=DIR, got {text!r}")
+    return name, folder
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Handler of ``mechlens tcav``; returns the exit code."""
+    from mechlens.features import parse_feature
+    from mechlens.models import load_model
+    from mechlens.probes import ConceptSet, random_concept_sets, run_tcav
+
+    out = out or sys.stdout
+    loaded = load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=args.device)
+    size = loaded.preprocessing.image_size
+    concepts = [ConceptSet.from_folder(name, folder, image_size=size) for name, folder in map(_concept_arg, args.concept)]
+    if len(args.random) == 1:
+        for name, folder in map(_concept_arg, args.concept):
+            if Path(folder).resolve() == Path(args.random[0]).resolve():
+                raise ValueError(f"concept {name!r} uses the random folder {folder}; a concept must differ from it")
+        pool = ConceptSet.from_folder("random", args.random[0], image_size=size)
+        randoms = random_concept_sets(pool.dataset, args.num_random, min(args.set_size, len(pool)), seed=args.seed)
+    else:
+        randoms = [ConceptSet.from_folder(f"random{i}", folder, image_size=size) for i, folder in enumerate(args.random)]
+    examples = ConceptSet.from_folder("examples", args.examples, image_size=size)
+    targets = [parse_feature(spec) for spec in args.target]
+    report = run_tcav(loaded, layers=args.layer, concepts=concepts, random_sets=randoms, examples=examples,
+                      targets=targets, pooling=args.pooling, classifier=args.classifier, alpha=args.alpha,
+                      score=args.score, min_accuracy=args.min_accuracy, seed=args.seed)
+    target_dir = Path(args.out)
+    (target_dir / "cavs").mkdir(parents=True, exist_ok=True)
+    report.to_csv(target_dir / "tcav.csv")
+    report.to_json(target_dir / "tcav.json")
+    report.plot(target_dir / "tcav.png")
+    for cav in report.cavs:
+        if cav.concept in {c.name for c in concepts}:
+            cav.save(target_dir / "cavs" / f"{cav.concept}-{cav.layer}-vs-{cav.negative}")
+    for row in report.rows():
+        mark = "significant" if row["significant"] else "not significant"
+        print(f"{row['concept']:>16} @ {row['layer']:<12} {row['target']:<14} TCAV {row['tcav_mean']:.3f} ± "
+              f"{row['tcav_std']:.3f} (random {row['random_mean']:.3f}), p={row['p_value']:.2g}, "
+              f"Bonferroni p={row['p_adjusted']:.2g}: {mark}"
+              + (f" [{row['flagged_cavs']} CAVs below accuracy {args.min_accuracy}]" if row["flagged_cavs"] else ""),
+              file=out)
+    print(f"wrote {target_dir}/tcav.csv, tcav.json, tcav.png, cavs/", file=out)
+    return 0

@@ -1,0 +1,48 @@
+"""Concept probes: CAVs, TCAV with statistical testing, linear probes on stored activations."""
+from mechlens.probes.cav import CAV, CAV_CLASSIFIERS, ConstantActivationsError, train_cav
+from mechlens.probes.concepts import CAV_POOLINGS, ConceptSet, concept_activations, pool_activation, random_concept_sets
+from mechlens.probes.linear import CAVAlignment, LinearProbe, cav_sae_alignment, probe_store
+from mechlens.probes.tcav import (
+    RelativeTCAVResult,
+    TCAVReport,
+    TCAVResult,
+    directional_derivatives,
+    finite_difference_derivative,
+    relative_tcav,
+    run_tcav,
+    target_gradients,
+    tcav_scores,
+    tcav_test,
+)
+
+
+def feature_from_spec(rest: str):
+    """``cav:PATH`` -> the saved CAV as a :class:`mechlens.features.Direction`."""
+    return CAV.load(rest).feature()
+
+
+__all__ = [
+    "CAV",
+    "CAVAlignment",
+    "CAV_CLASSIFIERS",
+    "CAV_POOLINGS",
+    "ConceptSet",
+    "ConstantActivationsError",
+    "LinearProbe",
+    "RelativeTCAVResult",
+    "TCAVReport",
+    "TCAVResult",
+    "cav_sae_alignment",
+    "concept_activations",
+    "directional_derivatives",
+    "feature_from_spec",
+    "finite_difference_derivative",
+    "pool_activation",
+    "probe_store",
+    "random_concept_sets",
+    "relative_tcav",
+    "run_tcav",
+    "target_gradients",
+    "tcav_scores",
+    "tcav_test",
+]

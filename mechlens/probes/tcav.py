@@ -1,0 +1,453 @@
+"""TCAV: how much a concept direction drives a feature, with the statistical test of
+tensorflow/tcav (Kim et al., 2018).
+
+The directional derivative of a target feature ``f`` (a class logit by default, or any
+:class:`mechlens.features.Feature`: an SAE latent, a channel) along a CAV ``v`` at layer ``l`` is
+``S = grad_a f(x) . v``, with the gradient taken w.r.t. the layer activation kept *attached* to the
+graph (the seed tutorial's hook detached it and got ``None``). For a CAV learnt on pooled
+activations the direction is added at every position, so ``S = sum_p grad_{a_p} f . v``.
+
+The gradient does not depend on the CAV, so it is computed once per (layer, target) and every CAV
+is scored with one matrix product: many CAVs cost one backward pass.
+
+Scores: ``sign`` = fraction of examples with ``S > 0`` (the TCAV score); ``magnitude`` =
+``sum(S+) / sum(|S|)``. Significance: CAVs against N random counterpart sets give N concept
+scores; CAVs of a random set against the same N sets give N random-vs-random scores; a two-sided
+t-test compares them, and p-values are Bonferroni-corrected over concepts x layers x targets.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mechlens.features.base import ClassLogit, Feature
+from mechlens.features.forward import feature_forward
+from mechlens.features.layout import as_position_rows, resolve_layout
+from mechlens.models.layers import get_module, resolve_layers
+from mechlens.models.loading import LoadedModel, Preprocessing
+from mechlens.probes.cav import CAV, train_cav
+from mechlens.probes.concepts import ConceptSet, _batches, concept_activations, prepare_images
+
+__all__ = [
+    "RelativeTCAVResult",
+    "TCAVReport",
+    "TCAVResult",
+    "directional_derivatives",
+    "finite_difference_derivative",
+    "relative_tcav",
+    "run_tcav",
+    "target_gradients",
+    "tcav_scores",
+    "tcav_test",
+]
+
+
+def _as_feature(target: Feature | int) -> Feature:
+    return ClassLogit(int(target)) if isinstance(target, (int, np.integer)) else target
+
+
+def _unwrap(model: LoadedModel | nn.Module, preprocessing: Preprocessing | None) -> tuple[nn.Module, Preprocessing | None]:
+    if isinstance(model, LoadedModel):
+        return model.model, preprocessing or model.preprocessing
+    return model, preprocessing
+
+
+def _reduce_gradient(grad: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "flatten":
+        return grad.reshape(grad.shape[0], -1)
+    rows, _ = as_position_rows(grad)
+    return rows.sum(dim=1)  # the CAV is added at every position
+
+
+def target_gradients(model: LoadedModel | nn.Module, layer: str | Sequence[str], examples: ConceptSet | torch.Tensor,
+                     target: Feature | int = 0, *, pooling: str = "mean", batch_size: int = 32,
+                     preprocessing: Preprocessing | None = None) -> np.ndarray | dict[str, np.ndarray]:
+    """``[N, d]``: the gradient of ``target`` w.r.t. ``layer``'s activation for every example,
+    reduced to the CAV's space (summed over positions, or flattened for ``pooling="flatten"``).
+    ``examples``: a :class:`ConceptSet` or images ``[N, C, H, W]`` in ``[0, 1]``. With a list of
+    layers: a dict, from one backward pass per batch."""
+    net, preprocessing = _unwrap(model, preprocessing)
+    layers = [layer] if isinstance(layer, str) else list(layer)
+    feature = _as_feature(target)
+    device = next(net.parameters()).device
+    if isinstance(examples, ConceptSet) and examples.dataset is None:
+        raise ValueError(f"examples {examples.name!r} hold only activations; gradients need the images")
+    batches = _batches(examples.dataset, batch_size) if isinstance(examples, ConceptSet) else examples.split(batch_size)
+    was_training = net.training
+    net.eval()
+    out: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+    try:
+        for images in batches:
+            x = prepare_images(images, preprocessing, device).requires_grad_(True)
+            result = feature_forward(net, feature, x, grads=True, keep_layers=layers)
+            grads = torch.autograd.grad(result.values[:, 0].sum(), [result.activations[n] for n in layers])
+            for name, grad in zip(layers, grads):
+                out[name].append(_reduce_gradient(grad.float(), pooling).cpu().numpy())
+    finally:
+        net.train(was_training)
+    merged = {name: np.concatenate(parts) for name, parts in out.items()}
+    return merged[layer] if isinstance(layer, str) else merged
+
+
+def directional_derivatives(gradients: np.ndarray, cavs: Sequence[CAV] | np.ndarray) -> np.ndarray:
+    """``[N, K]`` directional derivatives of N examples along K CAVs (or ``[K, d]`` vectors)."""
+    vectors = np.stack([c.vector for c in cavs]) if not isinstance(cavs, np.ndarray) else cavs
+    if vectors.ndim == 1:
+        vectors = vectors[None]
+    if vectors.shape[1] != gradients.shape[1]:
+        raise ValueError(f"CAVs have {vectors.shape[1]} dimensions, gradients {gradients.shape[1]}: "
+                         "were they made at the same layer with the same pooling?")
+    return gradients.astype(np.float64) @ vectors.astype(np.float64).T
+
+
+def tcav_scores(derivatives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per CAV (columns of ``[N, K]`` derivatives): the sign score (fraction > 0) and the
+    magnitude score (positive mass over total mass; 0.5 when every derivative is 0)."""
+    sign = (derivatives > 0).mean(axis=0)
+    total = np.abs(derivatives).sum(axis=0)
+    positive = np.clip(derivatives, 0, None).sum(axis=0)
+    magnitude = np.where(total > 0, positive / np.where(total > 0, total, 1), 0.5)
+    return sign, magnitude
+
+
+class _AddDirection:
+    """Forward hook adding ``scale * vector`` to a layer's output (at every position)."""
+
+    def __init__(self, vector: torch.Tensor, pooling: str) -> None:
+        self.vector = vector
+        self.pooling = pooling
+        self.scale = 0.0
+
+    def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        v = self.vector.to(output.device, output.dtype)
+        if self.pooling == "flatten":
+            return output + self.scale * v.reshape(output.shape[1:])
+        layout = resolve_layout(output)
+        shape = {"nchw": (1, -1, 1, 1), "nhwc": (1, 1, 1, -1), "nlc": (1, 1, -1), "nc": (1, -1)}[layout]
+        return output + self.scale * v.reshape(shape)
+
+
+def finite_difference_derivative(model: LoadedModel | nn.Module, layer: str, images: torch.Tensor,
+                                 target: Feature | int, vector: np.ndarray | torch.Tensor, *, pooling: str = "mean",
+                                 eps: float = 1e-3, preprocessing: Preprocessing | None = None) -> np.ndarray:
+    """``(f(a + eps v) - f(a - eps v)) / 2 eps`` per example: the check of :func:`target_gradients`."""
+    net, preprocessing = _unwrap(model, preprocessing)
+    feature = _as_feature(target)
+    device = next(net.parameters()).device
+    hook = _AddDirection(torch.as_tensor(np.asarray(vector), dtype=torch.float64), pooling)
+    handle = get_module(net, resolve_layers(net, [layer])[0]).register_forward_hook(hook)
+    values = []
+    try:
+        with torch.no_grad():
+            x = prepare_images(images, preprocessing, device)
+            for scale in (eps, -eps):
+                hook.scale = scale
+                values.append(feature_forward(net, feature, x, grads=False).values[:, 0].double())
+    finally:
+        handle.remove()
+    return ((values[0] - values[1]) / (2 * eps)).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- experiments
+@dataclass
+class TCAVResult:
+    """One (concept, layer, target): scores against N random sets and the significance test."""
+
+    concept: str
+    layer: str
+    target: str
+    scores: list[float]  # sign scores, one per random counterpart
+    magnitudes: list[float]
+    random_scores: list[float]  # random-vs-random sign scores
+    random_magnitudes: list[float]
+    cav_accuracies: list[float]
+    p_value: float
+    p_adjusted: float  # Bonferroni over concepts x layers x targets
+    significant: bool
+    alpha: float
+    score_kind: str = "sign"
+    flagged_cavs: int = 0  # CAVs below min_accuracy
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.scores if self.score_kind == "sign" else self.magnitudes))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.scores if self.score_kind == "sign" else self.magnitudes))
+
+    @property
+    def random_mean(self) -> float:
+        return float(np.mean(self.random_scores if self.score_kind == "sign" else self.random_magnitudes))
+
+    @property
+    def random_std(self) -> float:
+        return float(np.std(self.random_scores if self.score_kind == "sign" else self.random_magnitudes))
+
+    def row(self) -> dict[str, Any]:
+        """A flat row for tables."""
+        return {
+            "concept": self.concept, "layer": self.layer, "target": self.target, "score_kind": self.score_kind,
+            "tcav_mean": round(self.mean, 4), "tcav_std": round(self.std, 4),
+            "random_mean": round(self.random_mean, 4), "random_std": round(self.random_std, 4),
+            "p_value": self.p_value, "p_adjusted": self.p_adjusted, "significant": self.significant,
+            "cav_accuracy_mean": round(float(np.mean(self.cav_accuracies)), 4), "flagged_cavs": self.flagged_cavs,
+            "n_random": len(self.scores),
+        }
+
+
+@dataclass
+class TCAVReport:
+    """Every :class:`TCAVResult` of a :func:`run_tcav` call, with tables and a plot."""
+
+    results: list[TCAVResult]
+    alpha: float
+    num_tests: int
+    cavs: list[CAV] = field(default_factory=list, repr=False)
+
+    def get(self, concept: str, layer: str | None = None, target: str | None = None) -> TCAVResult:
+        for r in self.results:
+            if r.concept == concept and layer in (None, r.layer) and target in (None, r.target):
+                return r
+        raise KeyError(f"no result for concept={concept!r} layer={layer!r} target={target!r}")
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [r.row() for r in self.results]
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        rows = self.rows()
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        return path
+
+    def to_json(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        payload = {"alpha": self.alpha, "num_tests": self.num_tests, "correction": "bonferroni",
+                   "results": [asdict(r) for r in self.results]}
+        path.write_text(json.dumps(payload, indent=2))
+        return path
+
+    def plot(self, path: str | os.PathLike | None = None):
+        """Bar plot: mean score ± std per concept (grouped by layer and target), the random
+        baseline as grey bars, ``*`` over significant results (``n.s.`` otherwise)."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        groups = sorted({(r.layer, r.target) for r in self.results})
+        fig, axes = plt.subplots(1, len(groups), figsize=(max(4.0, 2.2 * len(self.results) / len(groups) + 2) * len(groups), 3.8),
+                                 squeeze=False)
+        for ax, (layer, target) in zip(axes[0], groups):
+            chosen = [r for r in self.results if r.layer == layer and r.target == target]
+            x = np.arange(len(chosen))
+            ax.bar(x - 0.2, [r.mean for r in chosen], 0.4, yerr=[r.std for r in chosen], capsize=4, label="concept")
+            ax.bar(x + 0.2, [r.random_mean for r in chosen], 0.4, yerr=[r.random_std for r in chosen], capsize=4,
+                   color="0.7", label="random")
+            for xi, r in zip(x, chosen):
+                ax.text(xi - 0.2, min(1.02, r.mean + r.std + 0.03), "*" if r.significant else "n.s.", ha="center",
+                        fontsize=12 if r.significant else 8)
+            ax.set_xticks(x, [r.concept for r in chosen], rotation=20)
+            ax.set_ylim(0, 1.12)
+            ax.axhline(0.5, color="0.4", lw=0.8, ls=":")
+            ax.set_title(f"{target} @ {layer}")
+            ax.set_ylabel(f"TCAV score ({chosen[0].score_kind})")
+        axes[0][0].legend(loc="lower right", fontsize=8)
+        fig.suptitle(f"TCAV (* = Bonferroni-corrected p < {self.alpha}, {self.num_tests} tests)", fontsize=10)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=120)
+            plt.close(fig)
+        return fig
+
+
+def _ttest(a: Sequence[float], b: Sequence[float]) -> float:
+    from scipy import stats
+
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if np.ptp(np.concatenate([a, b])) == 0:
+        return 1.0  # identical constant samples: no evidence of a difference
+    p = stats.ttest_ind(a, b).pvalue
+    return float(p) if math.isfinite(p) else 1.0
+
+
+def _check_distinct(concepts: Sequence[ConceptSet], randoms: Sequence[ConceptSet]) -> None:
+    random_ids = {r.identity: r.name for r in randoms if r.identity}
+    for c in concepts:
+        if c.identity and c.identity in random_ids:
+            raise ValueError(
+                f"concept set {c.name!r} is the same set of examples as random set {random_ids[c.identity]!r}; "
+                "a concept must differ from its random counterparts"
+            )
+    names = [c.name for c in concepts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"concept names must be unique, got {names}")
+
+
+def tcav_test(gradients: np.ndarray, concept: tuple[str, np.ndarray], randoms: Sequence[tuple[str, np.ndarray]],
+              counterpart: tuple[str, np.ndarray] | None = None, *, layer: str = "", target: str = "", pooling: str = "mean",
+              classifier: str = "logistic", cav_alpha: float = 0.01, min_accuracy: float = 0.7, score: str = "sign",
+              alpha: float = 0.05, num_tests: int = 1, seed: int = 0) -> tuple[TCAVResult, list[CAV]]:
+    """The statistical test of one (concept, layer, target) from precomputed pieces.
+
+    ``gradients``: ``[N, d]`` target gradients of the examples (:func:`target_gradients`);
+    ``concept``: ``(name, activations [n, d])``; ``randoms``: N such pairs. CAVs of the concept
+    against each random set give N concept scores. The random-vs-random baseline: with a
+    ``counterpart`` set, its CAVs against each random set (tensorflow/tcav's scheme); without one,
+    CAVs of random set ``i`` against set ``i + 1`` (mod N), so that the N baseline CAVs do not share
+    one positive set and their scores spread like independent draws of the null. A two-sided
+    t-test compares the two samples; the p-value is multiplied by ``num_tests`` (Bonferroni).
+    """
+    def cavs_of(name: str, positive: np.ndarray) -> list[CAV]:
+        return [train_cav(positive, negative, concept=name, negative=negative_name, layer=layer, pooling=pooling,
+                          classifier=classifier, alpha=cav_alpha, min_accuracy=min_accuracy, seed=seed + i)
+                for i, (negative_name, negative) in enumerate(randoms)]
+
+    if len(randoms) < 2:
+        raise ValueError(f"the t-test needs at least 2 random sets, got {len(randoms)}")
+    concept_cavs = cavs_of(concept[0], concept[1])
+    if counterpart is not None:
+        counterpart_cavs = cavs_of(counterpart[0], counterpart[1])
+    else:
+        counterpart_cavs = [
+            train_cav(positive, randoms[(i + 1) % len(randoms)][1], concept=name, negative=randoms[(i + 1) % len(randoms)][0],
+                      layer=layer, pooling=pooling, classifier=classifier, alpha=cav_alpha, min_accuracy=min_accuracy,
+                      seed=seed + i)
+            for i, (name, positive) in enumerate(randoms)
+        ]
+    sign, magnitude = tcav_scores(directional_derivatives(gradients, concept_cavs))
+    random_sign, random_magnitude = tcav_scores(directional_derivatives(gradients, counterpart_cavs))
+    chosen, baseline = (sign, random_sign) if score == "sign" else (magnitude, random_magnitude)
+    p = _ttest(chosen, baseline)
+    p_adjusted = min(1.0, p * num_tests)
+    result = TCAVResult(
+        concept=concept[0], layer=layer, target=target, scores=sign.tolist(), magnitudes=magnitude.tolist(),
+        random_scores=random_sign.tolist(), random_magnitudes=random_magnitude.tolist(),
+        cav_accuracies=[cav.accuracy for cav in concept_cavs], p_value=p, p_adjusted=p_adjusted,
+        significant=p_adjusted < alpha, alpha=alpha, score_kind=score,
+        flagged_cavs=sum(cav.flagged for cav in concept_cavs),
+    )
+    return result, concept_cavs + counterpart_cavs
+
+
+def run_tcav(model: LoadedModel | nn.Module, *, layers: str | Sequence[str], concepts: Sequence[ConceptSet],
+             random_sets: Sequence[ConceptSet], examples: ConceptSet, targets: Sequence[Feature | int] | Feature | int = 0,
+             pooling: str = "mean", classifier: str = "logistic", alpha: float = 0.05, score: str = "sign",
+             min_accuracy: float = 0.7, cav_alpha: float = 0.01, batch_size: int = 32, seed: int = 0,
+             baseline: str = "pairs", preprocessing: Preprocessing | None = None) -> TCAVReport:
+    """TCAV of every concept x layer x target with the random-counterpart t-test.
+
+    ``random_sets``: the N random sets every concept's CAVs are trained against (N >= 2;
+    tensorflow/tcav uses 10 or more, and power grows with N: with 10 sets a perfect concept
+    reaches p ~ 0.005 against a bimodal baseline, with 20 p ~ 1e-4). ``baseline="pairs"``: the
+    random-vs-random scores come from CAVs of set i against set i + 1; ``"counterpart"``: the
+    first set is held out as tensorflow/tcav's random counterpart and its CAVs against the
+    other N - 1 sets give the baseline. See :func:`tcav_test`.
+    """
+    if score not in ("sign", "magnitude"):
+        raise ValueError(f"score must be 'sign' or 'magnitude', got {score!r}")
+    if not concepts:
+        raise ValueError("run_tcav needs at least one concept set")
+    if baseline not in ("pairs", "counterpart"):
+        raise ValueError(f"baseline must be 'pairs' or 'counterpart', got {baseline!r}")
+    if len(random_sets) < 3:
+        raise ValueError(f"run_tcav needs at least 3 random sets, got {len(random_sets)}")
+    _check_distinct(concepts, random_sets)
+    net, preprocessing = _unwrap(model, preprocessing)
+    layer_names = [layers] if isinstance(layers, str) else list(layers)
+    for layer in layer_names:
+        resolve_layers(net, [layer])  # an unknown layer fails here, with close names
+    target_list = [targets] if not isinstance(targets, (list, tuple)) else list(targets)
+    features = [_as_feature(t) for t in target_list]
+    counterpart = random_sets[0] if baseline == "counterpart" else None
+    randoms = list(random_sets[1:]) if baseline == "counterpart" else list(random_sets)
+    num_tests = len(concepts) * len(layer_names) * len(features)
+    results: list[TCAVResult] = []
+    all_cavs: list[CAV] = []
+
+    def acts(s: ConceptSet) -> dict[str, np.ndarray]:
+        if s.activations is not None:
+            return {s.layer: concept_activations(net, s, s.layer, pooling=pooling)}  # type: ignore[dict-item]
+        return concept_activations(net, s, layer_names, pooling=pooling, batch_size=batch_size,  # type: ignore[return-value]
+                                   preprocessing=preprocessing)
+
+    def at(s_acts: dict[str, np.ndarray], s: ConceptSet, layer: str) -> np.ndarray:
+        if layer not in s_acts:
+            raise ValueError(f"set {s.name!r} holds activations of layer {s.layer!r} only; TCAV at {layer!r} needs images")
+        return s_acts[layer]
+
+    # One forward pass per set (all layers at once) and one backward pass per target.
+    random_acts = [acts(r) for r in randoms]
+    counterpart_acts = acts(counterpart) if counterpart is not None else None
+    concept_acts = [acts(c) for c in concepts]
+    gradients = {id(f): target_gradients(net, layer_names, examples, f, pooling=pooling, batch_size=batch_size,
+                                         preprocessing=preprocessing) for f in features}
+    for layer in layer_names:
+        randoms_here = [(r.name, at(ra, r, layer)) for r, ra in zip(randoms, random_acts)]
+        counterpart_here = (counterpart.name, at(counterpart_acts, counterpart, layer)) if counterpart else None
+        for feature in features:
+            for c, ca in zip(concepts, concept_acts):
+                result, cavs = tcav_test(
+                    gradients[id(feature)][layer], (c.name, at(ca, c, layer)), randoms_here, counterpart_here,
+                    layer=layer, target=feature.name, pooling=pooling, classifier=classifier, cav_alpha=cav_alpha,
+                    min_accuracy=min_accuracy, score=score, alpha=alpha, num_tests=num_tests, seed=seed,
+                )
+                results.append(result)
+                all_cavs += cavs
+    return TCAVReport(results=results, alpha=alpha, num_tests=num_tests, cavs=all_cavs)
+
+
+@dataclass
+class RelativeTCAVResult:
+    """TCAV of concept A against concept B (instead of random): > 0.5 means A drives the target more."""
+
+    concept: str
+    other: str
+    layer: str
+    target: str
+    scores: list[float]
+    p_value: float  # one-sample t-test of the scores against 0.5
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.scores))
+
+
+def relative_tcav(model: LoadedModel | nn.Module, *, layer: str, concept: ConceptSet, other: ConceptSet,
+                  examples: ConceptSet, target: Feature | int = 0, runs: int = 10, subsample: float = 0.8,
+                  pooling: str = "mean", classifier: str = "logistic", batch_size: int = 32, seed: int = 0,
+                  preprocessing: Preprocessing | None = None) -> RelativeTCAVResult:
+    """Relative TCAV: ``runs`` CAVs of ``concept`` vs ``other`` on seeded subsamples of both sets."""
+    from scipy import stats
+
+    _check_distinct([concept], [other])
+    net, preprocessing = _unwrap(model, preprocessing)
+    a = concept_activations(net, concept, layer, pooling=pooling, batch_size=batch_size, preprocessing=preprocessing)
+    b = concept_activations(net, other, layer, pooling=pooling, batch_size=batch_size, preprocessing=preprocessing)
+    rng = np.random.default_rng(seed)
+    cavs = []
+    for run in range(runs):
+        pick_a = rng.choice(len(a), max(2, int(len(a) * subsample)), replace=False)
+        pick_b = rng.choice(len(b), max(2, int(len(b) * subsample)), replace=False)
+        cavs.append(train_cav(a[pick_a], b[pick_b], concept=concept.name, negative=other.name, layer=layer,
+                              pooling=pooling, classifier=classifier, seed=seed + run))
+    feature = _as_feature(target)
+    grads = target_gradients(net, layer, examples, feature, pooling=pooling, batch_size=batch_size,
+                             preprocessing=preprocessing)
+    sign, _ = tcav_scores(directional_derivatives(grads, cavs))
+    p = 1.0 if np.ptp(sign) == 0 and sign[0] == 0.5 else float(stats.ttest_1samp(sign, 0.5).pvalue)
+    if not math.isfinite(p):
+        p = 0.0 if sign[0] != 0.5 else 1.0  # constant scores away from 0.5: unanimous
+    return RelativeTCAVResult(concept.name, other.name, layer, feature.name, sign.tolist(), p)

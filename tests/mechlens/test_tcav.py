@@ -1,0 +1,237 @@
+"""CAVs, TCAV with statistical testing, linear probes, CAV/SAE alignment, the tcav CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mechlens.features import Channel, ClassLogit, parse_feature
+from mechlens.models import LayerNotFoundError, small_cnn
+from mechlens.probes import (
+    CAV,
+    ConceptSet,
+    ConstantActivationsError,
+    LinearProbe,
+    cav_sae_alignment,
+    concept_activations,
+    directional_derivatives,
+    finite_difference_derivative,
+    random_concept_sets,
+    relative_tcav,
+    run_tcav,
+    target_gradients,
+    tcav_test,
+    train_cav,
+)
+
+SET = 30  # examples per concept / random set
+
+
+# ----------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("target", [ClassLogit(2), Channel("stage3", 5)], ids=["class", "channel"])
+@pytest.mark.parametrize("pooling", ["mean", "flatten"])
+def test_directional_derivative_matches_finite_differences(target, pooling):
+    model = small_cnn(num_classes=5, width=8, depth=3, seed=0).double().eval()
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grads = target_gradients(model, "stage2", images, target, pooling=pooling)
+    assert grads.shape[0] == 6 and np.abs(grads).sum() > 0  # a detached hook would give None / zeros
+    v = np.random.default_rng(0).standard_normal(grads.shape[1])
+    v /= np.linalg.norm(v)
+    analytic = directional_derivatives(grads, v[None])[:, 0]
+    numeric = finite_difference_derivative(model, "stage2", images, target, v, pooling=pooling, eps=1e-5)
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-4, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- CAVs
+def test_cav_points_to_the_concept_and_reports_held_out_accuracy(tmp_path):
+    rng = np.random.default_rng(0)
+    direction = rng.standard_normal(16)
+    concept = rng.standard_normal((80, 16)) * 3 + 2.0 * direction
+    negative = rng.standard_normal((50, 16)) * 3
+    for classifier in ("logistic", "linear_svm", "sgd"):
+        cav = train_cav(concept, negative, concept="c", layer="l", classifier=classifier)
+        assert cav.accuracy > 0.8 and not cav.flagged
+        assert np.isclose(np.linalg.norm(cav.vector), 1, atol=1e-5)
+        assert cav.vector @ direction / np.linalg.norm(direction) > 0.5
+        assert cav.n_train + cav.n_test == 100  # balanced: 50 + 50
+    noise = train_cav(rng.standard_normal((40, 16)), rng.standard_normal((40, 16)), min_accuracy=0.8)
+    assert noise.flagged
+    path = cav.save(tmp_path / "cav")
+    again = CAV.load(path)
+    assert np.array_equal(again.vector, cav.vector) and again.accuracy == cav.accuracy
+    feature = parse_feature(f"cav:{path}")
+    act = torch.randn(2, 16, 3, 3)
+    expected = torch.einsum("bchw,c->bhw", act, torch.from_numpy(cav.vector)).mean(dim=(1, 2))
+    assert torch.allclose(feature.value(act), expected, atol=1e-5)
+
+
+def test_bad_cav_input_is_refused():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="at least 2"):
+        train_cav(rng.standard_normal((1, 4)), rng.standard_normal((5, 4)))
+    with pytest.raises(ConstantActivationsError, match="undefined"):
+        train_cav(np.ones((5, 4)), np.ones((5, 4)))
+    same = rng.standard_normal((6, 4))
+    with pytest.raises(ValueError, match="same set"):
+        train_cav(same, same.copy())
+    with pytest.raises(ValueError, match="at least 2"):
+        ConceptSet.from_activations("tiny", np.zeros((1, 4)), layer="l")
+
+
+# ----------------------------------------------------------------------------- validity
+@pytest.fixture(scope="module")
+def ruler_setup(trained_shapes_model):
+    test = trained_shapes_model.test_dataset()
+    square = test.class_names.index("square")
+    not_square = np.flatnonzero(test.labels != square)
+    rng = np.random.default_rng(0)
+    concept_ids = rng.choice(not_square, SET, replace=False)
+    pool = np.setdiff1d(not_square, concept_ids)
+    clean = test.with_artefact(False)
+    return {
+        "model": trained_shapes_model.loaded,
+        "square": square,
+        "ruler": ConceptSet.from_dataset("ruler", test.with_artefact(True), concept_ids),
+        "clean": clean,
+        "pool": pool,
+        "examples": ConceptSet.from_dataset("squares", clean, np.flatnonzero(test.labels == square)[:40]),
+    }
+
+
+def test_planted_concept_is_significant_and_a_random_concept_is_not(ruler_setup, tmp_path):
+    s = ruler_setup
+    sets = random_concept_sets(s["clean"], 21, SET, seed=1, exclude=np.setdiff1d(np.arange(len(s["clean"])), s["pool"]))
+    random_concept, randoms = sets[0], sets[1:]
+    random_concept.name = "random-images"
+    report = run_tcav(s["model"], layers=["stage2", "stage3"], concepts=[s["ruler"], random_concept],
+                      random_sets=randoms, examples=s["examples"], targets=[s["square"]], alpha=0.01)
+    assert report.num_tests == 4
+    for layer in ("stage2", "stage3"):
+        ruler = report.get("ruler", layer)
+        assert ruler.p_adjusted < 0.01 and ruler.significant, ruler.row()
+        assert ruler.mean > ruler.random_mean and min(ruler.cav_accuracies) > 0.9
+        noise = report.get("random-images", layer)
+        assert not noise.significant and noise.p_adjusted > 0.05, noise.row()
+        assert noise.flagged_cavs >= 5  # random vs random CAVs are no better than chance
+    report.to_csv(tmp_path / "t.csv")
+    report.to_json(tmp_path / "t.json")
+    report.plot(tmp_path / "t.png")
+    header = (tmp_path / "t.csv").read_text().splitlines()[0]
+    assert "p_adjusted" in header and "tcav_mean" in header
+    assert json.loads((tmp_path / "t.json").read_text())["correction"] == "bonferroni"
+    assert (tmp_path / "t.png").stat().st_size > 5000
+
+
+def test_random_vs_random_false_positive_rate_is_near_nominal(ruler_setup):
+    s = ruler_setup
+    pool_set = ConceptSet.from_dataset("pool", s["clean"], s["pool"])
+    acts = concept_activations(s["model"], pool_set, "stage3")
+    grads = target_gradients(s["model"], "stage3", s["examples"], s["square"])
+    rng = np.random.default_rng(123)
+    runs, hits = 40, 0
+    for run in range(runs):
+        picks = rng.permutation(len(acts))[: 11 * 20].reshape(11, 20)
+        concept, *randoms = [(f"r{i}", acts[p]) for i, p in enumerate(picks)]
+        result, _ = tcav_test(grads, concept, randoms, seed=run)
+        hits += result.p_value < 0.05
+    rate = hits / runs
+    # nominal 0.05; the binomial 99% upper bound for 40 runs at 0.05 is ~0.175
+    assert rate <= 0.175, f"false-positive rate {rate:.3f} over {runs} random-vs-random runs"
+
+
+def test_relative_tcav_prefers_the_planted_concept(ruler_setup):
+    s = ruler_setup
+    other = ConceptSet.from_dataset("plain", s["clean"], s["pool"][:SET])
+    result = relative_tcav(s["model"], layer="stage3", concept=s["ruler"], other=other, examples=s["examples"],
+                           target=s["square"], runs=6)
+    assert result.mean > 0.8 and result.p_value < 0.01
+
+
+def test_tcav_bad_input(ruler_setup):
+    s = ruler_setup
+    randoms = random_concept_sets(s["clean"], 3, 5, seed=0)
+    with pytest.raises(ValueError, match="same set of examples"):
+        run_tcav(s["model"], layers="stage3", concepts=[randoms[1]], random_sets=randoms, examples=s["examples"])
+    with pytest.raises(ValueError, match="baseline must be"):
+        run_tcav(s["model"], layers="stage3", concepts=[s["ruler"]], random_sets=randoms, examples=s["examples"],
+                 baseline="other")
+    with pytest.raises(LayerNotFoundError, match="stage3"):
+        run_tcav(s["model"], layers="stage33", concepts=[s["ruler"]], random_sets=randoms, examples=s["examples"])
+    with pytest.raises(IndexError, match="class index 9 is out of range"):
+        run_tcav(s["model"], layers="stage3", concepts=[s["ruler"]], random_sets=randoms, examples=s["examples"],
+                 targets=[9])
+    with pytest.raises(ValueError, match="at least 3 random sets"):
+        run_tcav(s["model"], layers="stage3", concepts=[s["ruler"]], random_sets=randoms[:2], examples=s["examples"])
+    with pytest.raises(ValueError, match="at least 2"):
+        ConceptSet.from_dataset("one", s["clean"], [0])
+
+
+# ----------------------------------------------------------------------------- probes
+def test_linear_probe_follows_estimator_conventions_and_folds_scaling():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 8)) * np.array([1, 10, 100, 1, 1, 1, 1, 1]) + 5
+    y = (X[:, 0] + X[:, 1] / 10 > 5.5).astype(int)
+    probe = LinearProbe(C=10.0)
+    assert probe.fit(X, y) is probe and probe.score(X, y) > 0.95
+    np.testing.assert_allclose(probe.decision_function(X), X @ probe.coef_[0] + probe.intercept_[0], rtol=1e-6, atol=1e-6)
+    assert probe.get_params()["C"] == 10.0
+    streaming = LinearProbe(solver="sgd")
+    for batch in np.array_split(np.arange(300), 6):
+        streaming.partial_fit(X[batch], y[batch], classes=[0, 1])
+    assert streaming.score(X, y) > 0.85
+    with pytest.raises(ValueError, match="2 distinct labels"):
+        LinearProbe().fit(X, np.zeros(300))
+
+
+def test_probe_on_a_captured_store_and_cav_alignment(tmp_path, trained_shapes_model):
+    from activation_store import ActivationStore
+    from mechlens.capture import capture_to_store
+    from mechlens.probes import probe_store
+
+    data = trained_shapes_model.test_dataset().with_artefact(False)
+    capture_to_store(trained_shapes_model.loaded, data, tmp_path / "s", layers="stage3", spatial="mean",
+                     max_images=400, num_workers=0, progress=False, dtype="float32")
+    probe, accuracy = probe_store(ActivationStore(tmp_path / "s")["stage3"])
+    assert accuracy > 0.9 and list(probe.classes_) == [0, 1, 2, 3, 4]
+
+    rng = np.random.default_rng(0)
+    decoder = rng.standard_normal((50, 64))
+    cav = CAV("c", "r", "stage3", vector=(decoder[17] / np.linalg.norm(decoder[17])).astype(np.float32),
+              intercept=0.0, accuracy=1.0)
+    alignment = cav_sae_alignment(cav, torch.from_numpy(decoder), top_k=3)
+    assert alignment.latents[0] == 17 and np.isclose(alignment.cosines[0], 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match="does not match"):
+        cav_sae_alignment(cav, decoder[:, :10])
+
+
+def test_tcav_cli_writes_table_plot_and_cavs(tmp_path, ruler_setup, trained_shapes_model):
+    from PIL import Image
+
+    from mechlens.cli import main
+
+    s = ruler_setup
+
+    def dump(folder, dataset, ids):
+        folder.mkdir(parents=True)
+        for i in ids:
+            array = (dataset[int(i)][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(array).save(folder / f"{int(i)}.png")
+
+    test = trained_shapes_model.test_dataset()
+    dump(tmp_path / "ruler", test.with_artefact(True), s["ruler"].dataset.indices)
+    dump(tmp_path / "random", s["clean"], s["pool"][:120])
+    dump(tmp_path / "examples", s["clean"], s["examples"].dataset.indices[:20])
+    code = main(["tcav", "--model", str(trained_shapes_model.checkpoint), "--layer", "stage3",
+                 "--concept", f"ruler={tmp_path / 'ruler'}", "--random", str(tmp_path / "random"),
+                 "--examples", str(tmp_path / "examples"), "--target", f"class:{s['square']}",
+                 "--num-random", "5", "--set-size", "20", "--out", str(tmp_path / "out")])
+    assert code == 0
+    results = json.loads((tmp_path / "out" / "tcav.json").read_text())["results"]
+    assert results[0]["concept"] == "ruler" and results[0]["significant"]
+    assert len(list((tmp_path / "out" / "cavs").glob("*.safetensors"))) == 5
+    assert (tmp_path / "out" / "tcav.png").exists()
+    assert main(["tcav", "--model", str(trained_shapes_model.checkpoint), "--layer", "stage3",
+                 "--concept", f"same={tmp_path / 'random'}", "--random", str(tmp_path / "random"),
+                 "--examples", str(tmp_path / "examples"), "--out", str(tmp_path / "o2")]) == 2
