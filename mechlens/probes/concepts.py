@@ -110,6 +110,29 @@ class ConceptSet:
                    _ids=("dataset", id(dataset), tuple(subset.indices)))
 
     @classmethod
+    def from_store(cls, name: str, view: Any, sample_ids: Sequence[int]) -> "ConceptSet":
+        """Examples already captured in a store: the rows of ``view`` (``store[layer]``) whose sample
+        id is in ``sample_ids``, one vector per image (per-position rows are mean-pooled per image)."""
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        meta = dict(getattr(view.spec, "meta", {}) or {})
+        spatial = meta.get("spatial", "all")
+        index = view.read_index()
+        keep = np.isin(index.sample_id, ids)
+        if not keep.any():
+            raise ValueError(f"none of the {len(ids)} sample ids are in layer {view.name!r} of the store")
+        rows = view.read_rows(np.flatnonzero(keep)).astype(np.float32)
+        owners = index.sample_id[keep]
+        unique, inverse = np.unique(owners, return_inverse=True)
+        if spatial in ("mean", "max", "cls"):
+            pooled, pooling = rows, spatial
+        else:  # per-position rows: average the rows of each image (a mean-pooled activation)
+            sums = np.zeros((len(unique), rows.shape[1]), np.float64)
+            np.add.at(sums, inverse, rows)
+            pooled = (sums / np.bincount(inverse)[:, None]).astype(np.float32)
+            pooling = "mean"  # for spatial="random" the mean of k sampled positions estimates it
+        return cls.from_activations(name, pooled, layer=view.name, pooling=pooling, source=f"store rows of {len(unique)} images")
+
+    @classmethod
     def from_activations(cls, name: str, activations: np.ndarray, *, layer: str, pooling: str = "mean",
                          source: str = "activations") -> "ConceptSet":
         """Rows already captured at ``layer`` (``[N, d]``, pooled as ``pooling``), e.g. read from

@@ -235,3 +235,17 @@ def test_tcav_cli_writes_table_plot_and_cavs(tmp_path, ruler_setup, trained_shap
     assert main(["tcav", "--model", str(trained_shapes_model.checkpoint), "--layer", "stage3",
                  "--concept", f"same={tmp_path / 'random'}", "--random", str(tmp_path / "random"),
                  "--examples", str(tmp_path / "examples"), "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_concept_set_from_store_rows_matches_on_the_fly_activations(tmp_path, ruler_setup):
+    from activation_store import ActivationStore
+    from mechlens.capture import capture_to_store
+
+    s = ruler_setup
+    capture_to_store(s["model"], s["clean"], tmp_path / "s", layers="stage3", max_images=60, num_workers=0,
+                     progress=False, dtype="float32")
+    ids = np.arange(10, 40)
+    stored = ConceptSet.from_store("stored", ActivationStore(tmp_path / "s")["stage3"], ids)
+    live = concept_activations(s["model"], ConceptSet.from_dataset("live", s["clean"], ids), "stage3")
+    assert stored.pooling == "mean" and stored.layer == "stage3"
+    np.testing.assert_allclose(stored.activations, live, rtol=1e-4, atol=1e-4)
