@@ -422,6 +422,7 @@ def capture_to_store(
         raise TypeError(f"model must be an nn.Module or a LoadedModel, got {type(model).__name__}")
     if preprocessing is None and loaded is not None:
         preprocessing = loaded.preprocessing
+    dataset_spec = data if isinstance(data, str) else None
     if isinstance(data, str):
         size = preprocessing.image_size[0] if preprocessing is not None else None
         data = build_dataset(data, image_size=size)
@@ -509,7 +510,8 @@ def capture_to_store(
                 specs[name] = LayerSpec(dim=int(rows.shape[-1]), dtype=dtype, meta=meta)
             provenance = {
                 "capture": {
-                    "dataset": repr(data)[:500], "num_images": total, "world_size": dist.world_size,
+                    "dataset": repr(data)[:500], "dataset_spec": dataset_spec, "num_images": total,
+                    "world_size": dist.world_size,
                     "preprocessing": preprocessing.to_dict() if preprocessing is not None else None,
                     "normalize": normalize, "autocast": autocast, "batch_size": batch_size,
                 },

@@ -15,6 +15,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mechlens.cli.layers",
     "mechlens.cli.capture",
     "mechlens.cli.tcav",
+    "mechlens.cli.atlas",
 )
 
 

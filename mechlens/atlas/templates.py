@@ -1,0 +1,109 @@
+"""Jinja2 templates of the atlas (autoescaped: labels and concept names are user text)."""
+from __future__ import annotations
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d1d1f;background:#fafafa}
+header{background:#20232a;color:#fff;padding:14px 24px}header a{color:#9cdcfe}
+main{padding:16px 24px;max-width:1400px}
+table{border-collapse:collapse;width:100%;font-size:13px;background:#fff}
+th,td{border-bottom:1px solid #e3e3e3;padding:4px 8px;text-align:left;vertical-align:middle}
+th{cursor:pointer;user-select:none;background:#f0f0f0;position:sticky;top:0}
+th.sorted-asc::after{content:" \\25B2"}th.sorted-desc::after{content:" \\25BC"}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+img.thumb{height:40px;image-rendering:pixelated}
+.cards{display:flex;flex-wrap:wrap;gap:18px}.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px}
+.card h3{margin:0 0 6px 0;font-size:14px}
+.bar{fill:#4a7bd0}.hist text{font-size:9px;fill:#555}
+input#filter{font-size:14px;padding:4px 8px;width:320px;margin:8px 0}
+.meta td{border:none;padding:2px 10px 2px 0}
+svg.map circle{fill:#4a7bd0;fill-opacity:.7}svg.map a:hover circle{fill:#e0552f;fill-opacity:1}
+.pill{display:inline-block;background:#eef;border-radius:10px;padding:1px 8px;margin:1px;font-size:12px}
+.up{color:#19733a}.down{color:#a12a2a}
+"""
+
+SORT_JS = """
+(function(){
+  var table=document.getElementById('features');
+  var body=table.tBodies[0];
+  var rows=Array.prototype.slice.call(body.rows);
+  var state={col:-1,dir:1};
+  function key(row,col){var c=row.cells[col];var v=c.getAttribute('data-value');
+    if(v===null){v=c.textContent.trim();}var n=parseFloat(v);return isNaN(n)?v.toLowerCase():n;}
+  Array.prototype.forEach.call(table.tHead.rows[0].cells,function(th,col){
+    th.addEventListener('click',function(){
+      state.dir=(state.col===col)?-state.dir:(th.getAttribute('data-type')==='num'?-1:1);state.col=col;
+      rows.sort(function(a,b){var x=key(a,col),y=key(b,col);return x<y?-state.dir:x>y?state.dir:0;});
+      rows.forEach(function(r){body.appendChild(r);});
+      Array.prototype.forEach.call(table.tHead.rows[0].cells,function(h){h.classList.remove('sorted-asc','sorted-desc');});
+      th.classList.add(state.dir>0?'sorted-asc':'sorted-desc');
+    });
+  });
+  var filter=document.getElementById('filter');
+  filter.addEventListener('input',function(){var q=filter.value.toLowerCase();var shown=0;
+    rows.forEach(function(r){var hit=r.textContent.toLowerCase().indexOf(q)>=0;r.style.display=hit?'':'none';if(hit)shown++;});
+    document.getElementById('shown').textContent=shown;});
+})();
+"""
+
+INDEX = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
+<link rel="stylesheet" href="static/atlas.css"></head>
+<body><header><h1 style="margin:0;font-size:20px">{{ title }}</h1>
+<div>{{ subtitle }}</div></header>
+<main>
+<table class="meta">{% for k, v in summary %}<tr><td><b>{{ k }}</b></td><td>{{ v }}</td></tr>{% endfor %}</table>
+<h2>Overview map</h2>
+<p>Features laid out by {{ map_method }} of their decoder directions; click a point to open the feature.</p>
+{{ map_svg | safe }}
+<h2>Features (<span id="shown">{{ features | length }}</span> shown)</h2>
+<input id="filter" type="search" placeholder="filter: class, concept, id ...">
+<table id="features"><thead><tr>
+<th data-type="num">feature</th><th>exemplars</th><th data-type="num">frequency</th><th data-type="num">mean (active)</th>
+<th data-type="num">max</th><th>top classes</th><th>pushes up</th><th>best concept</th><th data-type="num">concept cos</th>
+</tr></thead><tbody>
+{% for f in features %}<tr id="f{{ f.id }}">
+<td class="num" data-value="{{ f.id }}"><a href="features/{{ f.id }}.html">#{{ f.id }}</a></td>
+<td><a href="features/{{ f.id }}.html"><img class="thumb" loading="lazy" src="img/{{ f.id }}-exemplars.png" alt="exemplars of feature {{ f.id }}"></a></td>
+<td class="num" data-value="{{ f.frequency }}">{{ '%.4f' % f.frequency }}</td>
+<td class="num" data-value="{{ f.mean_active }}">{{ '%.3g' % f.mean_active }}</td>
+<td class="num" data-value="{{ f.max }}">{{ '%.3g' % f.max }}</td>
+<td>{% for c in f.top_classes %}<span class="pill">{{ c.name }} {{ '%.0f' % (100 * c.share) }}%</span>{% endfor %}</td>
+<td>{% for c in f.logit_up %}<span class="pill up">{{ c.name }}</span>{% endfor %}</td>
+<td>{{ f.concept or '' }}</td>
+<td class="num" data-value="{{ f.concept_cos if f.concept_cos is not none else -2 }}">{{ '%.2f' % f.concept_cos if f.concept_cos is not none else '' }}</td>
+</tr>{% endfor %}
+</tbody></table>
+</main>
+<script src="static/atlas.js"></script>
+</body></html>
+"""
+
+FEATURE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Feature {{ f.id }} - {{ title }}</title>
+<link rel="stylesheet" href="../static/atlas.css"></head>
+<body><header><a href="../index.html">&larr; atlas</a>
+{% if prev_id is not none %} &middot; <a href="{{ prev_id }}.html">&larr; #{{ prev_id }}</a>{% endif %}
+{% if next_id is not none %} &middot; <a href="{{ next_id }}.html">#{{ next_id }} &rarr;</a>{% endif %}
+<h1 style="margin:4px 0 0 0;font-size:20px">Feature #{{ f.id }} <small>({{ layer }})</small></h1></header>
+<main>
+<table class="meta">
+<tr><td><b>firing frequency</b></td><td>{{ '%.5f' % f.frequency }} of {{ rows }} rows</td></tr>
+<tr><td><b>mean activation</b></td><td>{{ '%.4g' % f.mean }} (when active {{ '%.4g' % f.mean_active }})</td></tr>
+<tr><td><b>max activation</b></td><td>{{ '%.4g' % f.max }}</td></tr>
+<tr><td><b>top classes of exemplars</b></td><td>{% for c in f.top_classes %}<span class="pill">{{ c.name }} {{ '%.0f' % (100 * c.share) }}%</span>{% endfor %}</td></tr>
+<tr><td><b>pushes up (logit effect)</b></td><td>{% for c in f.logit_up %}<span class="pill up">{{ c.name }} {{ '%+.3g' % c.effect }}</span>{% endfor %}</td></tr>
+<tr><td><b>pushes down</b></td><td>{% for c in f.logit_down %}<span class="pill down">{{ c.name }} {{ '%+.3g' % c.effect }}</span>{% endfor %}</td></tr>
+<tr><td><b>concept alignment</b></td><td>{% for c in f.concepts %}<span class="pill">{{ c.name }} cos {{ '%.2f' % c.cos }}</span>{% else %}no CAVs given{% endfor %}</td></tr>
+</table>
+<div class="cards">
+{% if f.has_vis %}<div class="card"><h3>Feature visualization</h3><img src="../img/{{ f.id }}-vis.png" width="192" alt="visualization of feature {{ f.id }}"></div>{% endif %}
+<div class="card"><h3>Activation histogram (active rows)</h3>{{ f.histogram_svg | safe }}</div>
+</div>
+<h2>Top {{ f.exemplars | length }} exemplars</h2>
+<p>Each image with the feature's activation map over it (red) and the strongest position boxed.</p>
+<div class="cards">{% for e in f.exemplars %}<div class="card"><img src="../img/{{ f.id }}-ex{{ loop.index0 }}.png" width="160" alt="exemplar {{ loop.index }}">
+<div>sample {{ e.sample }} &middot; {{ e.label_name }} &middot; value {{ '%.3g' % e.value }}</div></div>{% endfor %}</div>
+{% if f.attributions %}<h2>Attribution</h2><div class="cards">{% for a in f.attributions %}<div class="card"><h3>{{ a.method }}</h3>
+<img src="../img/{{ a.file }}" width="160" alt="{{ a.method }} for feature {{ f.id }}"></div>{% endfor %}</div>{% endif %}
+</main></body></html>
+"""
