@@ -16,6 +16,8 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mechlens.cli.capture",
     "mechlens.cli.tcav",
     "mechlens.cli.atlas",
+    "mechlens.cli.visualize",
+    "mechlens.cli.dream",
 )
 
 

@@ -1,0 +1,86 @@
+"""``mechlens dream``: DeepDream a photograph with a layer or a feature.
+
+    mechlens dream --model torchvision:resnet18 --image photo.jpg --layer layer3 --octaves 4 --out dream.png
+    mechlens dream --model mechlens:small_cnn --image skimage:astronaut --feature channel:stage3:7 --out d.png
+
+Writes the PNG to OUT and a JSON summary next to it (``OUT`` with ``.json``): the objective on
+the photo before and after, the octave sizes, the number of tiles and the settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TextIO
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``dream`` sub-command."""
+    parser = subparsers.add_parser(
+        "dream",
+        help="DeepDream: amplify a layer or a feature in a photo (octaves, jitter, tiling)",
+        description=(
+            "Gradient ascent on IMAGE (a file, or skimage:NAME for a photo bundled with scikit-image, e.g. "
+            "skimage:astronaut) toward higher energy of LAYER, or toward FEATURE, over several octaves. "
+            "Images larger than the model input are processed in tiles."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="model spec, e.g. torchvision:resnet18, mechlens:small_cnn")
+    parser.add_argument("--weights", metavar="PATH", help="local .safetensors or state-dict file")
+    parser.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs a download or cache)")
+    parser.add_argument("--num-classes", type=int, default=None, help="number of classes of the model head")
+    parser.add_argument("--image", required=True, help="photo file or skimage:NAME")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--layer", help="layer whose energy (mean squared activation) is maximized")
+    target.add_argument("--feature", help="feature spec to maximize instead, e.g. channel:layer3:17")
+    parser.add_argument("--octaves", type=int, default=4, help="number of octaves (default 4)")
+    parser.add_argument("--octave-scale", type=float, default=1.4, help="size ratio between octaves (default 1.4)")
+    parser.add_argument("--steps", type=int, default=10, help="gradient steps per octave (default 10)")
+    parser.add_argument("--step-size", type=float, default=0.01, help="step size on the [0,1] image (default 0.01)")
+    parser.add_argument("--jitter", type=int, default=32, help="largest random roll in pixels (default 32)")
+    parser.add_argument("--tile-size", type=int, default=None,
+                        help="tile side (default: the model's input size; 0 = never tile)")
+    parser.add_argument("--max-side", type=int, default=None, help="shrink the photo so its longer side is at most this")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--out", required=True, help="output PNG file")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Handler of ``mechlens dream``; returns the exit code."""
+    import torch
+
+    from mechlens.featvis import deepdream, load_image
+    from mechlens.models import load_model
+
+    out = out or sys.stdout
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(args.model, pretrained=args.pretrained, weights=args.weights, num_classes=args.num_classes,
+                        device=device)
+    image = load_image(args.image, max_side=args.max_side)
+    tile_size = "auto" if args.tile_size is None else (None if args.tile_size == 0 else args.tile_size)
+    result = deepdream(
+        loaded, image, args.layer if args.layer else args.feature, octaves=args.octaves,
+        octave_scale=args.octave_scale, steps=args.steps, step_size=args.step_size, jitter=args.jitter,
+        tile_size=tile_size, seed=args.seed,
+    )
+    path = Path(args.out)
+    if not path.suffix:
+        path = path.with_suffix(".png")
+    result.save(path)
+    summary = {"model": args.model, "image": args.image, "objective": args.layer or args.feature, "out": str(path),
+               **result.to_dict()}
+    json_path = path.with_suffix(".json")
+    json_path.write_text(json.dumps(summary, indent=2))
+    if args.json:
+        print(json.dumps(summary), file=out)
+    else:
+        before, after = float(result.objective_before[0]), float(result.objective_after[0])
+        print(f"{summary['objective']}: {before:.4g} -> {after:.4g} over {len(result.octave_sizes)} octaves "
+              f"({result.tiles} tile(s) at full size) in {result.seconds:.1f}s -> {path}", file=out)
+    return 0

@@ -1,0 +1,111 @@
+"""``mechlens visualize``: render what features want to see (one image per feature, in batches).
+
+    mechlens visualize --model torchvision:resnet18 --feature channel:layer3:17 channel:layer3:18 \\
+        --size 128 --steps 256 --out runs/vis
+
+Writes ``OUT/NNN_<feature>.png`` per feature and ``OUT/featvis.json`` (per feature: the final
+activation of its target, the loss curve; and the settings).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TextIO
+
+__all__ = ["register", "run"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``visualize`` sub-command."""
+    parser = subparsers.add_parser(
+        "visualize",
+        help="feature visualization: images that maximize features (channel, neuron, SAE latent, class ...)",
+        description=(
+            "Optimize one image per FEATURE (channel:LAYER:C, neuron:LAYER:C:Y,X, class:K, sae:PATH:I, "
+            "cav:PATH, layer:LAYER) and write them as PNG files plus featvis.json to OUT. Features are "
+            "rendered together, --batch-size at a time."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="model spec, e.g. torchvision:resnet18, timm:resnet50, mechlens:small_cnn")
+    parser.add_argument("--weights", metavar="PATH", help="local .safetensors or state-dict file")
+    parser.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs a download or cache)")
+    parser.add_argument("--num-classes", type=int, default=None, help="number of classes of the model head")
+    parser.add_argument("--feature", nargs="+", required=True, metavar="SPEC", help="feature specs, one image each")
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    parser.add_argument("--steps", type=int, default=256, help="optimization steps (default 256)")
+    parser.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default 0.05)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--param", choices=("fft", "pixel"), default="fft", help="image parameterization (default fft)")
+    parser.add_argument("--no-decorrelate", action="store_true", help="optimize plain RGB instead of decorrelated colour")
+    parser.add_argument("--transforms", choices=("standard", "none"), default="standard",
+                        help="transformation robustness: Lucent's standard list or none")
+    parser.add_argument("--tv", type=float, default=0.0, help="total-variation penalty weight (default off)")
+    parser.add_argument("--l2", type=float, default=0.0, help="L2 penalty weight (default off)")
+    parser.add_argument("--blur", type=float, default=0.0, help="blur penalty weight (default off)")
+    parser.add_argument("--batch-size", type=int, default=64, help="features rendered per optimization (default 64)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.set_defaults(handler=run)
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name:
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Handler of ``mechlens visualize``; returns the exit code."""
+    from mechlens.features import parse_feature
+    from mechlens.featvis import Objective, Regularizers, render, save_png
+    from mechlens.featvis.render import image_filename
+    from mechlens.models import load_model
+
+    out = out or sys.stdout
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
+    features = [parse_feature(spec) for spec in args.feature]
+    loaded = load_model(args.model, pretrained=args.pretrained, weights=args.weights, num_classes=args.num_classes,
+                        device=_device(args.device))
+    directory = Path(args.out)
+    directory.mkdir(parents=True, exist_ok=True)
+    regularizers = Regularizers(tv=args.tv, l2=args.l2, blur=args.blur)
+    entries = []
+    settings = None
+    for start in range(0, len(features), args.batch_size):
+        chunk = features[start:start + args.batch_size]
+        result = render(
+            loaded, Objective.per_image(chunk), size=args.size, steps=args.steps, lr=args.lr, seed=args.seed + start,
+            param=args.param, decorrelate=not args.no_decorrelate, transforms=args.transforms,
+            regularizers=regularizers,
+        )
+        summary = result.to_dict()
+        settings = summary["settings"]
+        for i, feature in enumerate(chunk):
+            index = start + i
+            path = save_png(result.images[i], directory / image_filename(index, feature.name))
+            entries.append({
+                "feature": feature.name, "spec": args.feature[index], "png": path.name,
+                "activation": float(result.target_values[i]), "objective": float(result.objective[i]),
+                "loss_curve": {"steps": summary["loss_curve"]["steps"], "loss": summary["loss_curve"]["loss"][i]},
+                "seconds": round(result.seconds, 3),
+            })
+    report = {
+        "model": args.model, "weights": args.weights, "pretrained": args.pretrained, "size": args.size,
+        "steps": args.steps, "seed": args.seed, "features": entries, "settings": settings,
+    }
+    json_path = directory / "featvis.json"
+    json_path.write_text(json.dumps(report, indent=2))
+    if args.json:
+        print(json.dumps({"out": str(directory), "json": str(json_path),
+                          "features": [{k: e[k] for k in ("feature", "png", "activation")} for e in entries]}), file=out)
+    else:
+        for e in entries:
+            print(f"{e['feature']}: activation {e['activation']:.4g} -> {directory / e['png']}", file=out)
+        print(f"wrote {len(entries)} images and {json_path}", file=out)
+    return 0
