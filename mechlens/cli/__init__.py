@@ -13,6 +13,7 @@ from typing import Sequence
 _COMMAND_MODULES: tuple[str, ...] = (
     "mechlens.cli.store",
     "mechlens.cli.layers",
+    "mechlens.cli.attribute",
     "mechlens.cli.capture",
     "mechlens.cli.tcav",
     "mechlens.cli.atlas",

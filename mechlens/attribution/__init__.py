@@ -1,0 +1,70 @@
+"""Attribution methods as probes into features.
+
+Every method explains a *feature* (see :mod:`mechlens.features`): a class logit, a channel, a
+CAV direction, an SAE latent. One convention for all of them::
+
+    from mechlens.attribution import attribute, list_methods
+    result = attribute(model, images, target="class:1", method="integrated_gradients", n_steps=64)
+    result.map                      # [B, C, H, W] like the input ([B, h, w] for CAMs / attention)
+    result.completeness_error       # IG reports it on every call
+    result.heatmap()                # [B, H, W] at input resolution, for plots and metrics
+
+``target`` may be a Feature, a spec string (``"channel:stage3:5"``), an int class, a per-sample
+tensor of classes, or None (the predicted class). See ``docs/attribution.md`` for the methods,
+their conventions and which of them fail the model-parameter randomization check.
+"""
+from mechlens.attribution.base import (
+    Attribution,
+    MethodInfo,
+    Target,
+    attribute,
+    eval_mode,
+    get_method,
+    input_gradients,
+    list_methods,
+    register_method,
+    resolve_target,
+)
+from mechlens.attribution.baselines import BASELINES, dataset_mean, gaussian_blur, make_baseline
+from mechlens.attribution.cam import (
+    gradcam,
+    gradcam_plusplus,
+    guided_gradcam,
+    layer_activations_and_gradients,
+    layercam,
+    scorecam,
+    suggest_cam_layer,
+    to_grid,
+    vit_cam_layer,
+)
+from mechlens.attribution.gradients import (
+    gradient_shap,
+    guided_backprop,
+    guided_relus,
+    input_x_gradient,
+    integrated_gradients,
+    saliency,
+)
+from mechlens.attribution.perturbation import kernel_shap, lime, occlusion, slic_segments, weighted_ridge
+from mechlens.attribution.smooth import noise_tunnel, smoothgrad, smoothgrad_sq, vargrad
+from mechlens.attribution.vit import (
+    AttentionMaps,
+    attention,
+    attention_maps,
+    attention_modules,
+    attention_rollout,
+    rollout,
+    unfused_attention,
+)
+
+__all__ = [
+    "AttentionMaps", "Attribution", "BASELINES", "MethodInfo", "Target",
+    "attention", "attention_maps", "attention_modules", "attention_rollout", "attribute",
+    "dataset_mean", "eval_mode", "gaussian_blur", "get_method", "gradcam", "gradcam_plusplus",
+    "gradient_shap", "guided_backprop", "guided_gradcam", "guided_relus", "input_gradients",
+    "input_x_gradient", "integrated_gradients", "kernel_shap", "layer_activations_and_gradients",
+    "layercam", "lime", "list_methods", "make_baseline", "noise_tunnel", "occlusion",
+    "register_method", "resolve_target", "rollout", "saliency", "scorecam", "slic_segments",
+    "smoothgrad", "smoothgrad_sq", "suggest_cam_layer", "to_grid", "unfused_attention",
+    "vargrad", "vit_cam_layer", "weighted_ridge",
+]

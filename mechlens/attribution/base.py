@@ -1,0 +1,494 @@
+"""The shared core of every attribution method: targets, the result type, the registry.
+
+* **Targets are features.** ``target`` may be any :class:`~mechlens.features.Feature` (a class
+  logit, a channel, a CAV direction, an SAE latent), a feature spec string (``"class:3"``,
+  ``"channel:stage3:5"``), an ``int`` (shorthand for ``ClassLogit``), a per-sample sequence /
+  tensor of class indices, a per-sample sequence of features, or ``None`` (the predicted class
+  of each sample). :func:`resolve_target` turns all of these into one :class:`Target`: distinct
+  features plus, per sample, which of them to explain. Every method reads feature values through
+  :func:`mechlens.features.feature_forward`, so "explain class 3" and "explain SAE latent 123"
+  run the same code.
+* **Batch-first results.** A method returns an :class:`Attribution` whose ``map`` is shaped like
+  the input (``kind="input"``: ``[B, C, H, W]``) or like the layer it explains (``kind="layer"``:
+  ``[B, h, w]``, CAMs and ViT attention); :meth:`Attribution.heatmap` gives ``[B, H, W]`` at input
+  resolution for plots and metrics.
+* **Registry.** ``get_method("gradcam")``, ``list_methods("grad*")`` and one call,
+  :func:`attribute`, for every method (timm-style).
+* **House rules.** The model runs in eval mode during a method and every module's ``training``
+  flag is restored afterwards; hooks are removed in ``finally``; randomness only through seeds /
+  ``torch.Generator``.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mechlens.features import ClassLogit, Feature, FeatureForward, feature_forward, parse_feature
+
+__all__ = [
+    "Attribution",
+    "MethodInfo",
+    "Target",
+    "attribute",
+    "eval_mode",
+    "get_method",
+    "input_gradients",
+    "list_methods",
+    "register_method",
+    "resolve_target",
+    "unwrap_model",
+]
+
+
+# ---------------------------------------------------------------------------- model helpers
+def unwrap_model(model: Any) -> nn.Module:
+    """``model`` itself, or the ``.model`` of a :class:`~mechlens.models.LoadedModel`."""
+    if isinstance(model, nn.Module):
+        return model
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module):
+        return inner
+    raise TypeError(f"attribution needs an nn.Module (or a LoadedModel), got {type(model).__name__}")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every module in eval mode (so samples of a batch are independent: BatchNorm uses its
+    running statistics, dropout is off) and restore each module's own flag afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def chunk_ranges(total: int, size: int | None) -> Iterator[tuple[int, int]]:
+    """``[start, stop)`` ranges covering ``range(total)`` in pieces of ``size`` (all at once when
+    ``size`` is None)."""
+    if size is not None and size < 1:
+        raise ValueError(f"internal_batch_size must be a positive integer, got {size}")
+    step = total if size is None else size
+    step = max(step, 1)
+    for start in range(0, total, step):
+        yield start, min(start + step, total)
+
+
+# ---------------------------------------------------------------------------- targets
+@dataclass(frozen=True)
+class Target:
+    """Resolved target: distinct ``features`` and, per sample, ``index[b]`` of the feature that
+    sample ``b`` is explained for. Expanded batches (IG steps, noise samples, masks) carry the
+    original sample of each row and pick the same feature."""
+
+    features: tuple[Feature, ...]
+    index: torch.Tensor  # [B] long (CPU)
+
+    def __post_init__(self) -> None:
+        if not self.features:
+            raise ValueError("a target needs at least one feature")
+        if self.index.dim() != 1:
+            raise ValueError(f"target index must be 1-d [B], got shape {tuple(self.index.shape)}")
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.index.shape[0])
+
+    @property
+    def names(self) -> list[str]:
+        """Per-sample feature names."""
+        return [self.features[int(i)].name for i in self.index]
+
+    @property
+    def layers(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for feature in self.features:
+            seen.setdefault(feature.layer, None)
+        return list(seen)
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> "Target":
+        """The target of a batch whose row ``r`` is original sample ``rows[r]``."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return Target(self.features, self.index[rows])
+
+    def repeat(self, times: int) -> "Target":
+        """The target of ``inputs.repeat(times, 1, 1, 1)`` (sample-major blocks of the batch)."""
+        return Target(self.features, self.index.repeat(times))
+
+    def pick(self, values: torch.Tensor) -> torch.Tensor:
+        """From ``[N, F]`` feature values (one row per sample of this target) the ``[N]`` values
+        each sample is explained for."""
+        if values.shape[0] != self.batch_size:
+            raise ValueError(f"got values for {values.shape[0]} rows but the target has {self.batch_size}")
+        index = self.index.to(values.device).unsqueeze(1)
+        return values.gather(1, index).squeeze(1)
+
+    def forward(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        *,
+        grads: bool = True,
+        keep_layers: Sequence[str] = (),
+    ) -> tuple[torch.Tensor, FeatureForward]:
+        """Run the model on ``inputs`` (one row per sample of this target); returns the ``[N]``
+        explained values and the :class:`FeatureForward`."""
+        fwd = feature_forward(model, list(self.features), inputs, grads=grads, keep_layers=keep_layers)
+        return self.pick(fwd.values), fwd
+
+
+def _as_feature(item: Any) -> Feature:
+    if isinstance(item, str):
+        return parse_feature(item)
+    if isinstance(item, bool):
+        raise TypeError("a target cannot be a bool")
+    if isinstance(item, int):
+        return ClassLogit(int(item))
+    if isinstance(item, Feature):
+        return item
+    raise TypeError(
+        f"cannot use {type(item).__name__} {item!r} as a target: expected a Feature, a feature spec "
+        "string such as 'class:3' or 'channel:stage3:5', or a class index"
+    )
+
+
+def resolve_target(model: nn.Module, inputs: torch.Tensor, target: Any = None) -> Target:
+    """Turn any accepted ``target`` (see the module docstring) into a :class:`Target` for the
+    ``B = inputs.shape[0]`` samples. ``None`` runs the model once to take each sample's argmax
+    class."""
+    batch = int(inputs.shape[0])
+    if isinstance(target, Target):
+        if target.batch_size != batch:
+            raise ValueError(f"the target is for {target.batch_size} samples but inputs has {batch}")
+        return target
+    if target is None:
+        model = unwrap_model(model)
+        with torch.no_grad(), eval_mode(model):
+            output = model(inputs)
+        if not isinstance(output, torch.Tensor) or output.dim() != 2:
+            raise ValueError(
+                "target=None means 'the predicted class', which needs model(x) to return [B, classes] "
+                "logits; pass a Feature (e.g. Channel(layer, i)) instead"
+            )
+        target = output.argmax(dim=1)
+    if isinstance(target, torch.Tensor):
+        if target.dim() == 0:
+            target = int(target.item())
+        else:
+            if target.is_floating_point() or target.dim() != 1:
+                raise ValueError(f"a tensor target must hold one class index per sample [B], got {tuple(target.shape)} {target.dtype}")
+            target = [int(v) for v in target.tolist()]
+    if isinstance(target, (list, tuple)):
+        if len(target) != batch:
+            raise ValueError(
+                f"a per-sample target needs one entry per sample: got {len(target)} for a batch of {batch} "
+                "(pass a single feature or class index to explain the same one for every sample)"
+            )
+        features: list[Feature] = []
+        keys: dict[Any, int] = {}
+        index = []
+        for item in target:
+            feature = _as_feature(item)
+            key = ("class", feature.index, feature.normalize) if isinstance(feature, ClassLogit) else id(feature)
+            if key not in keys:
+                keys[key] = len(features)
+                features.append(feature)
+            index.append(keys[key])
+        return Target(tuple(features), torch.tensor(index, dtype=torch.long))
+    feature = _as_feature(target)
+    return Target((feature,), torch.zeros(batch, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------- gradients
+def input_gradients(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    target: Target,
+    *,
+    internal_batch_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of each sample's explained value w.r.t. its input row, and the values; the batch
+    is processed ``internal_batch_size`` rows at a time. Samples are independent (eval mode), so
+    the gradient of the sum is the per-sample gradient."""
+    grads = torch.empty_like(inputs)
+    values = torch.empty(inputs.shape[0], device=inputs.device, dtype=inputs.dtype)
+    for start, stop in chunk_ranges(inputs.shape[0], internal_batch_size):
+        x = inputs[start:stop].detach().requires_grad_(True)
+        with torch.enable_grad():
+            value, _ = target.select(range(start, stop)).forward(model, x, grads=True)
+            (grad,) = torch.autograd.grad(value.sum(), x, allow_unused=True)
+        if grad is None:
+            raise RuntimeError(
+                f"the feature(s) {', '.join(f.name for f in target.features)} do not depend on the input"
+            )
+        grads[start:stop] = grad
+        values[start:stop] = value.detach()
+    return grads, values
+
+
+def feature_values(
+    model: nn.Module, inputs: torch.Tensor, target: Target, *, internal_batch_size: int | None = None
+) -> torch.Tensor:
+    """``[N]`` explained values without gradients, in chunks."""
+    out = torch.empty(inputs.shape[0], device=inputs.device, dtype=inputs.dtype)
+    with torch.no_grad():
+        for start, stop in chunk_ranges(inputs.shape[0], internal_batch_size):
+            value, _ = target.select(range(start, stop)).forward(model, inputs[start:stop], grads=False)
+            out[start:stop] = value
+    return out
+
+
+def check_images(inputs: Any, what: str = "inputs") -> torch.Tensor:
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor [B, C, H, W], got {type(inputs).__name__}")
+    if inputs.dim() != 4:
+        raise ValueError(f"{what} must be a batch of images [B, C, H, W], got shape {tuple(inputs.shape)}")
+    if not inputs.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got {inputs.dtype}")
+    return inputs
+
+
+# ---------------------------------------------------------------------------- result
+@dataclass
+class Attribution:
+    """What every method returns.
+
+    ``map``: ``[B, C, H, W]`` like the input (``kind="input"``) or ``[B, h, w]`` at the explained
+    layer's resolution (``kind="layer"``). ``features``: per-sample feature names; ``values``:
+    the explained feature value of each sample on its unperturbed input. ``extras``: method
+    specific results (``completeness_error`` and ``convergence_delta`` for Integrated Gradients,
+    ``segments`` and ``coefficients`` for LIME / KernelSHAP, per-head maps for ViT attention...).
+    ``channel_reduce`` is how :meth:`heatmap` folds the channels of an input-shaped map (``sum``
+    for gradient methods, ``mean`` for methods that repeat one value over all channels).
+    """
+
+    map: torch.Tensor
+    method: str
+    features: list[str]
+    values: torch.Tensor
+    kind: str
+    input_shape: tuple[int, ...]
+    channel_reduce: str = "sum"
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def feature(self) -> str | list[str]:
+        """The feature name when every sample explains the same one, else the per-sample list."""
+        return self.features[0] if len(set(self.features)) == 1 else list(self.features)
+
+    @property
+    def completeness_error(self) -> torch.Tensor | None:
+        """``|sum(map) - (f(x) - f(baseline))| / |f(x) - f(baseline)|`` per sample, for methods that
+        satisfy completeness (Integrated Gradients, GradientSHAP in expectation, KernelSHAP)."""
+        return self.extras.get("completeness_error")
+
+    def heatmap(self, size: tuple[int, int] | None = None, *, reduce: str | None = None, absolute: bool = False) -> torch.Tensor:
+        """``[B, H, W]`` map at input resolution (or ``size``): input-shaped maps folded over
+        channels (``reduce``: ``sum`` | ``mean`` | ``abs_sum`` | ``max_abs``; default
+        ``channel_reduce``), layer maps resized bilinearly."""
+        heat = self.map.detach()
+        if self.kind == "input":
+            how = reduce or self.channel_reduce
+            if how == "sum":
+                heat = heat.sum(dim=1)
+            elif how == "mean":
+                heat = heat.mean(dim=1)
+            elif how == "abs_sum":
+                heat = heat.abs().sum(dim=1)
+            elif how == "max_abs":
+                heat = heat.abs().amax(dim=1)
+            else:
+                raise ValueError(f"unknown channel reduce {how!r}; expected sum, mean, abs_sum or max_abs")
+        if absolute:
+            heat = heat.abs()
+        target = tuple(size) if size is not None else tuple(self.input_shape[-2:])
+        if tuple(heat.shape[-2:]) != target:
+            heat = F.interpolate(heat.unsqueeze(1).float(), size=target, mode="bilinear", align_corners=False).squeeze(1)
+        return heat
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready statistics of the raw map and scalar extras (what the CLI writes)."""
+        m = self.map.detach().float()
+        out: dict[str, Any] = {
+            "method": self.method,
+            "feature": self.feature,
+            "kind": self.kind,
+            "shape": list(m.shape),
+            "min": float(m.min()),
+            "max": float(m.max()),
+            "mean": float(m.mean()),
+            "std": float(m.std()) if m.numel() > 1 else 0.0,
+            "abs_mean": float(m.abs().mean()),
+            "nonzero_fraction": float((m != 0).float().mean()),
+            "feature_values": [float(v) for v in self.values.detach().float().reshape(-1)],
+        }
+        for key, value in self.extras.items():
+            if isinstance(value, torch.Tensor) and value.numel() <= 64 and value.dim() <= 1:
+                out[key] = [float(v) for v in value.detach().float().reshape(-1)]
+            elif isinstance(value, (int, float, str, bool)) or value is None:
+                out[key] = value
+        return out
+
+
+# ---------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class MethodInfo:
+    """A registered attribution method.
+
+    ``kind``: ``"input"`` or ``"layer"`` maps; ``family``: gradient | cam | perturbation |
+    attention | smoothing; ``needs_layer``: the method takes ``layer=``; ``randomization``:
+    what the model-parameter randomization check says of it (``"passes"``, ``"fails"`` or
+    ``"n/a"``: model-agnostic or not a function of the weights of the explained layer);
+    ``multiplies_batch``: the method runs many forward passes per sample and takes
+    ``internal_batch_size``.
+    """
+
+    name: str
+    fn: Callable[..., Attribution]
+    kind: str
+    family: str
+    needs_layer: bool = False
+    randomization: str = "passes"
+    multiplies_batch: bool = False
+    description: str = ""
+
+    def __call__(self, model: Any, inputs: torch.Tensor, target: Any = None, **kwargs: Any) -> Attribution:
+        return self.fn(model, inputs, target, **kwargs)
+
+
+_METHODS: dict[str, MethodInfo] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_method(
+    name: str,
+    *,
+    kind: str,
+    family: str,
+    needs_layer: bool = False,
+    randomization: str = "passes",
+    multiplies_batch: bool = False,
+    aliases: Sequence[str] = (),
+    overwrite: bool = False,
+) -> Callable[[Callable[..., Attribution]], Callable[..., Attribution]]:
+    """Decorator adding an attribution function ``fn(model, inputs, target=None, **kw)`` to the
+    registry under ``name`` (and ``aliases``)."""
+    if kind not in ("input", "layer"):
+        raise ValueError(f"kind must be 'input' or 'layer', got {kind!r}")
+
+    def add(fn: Callable[..., Attribution]) -> Callable[..., Attribution]:
+        if not overwrite and (name in _METHODS or name in _ALIASES):
+            raise ValueError(f"an attribution method named {name!r} is already registered")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        _METHODS[name] = MethodInfo(
+            name=name, fn=fn, kind=kind, family=family, needs_layer=needs_layer,
+            randomization=randomization, multiplies_batch=multiplies_batch,
+            description=doc[0] if doc else "",
+        )
+        for alias in aliases:
+            _ALIASES[alias] = name
+        return fn
+
+    return add
+
+
+def _load_builtins() -> None:
+    # Importing the method modules registers them; done lazily to avoid import cycles.
+    from mechlens.attribution import cam, gradients, perturbation, smooth, vit  # noqa: F401
+
+
+def get_method(name: str) -> MethodInfo:
+    """The registered method ``name`` (or an alias such as ``ig``); an unknown name is an error
+    listing the closest names."""
+    _load_builtins()
+    if isinstance(name, MethodInfo):
+        return name
+    key = _ALIASES.get(name, name)
+    if key in _METHODS:
+        return _METHODS[key]
+    names = sorted([*_METHODS, *_ALIASES])
+    close = difflib.get_close_matches(name, names, n=4, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown attribution method {name!r}.{hint} Available: {', '.join(sorted(_METHODS))}")
+
+
+def list_methods(pattern: str = "*", *, family: str | None = None) -> list[str]:
+    """Registered method names matching a wildcard ``pattern`` (timm-style), optionally of one
+    ``family``."""
+    _load_builtins()
+    return sorted(
+        name for name, info in _METHODS.items()
+        if fnmatch.fnmatchcase(name, pattern) and (family is None or info.family == family)
+    )
+
+
+def attribute(model: Any, inputs: torch.Tensor, target: Any = None, *, method: str = "saliency", **kwargs: Any) -> Attribution:
+    """Explain ``target`` (any feature; see :func:`resolve_target`) on ``inputs`` with the
+    registered ``method``; ``kwargs`` go to the method (``layer=`` for CAMs, ``n_steps=`` for IG,
+    ``internal_batch_size=`` wherever a method multiplies the batch...)."""
+    return get_method(method).fn(model, inputs, target, **kwargs)
+
+
+def _finite_or_raise(tensor: torch.Tensor, method: str) -> torch.Tensor:
+    if not torch.isfinite(tensor).all():
+        raise FloatingPointError(
+            f"{method} produced non-finite values (the model output or its gradient overflowed); "
+            "check the inputs' scale and the model's dtype"
+        )
+    return tensor
+
+
+def quadrature(method: str, n_steps: int) -> tuple[list[float], list[float]]:
+    """``(step_sizes, alphas)`` of the path integral, Captum's conventions: ``gausslegendre``
+    (default) or ``riemann_left|right|middle|trapezoid``."""
+    if method == "gausslegendre":
+        import numpy as np
+
+        if n_steps < 1:
+            raise ValueError("n_steps must be at least 1")
+        nodes, weights = np.polynomial.legendre.leggauss(n_steps)
+        return (0.5 * weights).tolist(), (0.5 * (1 + nodes)).tolist()
+    kinds = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
+    if method not in kinds:
+        raise ValueError(f"unknown integration method {method!r}; expected gausslegendre or one of {', '.join(kinds)}")
+    if n_steps < 2:
+        raise ValueError("Riemann sums need n_steps >= 2")
+    steps = [1.0 / n_steps] * n_steps
+    if method == "riemann_trapezoid":
+        steps[0] /= 2
+        steps[-1] /= 2
+        alphas = torch.linspace(0, 1, n_steps).tolist()
+    elif method == "riemann_left":
+        alphas = torch.linspace(0, 1 - 1 / n_steps, n_steps).tolist()
+    elif method == "riemann_middle":
+        alphas = torch.linspace(1 / (2 * n_steps), 1 - 1 / (2 * n_steps), n_steps).tolist()
+    else:
+        alphas = torch.linspace(1 / n_steps, 1, n_steps).tolist()
+    return steps, alphas
+
+
+def make_generator(device: torch.device, seed: int | None, generator: torch.Generator | None) -> torch.Generator:
+    """An explicit generator: the one given, else a fresh one seeded with ``seed`` (default 0)."""
+    if generator is not None:
+        return generator
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0 if seed is None else int(seed))
+    return gen
+
+
+def isqrt_grid(tokens: int) -> tuple[int, int]:
+    side = int(math.isqrt(tokens))
+    if side * side != tokens:
+        raise ValueError(
+            f"cannot arrange {tokens} tokens on a square grid; pass grid=(h, w) (and num_prefix_tokens=) explicitly"
+        )
+    return side, side

@@ -1,0 +1,117 @@
+"""SmoothGrad, SmoothGrad² and VarGrad as a wrapper over any registered method.
+
+``smoothgrad(model, x, target, base="integrated_gradients", n_samples=20, n_steps=16)`` runs the
+base method on ``n_samples`` noisy copies of each input (Gaussian noise of std
+``stdev_spread * (max(x_b) - min(x_b))`` per sample, Smilkov et al.'s parametrisation, or an
+absolute ``stdevs``) and returns the mean map (``smoothgrad``), the mean of the squared maps
+(``smoothgrad_sq``) or their variance (``vargrad``): Captum's NoiseTunnel conventions. Noise
+comes only from ``generator`` / ``seed``. Noisy copies run ``internal_batch_size`` rows per call
+of the base method (whole noise draws at a time); the base method's own batching is
+``base_internal_batch_size``. Unknown keyword arguments go to the base method.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mechlens.attribution.base import (
+    Attribution,
+    _finite_or_raise,
+    check_images,
+    chunk_ranges,
+    eval_mode,
+    feature_values,
+    get_method,
+    make_generator,
+    register_method,
+    resolve_target,
+    unwrap_model,
+)
+
+__all__ = ["NOISE_KINDS", "noise_tunnel", "smoothgrad", "smoothgrad_sq", "vargrad"]
+
+NOISE_KINDS = ("smoothgrad", "smoothgrad_sq", "vargrad")
+
+
+def noise_tunnel(
+    model: Any,
+    inputs: torch.Tensor,
+    target: Any = None,
+    *,
+    base: str = "saliency",
+    kind: str = "smoothgrad",
+    n_samples: int = 50,
+    stdev_spread: float = 0.15,
+    stdevs: float | None = None,
+    seed: int | None = 0,
+    generator: torch.Generator | None = None,
+    internal_batch_size: int | None = None,
+    base_internal_batch_size: int | None = None,
+    **base_kwargs: Any,
+) -> Attribution:
+    """The wrapper behind :func:`smoothgrad`, :func:`smoothgrad_sq` and :func:`vargrad` (see
+    the module docstring)."""
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"unknown noise kind {kind!r}; expected one of {', '.join(NOISE_KINDS)}")
+    info = get_method(base)
+    if info.family == "smoothing":
+        raise ValueError(f"base={base!r} is itself a noise wrapper; pass the underlying method (e.g. 'saliency')")
+    if n_samples < 1:
+        raise ValueError("n_samples must be at least 1")
+    model = unwrap_model(model)
+    inputs = check_images(inputs).detach()
+    target = resolve_target(model, inputs, target)
+    batch = inputs.shape[0]
+    gen = make_generator(inputs.device, seed, generator)
+    view = (-1,) + (1,) * (inputs.dim() - 1)
+    if stdevs is not None:
+        sigma = torch.full((batch,), float(stdevs), device=inputs.device, dtype=inputs.dtype)
+    else:
+        flat = inputs.flatten(1)
+        sigma = stdev_spread * (flat.amax(dim=1) - flat.amin(dim=1))
+    draws_per_call = n_samples if internal_batch_size is None else max(1, internal_batch_size // batch)
+    total = total_sq = None
+    first: Attribution | None = None
+    kwargs = dict(base_kwargs)
+    if base_internal_batch_size is not None:
+        kwargs["internal_batch_size"] = base_internal_batch_size
+    with eval_mode(model):
+        for start, stop in chunk_ranges(n_samples, draws_per_call):
+            m = stop - start
+            noise = torch.randn((m, *inputs.shape), generator=gen, device=gen.device).to(inputs)
+            noisy = (inputs.unsqueeze(0) + sigma.view(1, *view) * noise).reshape(m * batch, *inputs.shape[1:])
+            result = info.fn(model, noisy, target.repeat(m), **kwargs)
+            maps = result.map.reshape(m, batch, *result.map.shape[1:])
+            total = maps.sum(0) if total is None else total + maps.sum(0)
+            total_sq = (maps * maps).sum(0) if total_sq is None else total_sq + (maps * maps).sum(0)
+            first = first or result
+        values = feature_values(model, inputs, target)
+    assert first is not None and total is not None and total_sq is not None
+    mean, mean_sq = total / n_samples, total_sq / n_samples
+    amap = mean if kind == "smoothgrad" else mean_sq if kind == "smoothgrad_sq" else mean_sq - mean * mean
+    extras = {k: v for k, v in first.extras.items() if not isinstance(v, torch.Tensor)}
+    extras.update(base=info.name, n_samples=n_samples, noise_std=sigma.detach())
+    return Attribution(
+        map=_finite_or_raise(amap, kind), method=kind if base == "saliency" else f"{kind}({info.name})",
+        features=target.names, values=values, kind=first.kind, input_shape=tuple(inputs.shape),
+        channel_reduce=first.channel_reduce, extras=extras,
+    )
+
+
+@register_method("smoothgrad", kind="input", family="smoothing", multiplies_batch=True, aliases=("noise_tunnel",))
+def smoothgrad(model: Any, inputs: torch.Tensor, target: Any = None, *, base: str = "saliency", **kwargs: Any) -> Attribution:
+    """SmoothGrad (Smilkov et al.): the base method's map averaged over noisy copies of the input."""
+    return noise_tunnel(model, inputs, target, base=base, kind="smoothgrad", **kwargs)
+
+
+@register_method("smoothgrad_sq", kind="input", family="smoothing", multiplies_batch=True, aliases=("smoothgrad2",))
+def smoothgrad_sq(model: Any, inputs: torch.Tensor, target: Any = None, *, base: str = "saliency", **kwargs: Any) -> Attribution:
+    """SmoothGrad²: the mean of the squared maps over noisy copies."""
+    return noise_tunnel(model, inputs, target, base=base, kind="smoothgrad_sq", **kwargs)
+
+
+@register_method("vargrad", kind="input", family="smoothing", multiplies_batch=True)
+def vargrad(model: Any, inputs: torch.Tensor, target: Any = None, *, base: str = "saliency", **kwargs: Any) -> Attribution:
+    """VarGrad (Adebayo et al.): the variance of the maps over noisy copies."""
+    return noise_tunnel(model, inputs, target, base=base, kind="vargrad", **kwargs)

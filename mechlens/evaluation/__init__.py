@@ -1,0 +1,45 @@
+"""When to trust an attribution map: sanity checks, faithfulness, localisation, stability, plots.
+
+* :func:`randomization_check`: Adebayo et al.'s model-parameter randomization (cascading or
+  independent), Spearman and SSIM per layer.
+* :func:`deletion_curve` / :func:`insertion_curve`: pixel-flipping faithfulness with AUCs.
+* :func:`pointing_game` / :func:`localization_iou` against masks or boxes
+  (:func:`boxes_to_masks`).
+* :func:`attribution_stability`: maps under small shifts and noise.
+* :mod:`mechlens.evaluation.plots`: overlays, method comparisons, the randomization cascade.
+"""
+from mechlens.evaluation.faithfulness import (
+    PerturbationCurve,
+    PointingResult,
+    boxes_to_masks,
+    deletion_curve,
+    insertion_curve,
+    localization_iou,
+    perturbation_curve,
+    pointing_game,
+    random_maps,
+)
+from mechlens.evaluation.plots import (
+    display_image,
+    plot_curves,
+    plot_methods,
+    plot_overlay,
+    plot_randomization,
+    save_figure,
+)
+from mechlens.evaluation.randomization import (
+    RandomizationResult,
+    randomization_check,
+    randomization_layers,
+    randomize_module_,
+)
+from mechlens.evaluation.similarity import normalize_maps, spearman, ssim
+from mechlens.evaluation.stability import StabilityResult, attribution_stability, shift_images
+
+__all__ = [
+    "PerturbationCurve", "PointingResult", "RandomizationResult", "StabilityResult",
+    "attribution_stability", "boxes_to_masks", "deletion_curve", "display_image", "insertion_curve",
+    "localization_iou", "normalize_maps", "perturbation_curve", "plot_curves", "plot_methods",
+    "plot_overlay", "plot_randomization", "pointing_game", "random_maps", "randomization_check",
+    "randomization_layers", "randomize_module_", "save_figure", "shift_images", "spearman", "ssim",
+]

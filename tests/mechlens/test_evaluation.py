@@ -1,0 +1,204 @@
+"""mechlens.evaluation: the randomization sanity check, faithfulness (deletion / insertion),
+localisation (pointing game, IoU), stability and plots.
+
+The tests on ``trained_shapes_model`` (a SmallCNN trained on shapes with a ruler planted on the
+``square`` images; see tests/conftest.py) check that the metrics say what the literature says:
+gradients and Grad-CAM pass the randomization check while Guided Backprop fails it, Grad-CAM of
+"square" points at the ruler, and saliency / IG beat a random map at deletion."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mechlens.attribution import gradcam, integrated_gradients, saliency
+from mechlens.evaluation import (
+    attribution_stability,
+    boxes_to_masks,
+    deletion_curve,
+    insertion_curve,
+    localization_iou,
+    plot_curves,
+    plot_methods,
+    plot_overlay,
+    plot_randomization,
+    pointing_game,
+    random_maps,
+    randomization_check,
+    randomization_layers,
+    save_figure,
+    shift_images,
+    spearman,
+    ssim,
+)
+from mechlens.models import small_cnn
+
+SQUARE = 1  # class index of "square", the class that carries the ruler in training
+
+
+@pytest.fixture(scope="module")
+def shapes(trained_shapes_model):
+    return trained_shapes_model.model.eval(), trained_shapes_model.test_dataset()
+
+
+# ---------------------------------------------------------------------------- metric units
+def test_similarity_measures() -> None:
+    a = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(spearman(a, a), torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(spearman(a, -a), -torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(spearman(a, 3 * a + 1), torch.ones(3, dtype=torch.float64))  # rank-based
+    assert torch.isnan(spearman(a, torch.zeros_like(a))).all()  # constant map: undefined, not 0
+    assert torch.allclose(ssim(a, a), torch.ones(3, dtype=torch.float64))
+    assert (ssim(a, torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(1))) < 0.3).all()
+
+
+def test_pointing_game_and_iou_on_known_maps() -> None:
+    masks = boxes_to_masks([[2, 3, 6, 8], [10, 10, 16, 16]], (16, 16))
+    assert masks.shape == (2, 16, 16) and masks[0].sum() == 4 * 5 and masks[0, 3, 2] and not masks[0, 8, 2]
+    maps = torch.zeros(2, 16, 16)
+    maps[0, 5, 4] = 1.0   # inside box 0
+    maps[1, 8, 12] = 1.0  # two rows above box 1
+    result = pointing_game(maps, masks)
+    assert result.hits.tolist() == [True, False] and result.rate == 0.5
+    assert result.points.tolist() == [[5, 4], [8, 12]]
+    assert pointing_game(maps, masks, tolerance=2).hits.tolist() == [True, True]
+    assert pointing_game(torch.ones(2, 16, 16), masks).rate == 0.0  # a flat map points nowhere
+    assert abs(result.chance[0].item() - 20 / 256) < 1e-9
+    assert torch.allclose(localization_iou(masks.float(), masks), torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(localization_iou(1 - masks.float(), masks), torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="empty"):
+        pointing_game(maps, torch.zeros(2, 16, 16, dtype=torch.bool))
+
+
+def test_deletion_and_insertion_curves_of_a_known_model() -> None:
+    """The 'model' sums the red channel: deleting pixels in the map's order must give a curve that
+    falls by exactly the deleted pixels' sum, and the oracle map beats the reversed one."""
+    class RedSum(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, :1].flatten(1).sum(1, keepdim=True)
+
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    oracle = x[:, 0]
+    good = deletion_curve(RedSum(), x, 0, oracle, steps=8, internal_batch_size=5)
+    bad = deletion_curve(RedSum(), x, 0, -oracle, steps=8)
+    assert good.scores.shape == (2, 9) and torch.allclose(good.fractions, torch.linspace(0, 1, 9))
+    assert torch.allclose(good.scores[:, 0], x[:, 0].sum((1, 2))) and torch.allclose(good.scores[:, -1], torch.zeros(2), atol=1e-5)
+    top8 = oracle.flatten(1).sort(dim=1, descending=True).values[:, :8].sum(1)
+    assert torch.allclose(good.scores[:, 0] - good.scores[:, 1], top8, atol=1e-5)
+    assert (good.auc < bad.auc).all()
+    ins = insertion_curve(RedSum(), x, 0, oracle, steps=8)
+    assert (ins.auc > insertion_curve(RedSum(), x, 0, -oracle, steps=8).auc).all()
+    assert torch.allclose(ins.scores[:, -1], x[:, 0].sum((1, 2)))
+
+
+def test_shift_images_moves_content() -> None:
+    x = torch.arange(25.0).view(1, 1, 5, 5)
+    shifted = shift_images(x, 1, 2)
+    assert shifted[0, 0, 1, 2] == x[0, 0, 0, 0] and shifted[0, 0, 4, 4] == x[0, 0, 3, 2]
+    assert torch.equal(shift_images(shifted, -1, -2)[..., :4, :3], x[..., :4, :3])  # the part that survives
+
+
+# ---------------------------------------------------------------------------- randomization check
+def test_randomization_check_separates_methods_as_the_literature_says(shapes) -> None:
+    """Adebayo et al.: after re-initialising the top layers, the gradient's and Grad-CAM's maps
+    decorrelate from the trained model's, Guided Backprop's do not."""
+    model, data = shapes
+    x = data.render(np.arange(8))
+    layers = ["head", "stage3.1", "stage3.0"]
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    grad = randomization_check(model, x, None, "saliency", layers=layers, abs=False)
+    cam = randomization_check(model, x, None, "gradcam", layers=layers, layer="stage3")
+    guided = randomization_check(model, x, None, "guided_backprop", layers=layers)
+    guided_cam = randomization_check(model, x, None, "guided_gradcam", layers=layers, layer="stage3", keep_maps=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())  # the model itself is untouched
+    assert grad.spearman.shape == (3, 8) and grad.maps.shape == (3, 8, 64, 64)
+    rho_grad, rho_cam, rho_guided = grad.mean_spearman(), cam.mean_spearman(), guided.mean_spearman()
+    assert (rho_grad.abs() < 0.35).all(), rho_grad         # measured: |rho| <= 0.21
+    assert (rho_cam < 0.4).all(), rho_cam                    # measured: <= 0.26
+    assert (rho_guided > 0.75).all(), rho_guided             # measured: >= 0.87 (it fails the check)
+    assert (rho_guided - rho_grad > 0.5).all()
+    assert (guided.mean_ssim() > cam.mean_ssim()).all()
+    assert (guided_cam.mean_spearman() > rho_cam + 0.3).all()  # measured 0.65-0.73: inherits the failure
+    fig = plot_randomization(guided, image=x[0])
+    assert len(fig.axes) == len(layers) + 2
+
+
+def test_independent_randomization_on_a_copy() -> None:
+    net = small_cnn(num_classes=3, width=8, depth=2, blocks_per_stage=1, seed=0).eval()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    layers = randomization_layers(net)
+    assert layers == ["head", "stage2", "stage1", "stem.bn", "stem.conv"]  # top first
+    before = [p.clone() for p in net.parameters()]
+    state = torch.random.get_rng_state()
+    result = randomization_check(net, x, 1, "integrated_gradients", mode="independent", layers=["head", "stage1"], n_steps=8)
+    assert torch.equal(torch.random.get_rng_state(), state)  # seeded, global RNG untouched
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert result.layers == ["head", "stage1"] and result.spearman.shape == (2, 2)
+    again = randomization_check(net, x, 1, "integrated_gradients", mode="independent", layers=["head", "stage1"], n_steps=8)
+    assert torch.equal(result.maps, again.maps)
+    assert (result.mean_spearman() < 0.99).all()  # the maps did change
+    with pytest.raises(ValueError, match="cascading"):
+        randomization_check(net, x, 1, "saliency", mode="sideways")
+
+
+# ---------------------------------------------------------------------------- localisation, faithfulness
+def test_gradcam_of_square_points_at_the_ruler(shapes) -> None:
+    model, data = shapes
+    idx = np.nonzero(data.has_artefact & (data.labels == SQUARE))[0][:64]
+    assert len(idx) >= 32
+    x = data.render(idx)
+    ruler = data.artefact_masks(idx)
+    cam = gradcam(model, x, SQUARE, layer="stage3")
+    result = pointing_game(cam, ruler, tolerance=4)  # 4 px = a quarter of a stage3 cell
+    assert result.rate > 3 * result.chance_rate, (result.rate, result.chance_rate)  # measured 0.48 vs 0.09
+    # counterfactual twins: the same images with the ruler removed; the map no longer goes there
+    clean = data.with_artefact(False).render(idx)
+    assert torch.equal(clean[~ruler.unsqueeze(1).expand_as(clean)], x[~ruler.unsqueeze(1).expand_as(x)])
+    without = pointing_game(gradcam(model, clean, SQUARE, layer="stage3"), ruler, tolerance=4)
+    assert without.rate < result.rate / 2, (without.rate, result.rate)  # measured 0.02
+    assert localization_iou(cam, ruler).mean() > localization_iou(random_maps((len(idx), 64, 64)), ruler).mean()
+    assert pointing_game(saliency(model, x, SQUARE), ruler).rate > 0.7  # full-resolution map: measured 0.9
+
+
+def test_deletion_auc_beats_a_random_map(shapes) -> None:
+    model, data = shapes
+    x = data.render(np.arange(12))
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    random_auc = deletion_curve(model, x, predicted, random_maps((12, 64, 64), seed=1), steps=10).mean_auc
+    grad = saliency(model, x, predicted)
+    ig = integrated_gradients(model, x, predicted, n_steps=24)
+    grad_auc = deletion_curve(model, x, predicted, grad, steps=10).mean_auc
+    ig_auc = deletion_curve(model, x, predicted, ig, steps=10, baseline="zeros").mean_auc
+    assert grad_auc < random_auc and ig_auc < random_auc, (grad_auc, ig_auc, random_auc)
+    blur = deletion_curve(model, x[:4], predicted[:4], grad.heatmap()[:4], steps=4, baseline="blur")
+    assert blur.baseline == "blur" and blur.scores.shape == (4, 5)
+    assert plot_curves({"saliency": blur}).axes
+
+
+def test_stability_under_shifts_and_noise(shapes) -> None:
+    model, data = shapes
+    x = data.render(np.arange(8))
+    cam = attribution_stability(model, x, None, "gradcam", shifts=((0, 1), (1, 0)), noise_std=0.01, n_noise=2, layer="stage3")
+    grad = attribution_stability(model, x, None, "saliency", shifts=((0, 1), (1, 0)), noise_std=0.01, n_noise=2)
+    assert cam.spearman.shape == (4, 8) and cam.augmentations[0] == "shift(0,1)"
+    assert cam.mean > 0.9  # measured 0.98
+    # one-pixel shifts change the phase of the stride-2 grid: raw gradients are much less stable
+    assert grad.spearman[:2].mean() < cam.spearman[:2].mean()
+    assert grad.spearman[2:].mean() > 0.7  # but faint noise barely moves them (measured 0.88)
+
+
+# ---------------------------------------------------------------------------- plots
+def test_plots_write_pngs(tmp_path) -> None:
+    net = small_cnn(num_classes=3, width=8, depth=2, blocks_per_stage=1, seed=0).eval()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    sal = saliency(net, x, 1)
+    cam = gradcam(net, x, 1, layer="stage1")
+    fig = plot_overlay(x[1], sal, index=1)
+    assert len(fig.axes) == 2  # image + colour bar
+    path = save_figure(fig, tmp_path / "a" / "overlay.png")
+    assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+    fig = plot_methods(x[0], {"saliency": sal, "gradcam": cam, "raw": torch.rand(2, 4, 4)})
+    assert len(fig.axes) == 1 + 3 + 3  # input, three maps, three colour bars
+    assert save_figure(fig, tmp_path / "methods.png").stat().st_size > 1000
