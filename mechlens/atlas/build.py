@@ -294,6 +294,9 @@ def build_atlas(
     effects = logit_effects(model, layer, _images(dataset, effect_ids), decoder)  # [classes, F]
     coords, map_method = _embed(decoder.cpu().numpy(), seed)
     concept_cos = None
+    foreign = [c for c in cavs if getattr(c, "layer", layer) not in (layer, "")]
+    if foreign:
+        raise ValueError(f"CAV {foreign[0].concept!r} was trained at layer {foreign[0].layer!r}, not at the SAE's layer {layer!r}")
     if cavs:
         vectors = np.stack([np.asarray(c.vector, dtype=np.float64) for c in cavs])
         dec = decoder.cpu().numpy().astype(np.float64)

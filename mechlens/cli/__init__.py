@@ -19,6 +19,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mechlens.cli.atlas",
     "mechlens.cli.visualize",
     "mechlens.cli.dream",
+    "mechlens.cli.run",
 )
 
 

@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--cav", nargs="*", default=[], metavar="PATH", help="CAVs of the same layer for concept alignment")
     parser.add_argument("--max-features", type=int, default=None, help="publish only the N most frequent features")
     parser.add_argument("--exemplars", type=int, default=8, help="top exemplars per feature (default 8)")
+    parser.add_argument("--visualize", action="store_true", help="add a feature visualization per feature (batched)")
+    parser.add_argument("--vis-steps", type=int, default=64, help="optimization steps of --visualize (default 64)")
+    parser.add_argument("--attribution", action="store_true", help="add a Grad-CAM overlay on each feature's top exemplar")
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", required=True, help="output directory")
@@ -46,9 +49,16 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     dataset = None
     if args.data:
         dataset = build_dataset(args.data, image_size=loaded.preprocessing.image_size[0])
-    visualize = None
+    visualize = attribute = None
+    if args.visualize or args.attribution:
+        from mechlens.atlas.callbacks import sae_attributor, sae_visualizer
+        from mechlens.sae import SAE
+
+        sae = SAE.load(args.sae, device=loaded.device)
+        visualize = sae_visualizer(loaded, sae, steps=args.vis_steps) if args.visualize else None
+        attribute = sae_attributor(loaded, sae) if args.attribution else None
     result = build_atlas(args.sae, args.store, loaded, args.out, dataset=dataset, cavs=[CAV.load(p) for p in args.cav],
-                         visualize=visualize, max_features=args.max_features, exemplars=args.exemplars,
+                         visualize=visualize, attribute=attribute, max_features=args.max_features, exemplars=args.exemplars,
                          progress=not args.no_progress)
     print(f"atlas of {len(result.features)} features written in {result.seconds:.1f}s: open {result.index}", file=out)
     return 0
