@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny run for the test suite")
     args = parser.parse_args()
     if args.quick:
-        args.images, args.size, args.batch_size, args.repeats = 16, 64, 8, 1
+        args.images, args.size, args.batch_size, args.repeats = 8, 64, 4, 1
 
     device = torch.device(args.device)
     autocast = None if args.autocast == "none" else args.autocast

@@ -155,7 +155,7 @@ def test_interrupted_job_resumes_to_the_same_rows(tmp_path, tiny, shapes):
 def test_sigterm_then_rerun_of_the_cli_resumes(tmp_path):
     out = tmp_path / "s"
     command = [str(BIN / "mechlens"), "capture", "--model", "mechlens:small_cnn_tiny", "--layers", "stage3",
-               "--data", "synthetic:shapes?n=6000&size=64", "--out", str(out), "--batch-size", "32",
+               "--data", "synthetic:shapes?n=3000&size=64", "--out", str(out), "--batch-size", "32",
                "--workers", "0", "--no-progress", "--json"]
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
@@ -171,10 +171,10 @@ def test_sigterm_then_rerun_of_the_cli_resumes(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert summary["images_before"] == committed // 16
-    assert summary["images_before"] + summary["images_captured"] == 6000
+    assert summary["images_before"] + summary["images_captured"] == 3000
     index = ActivationStore(out)["stage3"].read_index()
     ids, counts = np.unique(index.sample_id, return_counts=True)
-    assert np.array_equal(ids, np.arange(6000)) and set(counts.tolist()) == {16}
+    assert np.array_equal(ids, np.arange(3000)) and set(counts.tolist()) == {16}
 
 
 def test_torchrun_two_gloo_ranks_match_a_single_process_run(tmp_path):
@@ -292,5 +292,5 @@ def test_capture_overhead_benchmark_quick_prints_its_json_line():
     assert result.returncode == 0, result.stderr[-2000:]
     line = json.loads(result.stdout.strip().splitlines()[-1])
     assert line["benchmark"] == "capture_overhead"
-    assert line["figures"]["rows"] == {"layer3": 16 * 16, "layer4": 16 * 4}
+    assert line["figures"]["rows"] == {"layer3": 8 * 16, "layer4": 8 * 4}
     assert line["ratios"]["capture_vs_plain_time"] > 0
