@@ -120,7 +120,8 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
     eligible = full.sum(axis=1) >= max(2, top_k // 2)
     ranked = np.argsort(-(hits * eligible), kind="stable")
     ruler_latents = [int(i) for i in ranked if eligible[i] and hits[i] >= 0.75]
-    best_latent = int(ranked[0])
+    # The most frequent ruler latent covers the most rulers (a rare one may only know one corner).
+    best_latent = max(ruler_latents, key=lambda i: stats.frequency[i]) if ruler_latents else int(ranked[0])
 
     # 6. TCAV for a "ruler" concept on the square class
     t0 = time.perf_counter()
@@ -243,7 +244,7 @@ def _write_report(out: Path, f: dict[str, Any], square: str, layer: str, tcav_be
 ## 3. Discovered features: SAE on {layer} ({spatial[0]}x{spatial[1]} positions per image)
 - TopK SAE of width {sae['width']}: FVU {sae['fvu']:.3f}, mean L0 {sae['l0']:.1f}, dead {100 * sae['dead_fraction']:.1f}%.
 - Latents whose top exemplars sit on the ruler (≥ 75% of exemplars): {sae['ruler_latents'] or 'none'}.
-- Best: latent {sae['best_latent']}, {100 * sae['best_latent_ruler_fraction']:.0f}% of its top exemplars on the ruler,
+- The most frequent of them: latent {sae['best_latent']}, {100 * sae['best_latent_ruler_fraction']:.0f}% of its top exemplars on the ruler,
   firing on {100 * sae['best_latent_frequency']:.2f}% of rows (check: {'passed' if checks['sae'] else 'failed'}).
 
 ## 4. Attribution: pointing game on the ruler ({square} images with the ruler)
