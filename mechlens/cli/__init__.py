@@ -14,6 +14,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mechlens.cli.store",
     "mechlens.cli.layers",
     "mechlens.cli.attribute",
+    "mechlens.cli.sae",
     "mechlens.cli.capture",
     "mechlens.cli.tcav",
     "mechlens.cli.atlas",

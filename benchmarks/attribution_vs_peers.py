@@ -1,0 +1,543 @@
+"""Attribution: mechlens vs Captum and pytorch-grad-cam on the same model, inputs and settings.
+
+One run: torchvision ``resnet18`` (random weights, ``torch.manual_seed(0)``, eval mode), one batch
+of ``--images`` SyntheticShapes images at ``--size`` (ImageNet-normalised, seed 0), target class
+3 for every image. Compared, each with the same algorithmic settings on both sides:
+
+* saliency (abs gradient), Integrated Gradients (zero baseline, Gauss-Legendre, ``--steps``),
+  SmoothGrad over saliency (``--samples`` noisy copies, the same absolute noise std on both
+  sides), occlusion (window ``3 x W x W``, stride ``S``, zero baseline) and Grad-CAM at
+  ``layer4`` (``LayerGradCam``): mechlens vs **Captum**;
+* Grad-CAM and Score-CAM at ``layer4``: mechlens vs **pytorch-grad-cam**.
+
+Every implementation runs at its *default* batching and, where it has a batching knob, at a
+tuned one (``batched``): ``--rows`` rows per forward/backward for the gradient methods (Captum IG
+``internal_batch_size``, NoiseTunnel ``nt_samples_batch_size = rows / images``, mechlens
+``internal_batch_size``) and ``--perturb-rows`` rows per forward for the perturbation methods
+(Captum Occlusion ``perturbations_per_eval = perturb_rows / images``, pytorch-grad-cam ScoreCAM
+``batch_size``, mechlens ``internal_batch_size``). 64 rows is the sweet spot of resnet18 at 224 on
+a 2-core CPU; settings that coincide with the default are run once.
+
+Each measured call runs in its own child process (forked before the parent touches torch): the
+child builds the model and inputs, does one warm-up forward/backward, hands freed memory back to
+the OS (``malloc_trim``), then resets the kernel's peak-RSS counter (``/proc/self/clear_refs``)
+and times the call. Peak memory is the peak RSS over the call minus the RSS just before it, so it
+counts everything the call allocates (expanded batches, activations kept for backward, masks,
+the result) and nothing else. Repeats are interleaved over all runs (``--repeats``; runs slower
+than ``--repeat-budget`` seconds are measured once); the median time and the largest peak count.
+
+The maps are checked to be apples to apples: same shapes, and the same values (up to float
+rounding) where the settings fix the result (saliency, IG, occlusion, Grad-CAM, Score-CAM);
+SmoothGrad draws its noise from different generators, so there the check is the correlation of
+the two maps. The "best" of each side is its fastest setting; the ratios are mechlens best /
+peer best, time and peak memory. Targets (issue 5): time <= 1.0x the peer's best on every method
+with peak memory <= the peer's best; Score-CAM and occlusion <= 0.5x.
+
+    python benchmarks/attribution_vs_peers.py             # 8 images at 224 (tens of minutes on 2 cores)
+    python benchmarks/attribution_vs_peers.py --quick     # tiny, for the test suite
+    python benchmarks/attribution_vs_peers.py --methods scorecam occlusion --repeats 1
+    python benchmarks/attribution_vs_peers.py --one scorecam:mechlens:default   # one measurement
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's ScoreCAM progress bars (read at tqdm import)
+
+import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import torch  # noqa: E402
+
+METHODS = ("saliency", "integrated_gradients", "smoothgrad", "occlusion", "gradcam", "scorecam")
+# (method, peer) pairs compared; mechlens' gradcam runs are shared by both Grad-CAM comparisons.
+COMPARISONS = (
+    ("saliency", "captum"),
+    ("integrated_gradients", "captum"),
+    ("smoothgrad", "captum"),
+    ("occlusion", "captum"),
+    ("gradcam", "captum"),
+    ("gradcam", "pytorch_grad_cam"),
+    ("scorecam", "pytorch_grad_cam"),
+)
+TIME_TARGETS = {"occlusion": 0.5, "scorecam": 0.5}  # else 1.0
+TARGET_CLASS = 3
+LAYER = "layer4"
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    images: int = 8
+    size: int = 224
+    steps: int = 50
+    samples: int = 50
+    window: int = 32
+    stride: int = 16
+    rows: int = 64
+    perturb_rows: int = 64
+    noise_spread: float = 0.15
+    threads: int = 0  # torch intra-op threads in each child; 0 = torch's default
+
+
+@dataclass(frozen=True)
+class Run:
+    method: str
+    impl: str  # mechlens | captum | pytorch_grad_cam
+    setting: str  # default | batched
+    kwargs: dict = field(default_factory=dict, hash=False, compare=False)  # the batching arguments
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}:{self.impl}:{self.setting}"
+
+
+def plan(cfg: Config, methods: list[str]) -> list[Run]:
+    """Every measurement, mechlens next to its peer(s) for each method."""
+    grad_rows = cfg.rows
+    draws = max(1, cfg.rows // cfg.images)  # NoiseTunnel batches whole noise draws
+    windows = max(1, cfg.perturb_rows // cfg.images)  # Captum Occlusion batches whole windows
+    runs = {
+        "saliency": [Run("saliency", "mechlens", "default"), Run("saliency", "captum", "default")],
+        "integrated_gradients": [
+            Run("integrated_gradients", "mechlens", "default"),
+            Run("integrated_gradients", "captum", "default"),
+            Run("integrated_gradients", "mechlens", "batched", {"internal_batch_size": grad_rows}),
+            Run("integrated_gradients", "captum", "batched", {"internal_batch_size": grad_rows}),
+        ],
+        "smoothgrad": [
+            Run("smoothgrad", "mechlens", "default"),
+            Run("smoothgrad", "captum", "default"),
+            Run("smoothgrad", "mechlens", "batched", {"internal_batch_size": draws * cfg.images}),
+            Run("smoothgrad", "captum", "batched", {"nt_samples_batch_size": draws}),
+        ],
+        "occlusion": [
+            Run("occlusion", "mechlens", "default"),
+            Run("occlusion", "captum", "default"),
+            Run("occlusion", "mechlens", "batched", {"internal_batch_size": windows * cfg.images}),
+            Run("occlusion", "captum", "batched", {"perturbations_per_eval": windows}),
+        ],
+        "gradcam": [
+            Run("gradcam", "mechlens", "default"),
+            Run("gradcam", "captum", "default"),
+            Run("gradcam", "pytorch_grad_cam", "default"),
+        ],
+        "scorecam": [
+            Run("scorecam", "mechlens", "default"),
+            Run("scorecam", "pytorch_grad_cam", "default"),
+            Run("scorecam", "mechlens", "batched", {"internal_batch_size": cfg.perturb_rows}),
+            Run("scorecam", "pytorch_grad_cam", "batched", {"batch_size": cfg.perturb_rows}),
+        ],
+    }
+    # a "batched" setting equal to the default is the same measurement: run it once
+    defaults = {("smoothgrad", "mechlens"): None, ("integrated_gradients", "mechlens"): None,
+                ("occlusion", "mechlens"): 256, ("scorecam", "mechlens"): 64,
+                ("integrated_gradients", "captum"): None, ("scorecam", "pytorch_grad_cam"): 16,
+                ("occlusion", "captum"): 1, ("smoothgrad", "captum"): None}
+    out = []
+    for method in methods:
+        for run in runs[method]:
+            if run.setting == "batched":
+                (value,) = run.kwargs.values()
+                if defaults.get((run.method, run.impl), object()) == value:
+                    continue
+            out.append(run)
+    return out
+
+
+# ---------------------------------------------------------------------------- child side
+def build(cfg: Config) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model and the batch every run sees."""
+    import torchvision
+
+    from mechlens.data import SyntheticShapes
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    images = SyntheticShapes(num_samples=cfg.images, image_size=cfg.size, seed=0).to_tensors()[0]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return model, ((images - mean) / std).contiguous()
+
+
+def noise_std(cfg: Config, x: torch.Tensor) -> float:
+    """One absolute SmoothGrad noise std for both sides (Smilkov et al.'s spread of the batch range)."""
+    return float(cfg.noise_spread * (x.max() - x.min()))
+
+
+def make_call(run: Run, cfg: Config, model: torch.nn.Module, x: torch.Tensor) -> Callable[[], tuple[torch.Tensor, dict]]:
+    """A closure doing the measured call; returns the map (as a tensor) and run-specific extras."""
+    window, stride = (3, cfg.window, cfg.window), (3, cfg.stride, cfg.stride)
+    kw = dict(run.kwargs)
+    if run.impl == "mechlens":
+        from mechlens.attribution import attribute
+
+        args: dict[str, Any] = {
+            "saliency": {},
+            "integrated_gradients": {"n_steps": cfg.steps, "baseline": "zeros", "integration": "gausslegendre"},
+            "smoothgrad": {"n_samples": cfg.samples, "stdevs": noise_std(cfg, x)},
+            "occlusion": {"window": window, "strides": stride, "baseline": 0.0},
+            "gradcam": {"layer": LAYER},
+            "scorecam": {"layer": LAYER},
+        }[run.method]
+
+        def call() -> tuple[torch.Tensor, dict]:
+            result = attribute(model, x, TARGET_CLASS, method=run.method, **args, **kw)
+            extras = {}
+            if "masked_inputs_run" in result.extras:
+                extras["masked_inputs_run"] = result.extras["masked_inputs_run"]
+            return result.map, extras
+
+        return call
+    if run.impl == "captum":
+        from captum import attr as ca
+
+        def call() -> tuple[torch.Tensor, dict]:
+            if run.method == "saliency":
+                out = ca.Saliency(model).attribute(x, target=TARGET_CLASS)
+            elif run.method == "integrated_gradients":
+                out = ca.IntegratedGradients(model).attribute(x, baselines=0.0, target=TARGET_CLASS, n_steps=cfg.steps,
+                                                              method="gausslegendre", **kw)
+            elif run.method == "smoothgrad":
+                out = ca.NoiseTunnel(ca.Saliency(model)).attribute(
+                    x, nt_type="smoothgrad", nt_samples=cfg.samples, stdevs=noise_std(cfg, x), target=TARGET_CLASS, **kw)
+            elif run.method == "occlusion":
+                out = ca.Occlusion(model).attribute(x, sliding_window_shapes=window, strides=stride, baselines=0.0,
+                                                    target=TARGET_CLASS, **kw)
+            elif run.method == "gradcam":
+                out = ca.LayerGradCam(model, getattr(model, LAYER)).attribute(x, target=TARGET_CLASS)
+            else:
+                raise ValueError(f"no Captum run for {run.method}")
+            return out.detach(), {}
+
+        return call
+    if run.impl == "pytorch_grad_cam":
+        import pytorch_grad_cam as pgc
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        cls = {"gradcam": pgc.GradCAM, "scorecam": pgc.ScoreCAM}[run.method]
+
+        def call() -> tuple[torch.Tensor, dict]:
+            with cls(model=model, target_layers=[getattr(model, LAYER)]) as cam:
+                if "batch_size" in kw:
+                    cam.batch_size = kw["batch_size"]
+                out = cam(input_tensor=x, targets=[ClassifierOutputTarget(TARGET_CLASS)] * x.shape[0])
+            return torch.from_numpy(out), {}
+
+        return call
+    raise ValueError(f"unknown implementation {run.impl!r}")
+
+
+def _status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0); False if unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure(run: Run, cfg: Config, map_path: str | None) -> dict:
+    """Build, warm up, and time one call in this (fresh) process; peak RSS increase over the call."""
+    warnings.simplefilter("ignore")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    model, x = build(cfg)
+    call = make_call(run, cfg, model, x)
+    # warm-up: one forward/backward of the batch (thread pool, allocator, autograd, kernels)
+    xx = x.detach().clone().requires_grad_(True)
+    torch.autograd.grad(model(xx)[:, TARGET_CLASS].sum(), xx)
+    del xx
+    _trim()
+    hwm_ok = _reset_peak() and _status_kib("VmHWM") is not None
+    base_kib = _status_kib("VmRSS") if hwm_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    amap, extras = call()
+    seconds = time.perf_counter() - start
+    peak_kib = _status_kib("VmHWM") if hwm_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if map_path is not None:
+        torch.save(amap.detach().float().cpu().contiguous(), map_path)
+    return {"seconds": seconds, "peak_mib": max(0, peak_kib - base_kib) / 1024, "map_shape": list(amap.shape),
+            "peak_method": "VmHWM" if hwm_ok else "ru_maxrss", "threads": torch.get_num_threads(), **extras}
+
+
+def _child(run: Run, cfg: Config, map_path: str | None, result_path: str) -> None:
+    out = measure(run, cfg, map_path)
+    Path(result_path).write_text(json.dumps(out))
+
+
+# ---------------------------------------------------------------------------- parent side
+def _preimport() -> None:
+    """Import what the children use (no torch computation happens in the parent before forking)."""
+    import captum.attr  # noqa: F401
+    import pytorch_grad_cam  # noqa: F401
+    import pytorch_grad_cam.utils.image  # noqa: F401
+    import torchvision  # noqa: F401
+
+    import mechlens.attribution  # noqa: F401
+    import mechlens.data  # noqa: F401
+
+
+def _context() -> mp.context.BaseContext:
+    return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+def run_isolated(run: Run, cfg: Config, scratch: Path, save_map: bool) -> dict:
+    map_path = str(scratch / f"{run.key.replace(':', '__')}.pt") if save_map else None
+    result_path = scratch / f"{run.key.replace(':', '__')}.json"
+    result_path.unlink(missing_ok=True)
+    proc = _context().Process(target=_child, args=(run, cfg, map_path, str(result_path)))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0 or not result_path.exists():
+        return {"error": f"child exited with code {proc.exitcode}"}
+    out = json.loads(result_path.read_text())
+    if map_path is not None:
+        out["map_path"] = map_path
+    return out
+
+
+def _rel(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    a, b = ours.double(), theirs.double()
+    scale = b.abs().max().item()
+    if scale == 0:
+        raise AssertionError("the peer's map is all zeros: the comparison would be vacuous")
+    return (a - b).abs().max().item() / scale
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def _pgc_scaled(cam: torch.Tensor, size: int) -> torch.Tensor:
+    """Our raw CAM the way pytorch-grad-cam post-processes its own (min-max scale, resize, scale)."""
+    from pytorch_grad_cam.utils.image import scale_cam_image
+
+    return torch.from_numpy(scale_cam_image(scale_cam_image(cam.numpy(), (size, size))))
+
+
+def check_agreement(method: str, peer: str, ours: torch.Tensor, theirs: torch.Tensor, cfg: Config) -> dict:
+    """Shapes equal and values close where the settings fix the result; raises if not."""
+    if method == "gradcam" and peer == "captum":
+        theirs = theirs.clamp(min=0).squeeze(1)  # LayerGradCam: [B, 1, h, w] before the ReLU
+    if method in ("gradcam", "scorecam") and peer == "pytorch_grad_cam":
+        ours = _pgc_scaled(ours, cfg.size)  # pytorch-grad-cam returns scaled maps at input size
+    if tuple(ours.shape) != tuple(theirs.shape):
+        raise AssertionError(f"{method}: mechlens map {tuple(ours.shape)} vs {peer} {tuple(theirs.shape)}")
+    if method == "smoothgrad":
+        # Independent noise draws: the same expected map, different Monte-Carlo error (which shrinks
+        # with the number of samples). Unrelated maps would not correlate, nor share their scale.
+        corr = _corr(ours, theirs)
+        scale = float(ours.double().abs().mean() / theirs.double().abs().mean())
+        if corr < 0.3 or not 0.8 < scale < 1.25:
+            raise AssertionError(f"smoothgrad: mechlens and {peer} maps correlate {corr:.3f}, mean |map| ratio {scale:.3f}")
+        return {"shape": list(ours.shape), "correlation": round(corr, 4), "mean_abs_ratio": round(scale, 4)}
+    if peer == "pytorch_grad_cam":  # both in [0, 1]
+        diff = float((ours.double() - theirs.double()).abs().max())
+        if diff > 1e-3:
+            raise AssertionError(f"{method}: mechlens vs {peer} scaled maps differ by {diff:.2e}")
+        return {"shape": list(ours.shape), "max_abs_diff": diff}
+    rel = _rel(ours, theirs)
+    if rel > 1e-3:
+        raise AssertionError(f"{method}: mechlens vs {peer} maps differ by {rel:.2e} of the peer's max")
+    return {"shape": list(ours.shape), "max_rel_diff": rel}
+
+
+def summarise(runs: list[Run], records: dict[str, list[dict]]) -> dict[str, dict]:
+    out = {}
+    for run in runs:
+        recs = [r for r in records[run.key] if "error" not in r]
+        if not recs:
+            out[run.key] = {"error": records[run.key][0].get("error", "no measurement"), "kwargs": run.kwargs}
+            continue
+        item = {
+            "seconds": round(statistics.median(r["seconds"] for r in recs), 3),
+            "peak_mib": round(max(r["peak_mib"] for r in recs), 1),
+            "runs": len(recs),
+            "kwargs": run.kwargs,
+        }
+        for key in ("masked_inputs_run",):
+            if key in recs[0]:
+                item[key] = recs[0][key]
+        out[run.key] = item
+    return out
+
+
+def compare(runs: list[Run], summary: dict[str, dict], maps: dict[str, str], cfg: Config) -> tuple[dict, dict]:
+    comparisons, ratios = {}, {}
+    methods = {run.method for run in runs}
+    for method, peer in COMPARISONS:
+        if method not in methods:
+            continue
+        ours = {r.key: summary[r.key] for r in runs if r.method == method and r.impl == "mechlens" and "seconds" in summary[r.key]}
+        theirs = {r.key: summary[r.key] for r in runs if r.method == method and r.impl == peer and "seconds" in summary[r.key]}
+        name = f"{method}/{peer}"
+        if not ours or not theirs:
+            comparisons[name] = {"error": "missing measurements"}
+            continue
+        our_best = min(ours, key=lambda k: ours[k]["seconds"])
+        peer_best = min(theirs, key=lambda k: theirs[k]["seconds"])
+        our_default = f"{method}:mechlens:default"
+        agreement = {}
+        for our_key in ours:
+            for peer_key in theirs:
+                if our_key in maps and peer_key in maps:
+                    agreement[f"{our_key.split(':')[2]} vs {peer_key.split(':')[2]}"] = check_agreement(
+                        method, peer, torch.load(maps[our_key]), torch.load(maps[peer_key]), cfg)
+        floor = 1.0  # MiB: keeps the memory ratio meaningful when both peaks are near zero
+        time_ratio = ours[our_best]["seconds"] / theirs[peer_best]["seconds"]
+        mem_ratio = max(ours[our_best]["peak_mib"], floor) / max(theirs[peer_best]["peak_mib"], floor)
+        limit = TIME_TARGETS.get(method, 1.0)
+        item = {
+            "mechlens_best": our_best, "peer_best": peer_best,
+            "time_ratio": round(time_ratio, 3), "memory_ratio": round(mem_ratio, 3),
+            "time_target": limit, "time_target_met": time_ratio <= limit, "memory_target_met": mem_ratio <= 1.0,
+            "agreement": agreement,
+        }
+        if our_default in ours:
+            item["default_time_ratio"] = round(ours[our_default]["seconds"] / theirs[peer_best]["seconds"], 3)
+            item["default_memory_ratio"] = round(
+                max(ours[our_default]["peak_mib"], floor) / max(theirs[peer_best]["peak_mib"], floor), 3)
+        comparisons[name] = item
+        ratios[f"{name}_time"] = item["time_ratio"]
+        ratios[f"{name}_memory"] = item["memory_ratio"]
+    return comparisons, ratios
+
+
+def print_table(runs: list[Run], summary: dict[str, dict]) -> None:
+    print(f"\n{'run':46s} {'seconds':>9s} {'peak MiB':>9s}  batching")
+    for run in runs:
+        s = summary[run.key]
+        if "error" in s:
+            print(f"{run.key:46s} {'ERROR':>9s} {'':>9s}  {s['error']}")
+            continue
+        print(f"{run.key:46s} {s['seconds']:9.2f} {s['peak_mib']:9.0f}  {run.kwargs or 'default'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=50, help="Integrated Gradients steps")
+    parser.add_argument("--samples", type=int, default=50, help="SmoothGrad noise samples")
+    parser.add_argument("--window", type=int, default=32, help="occlusion window 3 x W x W")
+    parser.add_argument("--stride", type=int, default=16, help="occlusion stride 3 x S x S")
+    parser.add_argument("--rows", type=int, default=64, help="tuned rows per forward/backward (gradient methods)")
+    parser.add_argument("--perturb-rows", type=int, default=64, help="tuned rows per forward (occlusion, Score-CAM)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeat-budget", type=float, default=20.0,
+                        help="runs whose first measurement took longer than this many seconds are not repeated")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per measurement (0: torch's default). On a shared, busy machine 1 "
+                             "avoids OpenMP threads waiting on each other at every op")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--one", metavar="METHOD:IMPL:SETTING", help="measure one run in this process and print it")
+    parser.add_argument("--quick", action="store_true", help="tiny run for the test suite")
+    args = parser.parse_args()
+    if args.quick:
+        args.images, args.size, args.steps, args.samples = 2, 64, 8, 4
+        args.window, args.stride, args.rows, args.perturb_rows, args.repeats = 16, 8, 8, 64, 1
+        args.threads = args.threads or 1
+    cfg = Config(images=args.images, size=args.size, steps=args.steps, samples=args.samples, window=args.window,
+                 stride=args.stride, rows=args.rows, perturb_rows=args.perturb_rows, threads=args.threads)
+    runs = plan(cfg, args.methods if not args.one else [args.one.split(":")[0]])
+    if args.one:
+        (run,) = [r for r in runs if r.key == args.one] or [None]
+        if run is None:
+            parser.error(f"--one: no run {args.one!r}; runs: {', '.join(r.key for r in plan(cfg, list(METHODS)))}")
+        print(json.dumps({"run": run.key, **measure(run, cfg, None)}))
+        return
+
+    print(f"resnet18 (random weights, eval), {cfg.images} images of {cfg.size}x{cfg.size}, class {TARGET_CLASS}; "
+          f"IG {cfg.steps} steps, SmoothGrad {cfg.samples} samples, occlusion 3x{cfg.window}x{cfg.window} stride "
+          f"{cfg.stride}, CAMs at {LAYER}; {len(runs)} runs x up to {args.repeats} repeats, "
+          f"{cfg.threads or torch.get_num_threads()} threads", flush=True)
+    _preimport()  # forked children inherit the modules instead of importing them again
+    scratch = Path(tempfile.mkdtemp(prefix="mechlens-attr-bench-"))
+    records: dict[str, list[dict]] = {run.key: [] for run in runs}
+    maps: dict[str, str] = {}
+    total_start = time.perf_counter()
+    try:
+        for repeat in range(args.repeats):
+            for run in runs:
+                done = records[run.key]
+                if done and ("error" in done[0] or done[0]["seconds"] > args.repeat_budget):
+                    continue
+                rec = run_isolated(run, cfg, scratch, save_map=repeat == 0)
+                done.append(rec)
+                if "map_path" in rec:
+                    maps[run.key] = rec["map_path"]
+                if "error" in rec:
+                    print(f"[{repeat + 1}] {run.key:46s} ERROR {rec['error']}", flush=True)
+                else:
+                    print(f"[{repeat + 1}] {run.key:46s} {rec['seconds']:8.2f} s  peak +{rec['peak_mib']:7.0f} MiB",
+                          flush=True)
+        summary = summarise(runs, records)
+        comparisons, ratios = compare(runs, summary, maps, cfg)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    print_table(runs, summary)
+    print(f"\n{'comparison':32s} {'mechlens best':>26s} {'peer best':>36s} {'time x':>7s} {'mem x':>7s}  targets")
+    for name, item in comparisons.items():
+        if "error" in item:
+            print(f"{name:32s} ERROR {item['error']}")
+            continue
+        print(f"{name:32s} {item['mechlens_best']:>26s} {item['peer_best']:>36s} {item['time_ratio']:7.3f} "
+              f"{item['memory_ratio']:7.3f}  time<={item['time_target']}: {item['time_target_met']}, "
+              f"memory<=1: {item['memory_target_met']}")
+    met = [c for c in comparisons.values() if "error" not in c]
+    figures = {
+        "model": "torchvision:resnet18 (random weights, eval)", "images": cfg.images, "size": cfg.size,
+        "target": f"class:{TARGET_CLASS}", "layer": LAYER, "ig_steps": cfg.steps, "smoothgrad_samples": cfg.samples,
+        "occlusion_window": [3, cfg.window, cfg.window], "occlusion_stride": [3, cfg.stride, cfg.stride],
+        "rows": cfg.rows, "perturb_rows": cfg.perturb_rows, "repeats": args.repeats,
+        "threads": cfg.threads or torch.get_num_threads(), "wall_seconds": round(time.perf_counter() - total_start, 1),
+        "runs": summary, "comparisons": comparisons,
+        "targets": {
+            "time": all(c["time_target_met"] for c in met) and len(met) == len(comparisons),
+            "memory": all(c["memory_target_met"] for c in met) and len(met) == len(comparisons),
+            "per_comparison": {name: {"time": c.get("time_target_met", False), "memory": c.get("memory_target_met", False)}
+                               for name, c in comparisons.items()},
+        },
+    }
+    print(json.dumps({"benchmark": "attribution_vs_peers", "figures": figures, "ratios": ratios}))
+
+
+if __name__ == "__main__":
+    main()

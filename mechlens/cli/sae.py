@@ -1,0 +1,187 @@
+"""``mechlens sae train|eval|stats``: sparse autoencoders on a store layer.
+
+    mechlens sae train --store S --layer L --arch topk --k 32 --width 4096 --out runs/sae
+    mechlens sae train ... --k 16,32,64            # a sweep, trained in one pass (out/<name> each)
+    mechlens sae eval runs/sae/* --store S_test --plot fvu_l0.png [--model M --data D]
+    mechlens sae stats runs/sae --store S --top-k 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    sae = subparsers.add_parser("sae", help="train, evaluate and describe sparse autoencoders on a store layer")
+    actions = sae.add_subparsers(dest="sae_command", metavar="ACTION")
+    actions.required = True
+
+    train = actions.add_parser("train", help="train one SAE or a sweep (width x k / coefficient) in one pass")
+    train.add_argument("--store", required=True, help="activation store directory")
+    train.add_argument("--layer", required=True, help="layer of the store to train on")
+    train.add_argument("--out", required=True, help="output directory (a sweep writes out/<name> per SAE)")
+    train.add_argument("--arch", default="topk", help="architecture(s), comma-separated: relu, topk, batchtopk, jumprelu")
+    train.add_argument("--width", type=_ints, default=[4096], help="number of latents (comma-separated for a sweep)")
+    train.add_argument("--k", type=_ints, default=[32], help="active latents per row, topk/batchtopk (comma list)")
+    train.add_argument("--l1-coeff", type=_floats, default=None, help="relu: L1 coefficient(s)")
+    train.add_argument("--l0-coeff", type=_floats, default=None, help="jumprelu: L0 coefficient(s)")
+    train.add_argument("--steps", type=int, default=10_000)
+    train.add_argument("--batch-size", type=int, default=4096)
+    train.add_argument("--lr", type=float, default=4e-4)
+    train.add_argument("--lr-warmup-steps", type=int, default=100)
+    train.add_argument("--dead-window", type=int, default=100_000, help="rows without firing before a latent is dead")
+    train.add_argument("--b-dec-init", default="geometric_median", choices=("geometric_median", "mean", "zeros"))
+    train.add_argument("--center", action="store_true", help="subtract the data mean before scaling")
+    train.add_argument("--no-normalize", action="store_true", help="train on raw activations (no scalar normalisation)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    train.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here")
+    train.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
+    train.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir if it holds a checkpoint")
+    train.add_argument("--log", default=None, help="metrics log: .csv, or JSON lines for any other suffix")
+    train.add_argument("--log-every", type=int, default=50)
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(handler=_train)
+
+    evaluate = actions.add_parser("eval", help="MSE, FVU, L0, dead/dense fractions; accuracy and KL when spliced in")
+    evaluate.add_argument("saes", nargs="+", help="saved SAE directories")
+    evaluate.add_argument("--store", required=True, help="store to evaluate on (ideally held-out rows)")
+    evaluate.add_argument("--layer", default=None, help="default: the layer each SAE was trained on")
+    evaluate.add_argument("--rows", type=int, default=100_000, help="rows evaluated (the dead-latent window)")
+    evaluate.add_argument("--batch-size", type=int, default=4096)
+    evaluate.add_argument("--model", default=None, help="model spec or checkpoint dir, to splice the SAE in")
+    evaluate.add_argument("--pretrained", action="store_true", help="load the model's pretrained weights")
+    evaluate.add_argument("--weights", default=None, help="local weights file for the model")
+    evaluate.add_argument("--data", default=None, help="dataset spec of held-out images for the spliced evaluation")
+    evaluate.add_argument("--samples", type=int, default=1000, help="images for the spliced evaluation")
+    evaluate.add_argument("--plot", default=None, help="write a FVU-vs-L0 plot (PNG) of the SAEs")
+    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(handler=_eval)
+
+    stats = actions.add_parser("stats", help="per-latent frequency, mean, max and top-k exemplars (the atlas's input)")
+    stats.add_argument("sae", help="saved SAE directory (the statistics are written next to it)")
+    stats.add_argument("--store", required=True)
+    stats.add_argument("--layer", default=None)
+    stats.add_argument("--top-k", type=int, default=16)
+    stats.add_argument("--all-rows", action="store_true",
+                       help="exemplars may repeat an image (default: k distinct images, each at its best position)")
+    stats.add_argument("--rows", type=int, default=None, help="only the first N rows of the store")
+    stats.add_argument("--batch-size", type=int, default=4096)
+    stats.add_argument("--device", default=None)
+    stats.add_argument("--out", default=None, help="default: the SAE directory")
+    stats.add_argument("--no-progress", action="store_true")
+    stats.set_defaults(handler=_stats)
+
+
+def _configs(args: argparse.Namespace) -> list[Any]:
+    from mechlens.sae.config import config_class
+
+    configs = []
+    for arch in [a for a in args.arch.split(",") if a]:
+        cls = config_class(arch)
+        for width in args.width:
+            if arch in ("topk", "batchtopk"):
+                variants = [{"k": k} for k in args.k]
+            elif arch == "relu":
+                variants = [{"l1_coeff": c} for c in args.l1_coeff] if args.l1_coeff else [{}]
+            elif arch == "jumprelu":
+                variants = [{"l0_coeff": c} for c in args.l0_coeff] if args.l0_coeff else [{}]
+            else:
+                variants = [{}]
+            configs.extend(cls(width=width, **variant) for variant in variants)
+    if not configs:
+        raise ValueError("no SAE to train: --arch is empty")
+    return configs
+
+
+def _train(args: argparse.Namespace) -> int:
+    from mechlens.sae import TrainConfig, train_sae
+
+    configs = _configs(args)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_warmup_steps=args.lr_warmup_steps,
+                        dead_window=args.dead_window, b_dec_init=args.b_dec_init, center=args.center,
+                        normalize=not args.no_normalize, seed=args.seed, device=args.device, log_every=args.log_every,
+                        checkpoint_every=args.checkpoint_every)
+    result = train_sae(args.store, args.layer, configs, train, out=args.out, checkpoint_dir=args.checkpoint_dir,
+                       resume=args.resume, progress=not args.no_progress, log_path=args.log)
+    print(f"trained {len(result.saes)} SAE(s) for {result.steps} steps on {result.rows:,} rows "
+          f"({result.rows_per_second:,.0f} rows/s)")
+    for path, metrics in zip(result.paths, result.metrics):
+        print(f"  {path}  fvu {metrics.get('fvu', float('nan')):.4f}  l0 {metrics.get('l0', float('nan')):.2f}  "
+              f"dead {100 * metrics.get('dead_fraction', float('nan')):.1f}% (last {train.log_every} training steps)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mechlens.sae import SAE, evaluate_store, plot_fvu_vs_l0, spliced_metrics
+
+    if (args.model is None) != (args.data is None):
+        raise ValueError("the spliced evaluation needs both --model and --data")
+    model = dataset = None
+    if args.model is not None:
+        from mechlens.data.adapters import build_dataset
+        from mechlens.models import load_model
+
+        model = load_model(args.model, pretrained=args.pretrained, weights=args.weights, device=args.device)
+        dataset = build_dataset(args.data, image_size=model.preprocessing.input_size[1])
+    report = []
+    points = []
+    for path in args.saes:
+        sae = SAE.load(path, device=args.device)
+        metrics = evaluate_store(sae, args.store, args.layer, max_rows=args.rows, batch_size=args.batch_size)
+        entry: dict[str, Any] = {"sae": str(path), "arch": sae.config.arch, "width": sae.width,
+                                 "layer": args.layer or sae.config.layer, **metrics.to_json()}
+        if model is not None:
+            spliced = spliced_metrics(model, sae, dataset, layer=args.layer, max_samples=args.samples)
+            entry["spliced"] = spliced.to_json()
+        report.append(entry)
+        points.append((Path(path).name, metrics))
+        if not args.json:
+            print(f"{path}: {metrics}")
+            if model is not None:
+                print(f"    spliced into {args.model}: {spliced}")
+    if args.plot:
+        plot_fvu_vs_l0(points, args.plot)
+        if not args.json:
+            print(f"plot: {args.plot}")
+    if args.json:
+        print(json.dumps(report if len(report) > 1 else report[0]))
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from mechlens.sae import SAE, feature_statistics
+
+    sae = SAE.load(args.sae, device=args.device)
+    stats = feature_statistics(sae, args.store, args.layer, top_k=args.top_k, distinct_samples=not args.all_rows,
+                               batch_size=args.batch_size, max_rows=args.rows, progress=not args.no_progress)
+    out = stats.save(args.out or args.sae)
+    dead = float((stats.frequency == 0).mean())
+    print(f"feature statistics of {sae.width} latents over {stats.rows:,} rows of {stats.layer!r} -> {out}")
+    print(f"  never fire: {100 * dead:.1f}%  median frequency {float(_median(stats.frequency)):.4g}  "
+          f"top-{stats.top_k} exemplars per latent ({'distinct images' if stats.distinct_samples else 'any rows'})")
+    return 0
+
+
+def _median(values: Any) -> float:
+    import numpy as np
+
+    return float(np.median(values))
+

@@ -1,0 +1,83 @@
+"""Sparse autoencoders trained on the activation store: discover features.
+
+>>> from mechlens.sae import TopKConfig, TrainConfig, train_sae, evaluate_store, feature_statistics
+>>> result = train_sae("runs/acts", "stage2", TopKConfig(width=1024, k=16), TrainConfig(steps=2000), out="runs/sae")
+>>> print(evaluate_store(result.sae, "runs/acts"))          # MSE, FVU, L0, dead / dense fractions
+>>> feature_statistics(result.sae, "runs/acts").save("runs/sae")   # per-latent stats + exemplars
+
+* architectures: :func:`create_sae`, :func:`list_architectures` (``relu``, ``topk``, ``batchtopk``,
+  ``jumprelu``) and their typed configs; ``SAE.save(dir)`` / ``SAE.load(dir)`` (safetensors + JSON)
+* training: :class:`SAETrainer` (any iterator of row batches; sweeps in one pass; checkpoints,
+  resume, progress bar, CSV/JSON-lines log) and :func:`train_sae` for a store layer
+* metrics: :func:`evaluate`, :func:`evaluate_store`, :func:`spliced_metrics`, :func:`plot_fvu_vs_l0`
+* feature statistics: :func:`feature_statistics`
+
+A saved SAE reads raw activations (the training normalisation is folded into its weights) and
+records its layer and pooling, so ``parse_feature("sae:PATH:123")`` is latent 123 as a
+:class:`~mechlens.features.SAELatent`.
+"""
+from __future__ import annotations
+
+from mechlens.sae.config import (
+    BatchTopKConfig,
+    JumpReLUConfig,
+    ReLUConfig,
+    SAEConfig,
+    TopKConfig,
+    TrainConfig,
+)
+from mechlens.sae.data import NonFiniteActivationsError, Normalizer, StoreSource, TensorSource, geometric_median
+from mechlens.sae.metrics import (
+    SAEMetrics,
+    SplicedMetrics,
+    evaluate,
+    evaluate_store,
+    plot_fvu_vs_l0,
+    splice_sae,
+    spliced_metrics,
+)
+from mechlens.sae.modules import (
+    SAE,
+    BatchTopKSAE,
+    JumpReLUSAE,
+    ReLUSAE,
+    SAECheckpointError,
+    SAEOutput,
+    TopKSAE,
+    build_sae,
+    create_sae,
+    fold_normalization,
+    list_architectures,
+    register_sae,
+)
+from mechlens.sae.stats import FeatureStatistics, feature_statistics
+from mechlens.sae.training import SAETrainer, TrainResult, save_saes, train_sae
+
+__all__ = [
+    "SAE", "BatchTopKConfig", "BatchTopKSAE", "FeatureStatistics", "JumpReLUConfig", "JumpReLUSAE",
+    "NonFiniteActivationsError", "Normalizer", "ReLUConfig", "ReLUSAE", "SAECheckpointError", "SAEConfig",
+    "SAEMetrics", "SAEOutput", "SAETrainer", "SplicedMetrics", "StoreSource", "TensorSource", "TopKConfig",
+    "TopKSAE", "TrainConfig", "TrainResult", "build_sae", "create_sae", "evaluate", "evaluate_store",
+    "feature_from_spec", "feature_statistics", "fold_normalization", "geometric_median", "list_architectures",
+    "plot_fvu_vs_l0", "register_sae", "save_saes", "splice_sae", "spliced_metrics", "train_sae",
+]
+
+
+def feature_from_spec(rest: str):
+    """``"PATH:123"`` (the text after ``sae:`` in a feature spec) -> :class:`SAELatent` of latent 123
+    of the SAE saved at ``PATH``, with the layer, pooling and layout it was trained with."""
+    from mechlens.features.base import SAELatent
+
+    path, sep, index = rest.rpartition(":")
+    if not sep or not path:
+        raise ValueError(f"feature spec 'sae:{rest}': expected sae:PATH:INDEX")
+    try:
+        latent = int(index)
+    except ValueError:
+        raise ValueError(f"feature spec 'sae:{rest}': latent index must be an integer, got {index!r}") from None
+    sae = SAE.load(path)
+    if not 0 <= latent < sae.width:
+        raise IndexError(f"feature spec 'sae:{rest}': latent {latent} is out of range, the SAE has {sae.width} latents")
+    if not sae.config.layer:
+        raise ValueError(f"the SAE at {path} does not record the layer it was trained on, so it cannot be a feature")
+    return SAELatent(sae.config.layer, sae, latent, pooling=sae.config.pooling, layout=sae.config.layout, source=path)

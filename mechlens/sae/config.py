@@ -1,0 +1,307 @@
+"""Typed configurations of SAEs and of their training, round-tripping through JSON.
+
+An :class:`SAEConfig` describes one SAE (its architecture and the knobs that differ between the
+members of a sweep: width, ``k``, sparsity coefficient); a :class:`TrainConfig` describes one
+training run, shared by every SAE trained in the same pass over the data.
+
+``config.to_json()`` gives a plain dict (``"arch"`` included); ``SAEConfig.from_json(d)`` picks
+the right subclass from ``d["arch"]`` and refuses unknown keys, so a typo in a JSON file is an
+error rather than a silently ignored setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+__all__ = [
+    "B_DEC_INITS",
+    "BatchTopKConfig",
+    "JumpReLUConfig",
+    "ReLUConfig",
+    "SAEConfig",
+    "TopKConfig",
+    "TrainConfig",
+    "config_class",
+]
+
+B_DEC_INITS: tuple[str, ...] = ("mean", "geometric_median", "zeros")
+_POOLINGS = ("all", "mean", "max", "cls")
+_LAYOUTS = ("auto", "nchw", "nhwc", "nlc", "nc")
+
+# arch name -> config class, filled by the subclasses below (and by register_sae for new ones)
+_CONFIG_CLASSES: dict[str, type["SAEConfig"]] = {}
+
+
+def _check_unknown(cls: type, data: Mapping[str, Any], what: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"unknown {what} key(s): {', '.join(hints)}; known keys: {', '.join(sorted(known))}")
+
+
+def config_class(arch: str) -> type["SAEConfig"]:
+    """The config class of architecture ``arch`` (error listing the known ones)."""
+    try:
+        return _CONFIG_CLASSES[arch]
+    except KeyError:
+        close = difflib.get_close_matches(arch, list(_CONFIG_CLASSES), n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown SAE architecture {arch!r}.{hint} Known: {', '.join(sorted(_CONFIG_CLASSES))}") from None
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    """What every SAE has.
+
+    ``width``: number of latents; ``d_in``: the width of the rows it reads (``None`` until known:
+    the trainer fills it in from the data). ``layer`` / ``pooling`` / ``layout`` record where the
+    rows came from, so a saved SAE can be turned into :class:`~mechlens.features.SAELatent`
+    features and spliced back into its model. ``normalize_decoder`` keeps decoder rows at unit
+    norm during training (the gradient component parallel to each row is removed before the
+    step). ``input_scale`` / ``input_centered`` record the activation normalisation that was
+    folded into the weights on export (informational: a saved SAE reads raw activations).
+    """
+
+    arch: ClassVar[str] = ""
+    width: int
+    d_in: int | None = None
+    layer: str = ""
+    pooling: str = "all"
+    layout: str = "auto"
+    normalize_decoder: bool = True
+    input_scale: float = 1.0
+    input_centered: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("arch"):
+            _CONFIG_CLASSES[cls.arch] = cls
+
+    def __post_init__(self) -> None:
+        if not self.arch:
+            raise TypeError("SAEConfig is abstract: use ReLUConfig, TopKConfig, BatchTopKConfig or JumpReLUConfig")
+        if int(self.width) != self.width or self.width < 1:
+            raise ValueError(f"width must be a positive integer, got {self.width!r}")
+        if self.d_in is not None and (int(self.d_in) != self.d_in or self.d_in < 1):
+            raise ValueError(f"d_in must be a positive integer, got {self.d_in!r}")
+        if self.pooling not in _POOLINGS:
+            raise ValueError(f"pooling must be one of {_POOLINGS}, got {self.pooling!r}")
+        if self.layout not in _LAYOUTS:
+            raise ValueError(f"layout must be one of {_LAYOUTS}, got {self.layout!r}")
+        if not self.input_scale > 0:
+            raise ValueError(f"input_scale must be positive, got {self.input_scale}")
+
+    # ------------------------------------------------------------------ JSON
+    def to_json(self) -> dict[str, Any]:
+        return {"arch": self.arch, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "SAEConfig":
+        data = dict(data)
+        arch = data.pop("arch", cls.arch or None)
+        if arch is None:
+            raise ValueError("an SAE config needs an 'arch' key")
+        target = config_class(arch)
+        if cls.arch and target is not cls:
+            raise ValueError(f"config of architecture {arch!r} cannot be read as {cls.__name__}")
+        _check_unknown(target, data, f"{arch} SAE config")
+        return target(**data)
+
+    def replace(self, **changes: Any) -> "SAEConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def name(self) -> str:
+        """Short name for sweeps and directories, e.g. ``topk-w4096-k32``."""
+        return f"{self.arch}-w{self.width}"
+
+
+@dataclass(frozen=True)
+class ReLUConfig(SAEConfig):
+    """ReLU latents with an L1 penalty weighted by each latent's decoder norm,
+    ``l1_coeff * sum_i |z_i| * ||W_dec[i]||`` (Anthropic, "Towards Monosemanticity" and the April
+    2024 update; their default coefficient 5 assumes the normalisation E||x||^2 = d used here).
+    The decoder is left free by default (the norm weighting replaces the unit-norm constraint)."""
+
+    arch: ClassVar[str] = "relu"
+    l1_coeff: float = 5.0
+    normalize_decoder: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.l1_coeff < 0:
+            raise ValueError(f"l1_coeff must be >= 0, got {self.l1_coeff}")
+
+    @property
+    def sparsity_coeff(self) -> float:
+        return self.l1_coeff
+
+    @property
+    def name(self) -> str:
+        return f"relu-w{self.width}-l1{self.l1_coeff:g}"
+
+
+@dataclass(frozen=True)
+class TopKConfig(SAEConfig):
+    """Keep the ``k`` largest pre-activations of each row (ReLU applied), Gao et al. 2024.
+
+    ``aux_k`` latents (default ``d_in // 2``, capped by the width) of those that have not fired
+    for ``TrainConfig.dead_window`` rows reconstruct the residual in the AuxK loss, weighted by
+    ``aux_coeff`` (1/32 in the paper). ``multi_k`` (off by default) adds the paper's Multi-TopK
+    term: the reconstruction error with the ``multi_k`` largest latents, weighted by
+    ``multi_k_coeff`` (the paper: ``multi_k = 4 k``, coefficient 1/8)."""
+
+    arch: ClassVar[str] = "topk"
+    k: int = 32
+    aux_k: int | None = None
+    aux_coeff: float = 1 / 32
+    multi_k: int | None = None
+    multi_k_coeff: float = 1 / 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if int(self.k) != self.k or self.k < 1:
+            raise ValueError(f"k must be a positive integer, got {self.k!r}")
+        if self.k > self.width:
+            raise ValueError(f"k={self.k} is larger than the width {self.width}: an SAE cannot keep more "
+                             f"latents per row than it has; use k <= width")
+        if self.aux_k is not None and (int(self.aux_k) != self.aux_k or self.aux_k < 1):
+            raise ValueError(f"aux_k must be a positive integer or None, got {self.aux_k!r}")
+        if self.aux_coeff < 0:
+            raise ValueError(f"aux_coeff must be >= 0, got {self.aux_coeff}")
+        if self.multi_k is not None and not self.k < self.multi_k <= self.width:
+            raise ValueError(f"multi_k must be in ({self.k}, {self.width}], got {self.multi_k}")
+
+    @property
+    def sparsity_coeff(self) -> float:
+        return 0.0
+
+    def resolved_aux_k(self) -> int:
+        base = self.aux_k if self.aux_k is not None else max(1, (self.d_in or 2) // 2)
+        return int(min(base, self.width))
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}-w{self.width}-k{self.k}"
+
+
+@dataclass(frozen=True)
+class BatchTopKConfig(TopKConfig):
+    """Keep the ``k * batch`` largest activations of the whole batch (Bussmann et al. 2024), so
+    the number of latents per row varies. For inference the SAE uses a threshold, the running
+    average (``threshold_momentum``) of the smallest activation kept in each training batch."""
+
+    arch: ClassVar[str] = "batchtopk"
+    threshold_momentum: float = 0.99
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.threshold_momentum < 1.0:
+            raise ValueError(f"threshold_momentum must be in [0, 1), got {self.threshold_momentum}")
+
+
+@dataclass(frozen=True)
+class JumpReLUConfig(SAEConfig):
+    """JumpReLU latents ``z = pre * H(pre - theta)`` with a learnt threshold per latent and an L0
+    penalty ``l0_coeff * ||z||_0`` trained with straight-through estimators whose pseudo-gradient
+    uses a rectangle kernel of width ``bandwidth`` (Rajamanoharan et al. 2024). The threshold is
+    learnt as ``log(theta)``; the defaults suit the trainer's normalisation (E||x||^2 = d, so
+    pre-activations are of order 1): on small-CNN activations, 800 steps with ``l0_coeff`` 0.05 /
+    0.5 gave L0 about 12 / 4 of 256 latents."""
+
+    arch: ClassVar[str] = "jumprelu"
+    l0_coeff: float = 0.1
+    bandwidth: float = 0.1
+    init_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.l0_coeff < 0:
+            raise ValueError(f"l0_coeff must be >= 0, got {self.l0_coeff}")
+        if not self.bandwidth > 0 or not self.init_threshold > 0:
+            raise ValueError("bandwidth and init_threshold must be positive")
+
+    @property
+    def sparsity_coeff(self) -> float:
+        return self.l0_coeff
+
+    @property
+    def name(self) -> str:
+        return f"jumprelu-w{self.width}-l0{self.l0_coeff:g}"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run (shared by every SAE of a sweep trained in the same pass).
+
+    Schedule: the learning rate warms up linearly over ``lr_warmup_steps``, stays at ``lr`` and
+    decays linearly to zero over the last ``lr_decay_fraction`` of the steps; the sparsity
+    coefficient (ReLU / JumpReLU) ramps up linearly over the first ``sparsity_warmup_fraction``.
+    Gradients are clipped to norm ``grad_clip`` (0 disables).
+
+    Data: ``normalize`` scales activations by one scalar so that E||x||^2 = d (after removing
+    the mean when ``center``), estimated from the store's statistics (or from the first
+    ``init_rows`` rows of a plain iterator); the scale is folded into the weights on export.
+    ``b_dec_init`` sets the decoder bias from the data mean or the geometric median of the first
+    ``init_rows`` rows. A latent is dead once it has not fired for ``dead_window`` rows.
+    """
+
+    steps: int = 10_000
+    batch_size: int = 4096
+    lr: float = 4e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    lr_warmup_steps: int = 100
+    lr_decay_fraction: float = 0.2
+    sparsity_warmup_fraction: float = 0.05
+    grad_clip: float = 1.0
+    normalize: bool = True
+    center: bool = False
+    b_dec_init: str = "geometric_median"
+    init_rows: int = 8192
+    dead_window: int = 100_000
+    seed: int = 0
+    device: str | None = None
+    log_every: int = 50
+    checkpoint_every: int = 0
+    shuffle_buffer_chunks: int = 8
+    prefetch: int = 2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adam_betas", tuple(float(b) for b in self.adam_betas))
+        for name in ("steps", "batch_size", "init_rows", "dead_window", "log_every", "shuffle_buffer_chunks"):
+            value = getattr(self, name)
+            if int(value) != value or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("lr_warmup_steps", "checkpoint_every", "seed", "prefetch"):
+            value = getattr(self, name)
+            if int(value) != value or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("lr_decay_fraction", "sparsity_warmup_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        if self.b_dec_init not in B_DEC_INITS:
+            raise ValueError(f"b_dec_init must be one of {B_DEC_INITS}, got {self.b_dec_init!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["adam_betas"] = list(self.adam_betas)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        _check_unknown(cls, data, "TrainConfig")
+        return cls(**dict(data))
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,393 @@
+"""The SAE module family and its registry (timm-style ``create_sae`` / ``list_architectures``).
+
+Every SAE computes ``pre = (x - b_dec) @ W_enc + b_enc``, latents ``z = act(pre)`` and the
+reconstruction ``x_hat = z @ W_dec + b_dec``, with ``W_enc`` ``[d_in, width]`` and ``W_dec``
+``[width, d_in]`` (row ``i`` is latent ``i``'s direction). Architectures differ in ``act`` and in
+their sparsity loss:
+
+=============  ===========================================  ==================================
+``relu``       ReLU                                         L1 weighted by decoder row norms
+``topk``       keep the k largest per row (ReLU)            none (AuxK against dead latents)
+``batchtopk``  keep the k*B largest in the batch; a         none (AuxK)
+               learnt threshold at inference
+``jumprelu``   ``pre * H(pre - theta)``, theta per latent   L0 with straight-through gradients
+=============  ===========================================  ==================================
+
+Initialisation follows the literature: decoder rows are random unit directions (norm 0.1 for
+``relu``, whose decoder norm is free), ``W_enc = W_dec^T``, ``b_enc = 0``; the trainer sets
+``b_dec`` from the data. ``SAE.save(dir)`` writes ``sae.safetensors`` + ``config.json``;
+``SAE.load(dir)`` rebuilds the right class. No pickle anywhere.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import nn
+
+from mechlens.sae.config import (
+    BatchTopKConfig,
+    JumpReLUConfig,
+    ReLUConfig,
+    SAEConfig,
+    TopKConfig,
+    config_class,
+)
+from mechlens.sae.losses import jumprelu, l1_penalty, step_l0
+
+__all__ = [
+    "BatchTopKSAE",
+    "JumpReLUSAE",
+    "ReLUSAE",
+    "SAE",
+    "SAECheckpointError",
+    "SAEOutput",
+    "TopKSAE",
+    "build_sae",
+    "create_sae",
+    "fold_normalization",
+    "list_architectures",
+    "register_sae",
+]
+
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT = "mechlens-sae"
+
+
+class SAECheckpointError(ValueError):
+    """A saved SAE is missing, malformed, or does not fit the SAE it is loaded into."""
+
+
+@dataclass
+class SAEOutput:
+    """``x_hat`` the reconstruction, ``z`` the latents, ``pre`` the pre-activations (all batch-first)."""
+
+    x_hat: torch.Tensor
+    z: torch.Tensor
+    pre: torch.Tensor
+
+
+_ARCHITECTURES: dict[str, type["SAE"]] = {}
+
+
+def register_sae(cls: type["SAE"]) -> type["SAE"]:
+    """Class decorator: add an SAE subclass to the registry under its config's ``arch``."""
+    arch = cls.config_class.arch
+    if not arch:
+        raise ValueError(f"{cls.__name__}.config_class must be an SAEConfig subclass with an 'arch'")
+    _ARCHITECTURES[arch] = cls
+    return cls
+
+
+def list_architectures(pattern: str = "*") -> list[str]:
+    """Registered architecture names matching a wildcard ``pattern`` (``"*topk"``)."""
+    return sorted(name for name in _ARCHITECTURES if fnmatch.fnmatchcase(name, pattern))
+
+
+def build_sae(config: SAEConfig, *, device: str | torch.device | None = None, seed: int | None = 0) -> "SAE":
+    """Instantiate the SAE class registered for ``config.arch``."""
+    try:
+        cls = _ARCHITECTURES[config.arch]
+    except KeyError:
+        config_class(config.arch)  # raises with close names
+        raise
+    return cls(config, device=device, seed=seed)
+
+
+def create_sae(arch: str, *, width: int, d_in: int, device: str | torch.device | None = None, seed: int | None = 0,
+               **kwargs: Any) -> "SAE":
+    """``create_sae("topk", width=4096, d_in=512, k=32)``: build the config of ``arch`` from the
+    keywords (unknown ones are an error) and the SAE."""
+    cls = config_class(arch)
+    try:
+        config = cls(width=width, d_in=d_in, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"{arch} SAE: {error}") from None
+    return build_sae(config, device=device, seed=seed)
+
+
+class SAE(nn.Module):
+    """Base class; subclasses set ``config_class`` and implement :meth:`activate`."""
+
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    init_decoder_norm: ClassVar[float] = 1.0
+
+    def __init__(self, config: SAEConfig, *, device: str | torch.device | None = None, seed: int | None = 0):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        if config.d_in is None:
+            raise ValueError("the SAE config has no d_in (the width of the rows it reads); set d_in=")
+        self.config = config
+        d, w = int(config.d_in), int(config.width)
+        self.W_enc = nn.Parameter(torch.empty(d, w, device=device))
+        self.b_enc = nn.Parameter(torch.zeros(w, device=device))
+        self.W_dec = nn.Parameter(torch.empty(w, d, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(d, device=device))
+        self.reset_parameters(seed)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def d_in(self) -> int:
+        return int(self.config.d_in)  # type: ignore[arg-type]
+
+    @property
+    def width(self) -> int:
+        return int(self.config.width)
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    def extra_repr(self) -> str:
+        return f"arch={self.config.arch}, d_in={self.d_in}, width={self.width}, layer={self.config.layer!r}"
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = 0) -> None:
+        """Random unit (or ``init_decoder_norm``) decoder rows, ``W_enc = W_dec^T``, zero biases."""
+        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        directions = torch.randn(self.width, self.d_in, generator=generator)
+        directions = directions / directions.norm(dim=1, keepdim=True) * self.init_decoder_norm
+        self.W_dec.copy_(directions)
+        self.W_enc.copy_(directions.T)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # ------------------------------------------------------------------ forward
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.W_enc.dtype)
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents ``[N, width]`` of rows ``x`` ``[N, d_in]`` (what :class:`SAELatent` calls)."""
+        self._check_rows(x)
+        return self.activate(self.pre_activations(x))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.b_dec, z, self.W_dec)
+
+    def forward(self, x: torch.Tensor) -> SAEOutput:
+        self._check_rows(x)
+        pre = self.pre_activations(x)
+        z = self.activate(pre)
+        return SAEOutput(self.decode(z), z, pre)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def sparsity_loss(self, out: SAEOutput) -> torch.Tensor:
+        """The unscaled sparsity penalty of a batch (0 for the TopK family)."""
+        return out.x_hat.new_zeros(())
+
+    def after_step(self, out: SAEOutput) -> None:
+        """Called by the trainer after each optimizer step (BatchTopK updates its threshold)."""
+
+    def _check_rows(self, x: torch.Tensor) -> None:
+        if x.dim() != 2 or x.shape[1] != self.d_in:
+            raise ValueError(f"{self.config.arch} SAE reads rows [N, {self.d_in}], got shape {tuple(x.shape)}"
+                             + (f" (trained on layer {self.config.layer!r})" if self.config.layer else ""))
+
+    # ------------------------------------------------------------------ decoder constraint
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out of ``W_dec.grad`` the component along each (unit) decoder row."""
+        if self.W_dec.grad is None:
+            return
+        W = self.W_dec
+        parallel = (self.W_dec.grad * W).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * W)
+
+    @torch.no_grad()
+    def normalize_decoder_rows(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str | os.PathLike, *, metadata: Mapping[str, Any] | None = None) -> Path:
+        """Write ``path/sae.safetensors`` and ``path/config.json`` (``metadata``: any JSON-able dict)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.state_dict().items()}
+        tmp = path / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "arch": self.config.arch})
+        tmp.replace(path / WEIGHTS_FILE)
+        record = {"format": FORMAT, "version": 1, "config": self.config.to_json(), "metadata": dict(metadata or {})}
+        tmp = path / (CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+        tmp.replace(path / CONFIG_FILE)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device | None = None) -> "SAE":
+        """Rebuild a saved SAE (in eval mode). ``SAE.load`` returns whatever architecture was
+        saved; ``TopKSAE.load`` also checks it is one."""
+        config, _ = read_config(path)
+        sae = build_sae(config, device=device, seed=None)
+        if not isinstance(sae, cls):
+            raise SAECheckpointError(f"{path} holds a {config.arch!r} SAE ({type(sae).__name__}), not a {cls.__name__}")
+        sae.load_weights(path)
+        return sae.eval()
+
+    def load_weights(self, path: str | os.PathLike) -> "SAE":
+        """Load the tensors saved at ``path`` into this SAE; a checkpoint of another width,
+        input width or architecture is an error naming both shapes."""
+        from safetensors.torch import load_file
+
+        weights = Path(path) / WEIGHTS_FILE if Path(path).is_dir() else Path(path)
+        if not weights.is_file():
+            raise SAECheckpointError(f"no SAE weights at {weights} (expected a directory written by SAE.save)")
+        state = load_file(str(weights), device="cpu")
+        self.check_state(state, str(weights))
+        self.load_state_dict(state)
+        return self
+
+    def check_state(self, state: Mapping[str, torch.Tensor], where: str) -> None:
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if "W_enc" in state and tuple(state["W_enc"].shape) != tuple(expected["W_enc"].shape):
+            d, w = state["W_enc"].shape
+            raise SAECheckpointError(
+                f"{where} holds an SAE of width {w} on {d}-dim rows, but this SAE has width {self.width} on "
+                f"{self.d_in}-dim rows; load it with SAE.load or build an SAE with the same width and d_in")
+        bad = [f"{k}: file {tuple(state[k].shape)} vs SAE {tuple(expected[k].shape)}"
+               for k in expected if k in state and state[k].shape != expected[k].shape]
+        if missing or unexpected or bad:
+            raise SAECheckpointError(
+                f"{where} does not fit this {self.config.arch} SAE: missing {missing}, unexpected {unexpected}, "
+                f"shape mismatches {bad} (was it saved from another architecture?)")
+
+
+def read_config(path: str | os.PathLike) -> tuple[SAEConfig, dict[str, Any]]:
+    """The :class:`SAEConfig` and metadata of the SAE saved at ``path``."""
+    path = Path(path)
+    file = path / CONFIG_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise SAECheckpointError(f"{path} is not a saved SAE: {file} does not exist (save with SAE.save(dir))")
+    try:
+        record = json.loads(file.read_text())
+    except ValueError as error:
+        raise SAECheckpointError(f"{file} is not valid JSON: {error}") from error
+    if record.get("format") != FORMAT:
+        raise SAECheckpointError(f"{file} is not a mechlens SAE config (format {record.get('format')!r})")
+    return SAEConfig.from_json(record["config"]), dict(record.get("metadata", {}))
+
+
+# ---------------------------------------------------------------------------- architectures
+@register_sae
+class ReLUSAE(SAE):
+    """ReLU latents; L1 penalty weighted by decoder norm."""
+
+    config_class = ReLUConfig
+    init_decoder_norm = 0.1
+    config: ReLUConfig
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre)
+
+    def sparsity_loss(self, out: SAEOutput) -> torch.Tensor:
+        return l1_penalty(out.z, self.W_dec)
+
+
+@register_sae
+class TopKSAE(SAE):
+    """The ``k`` largest pre-activations of each row, through a ReLU."""
+
+    config_class = TopKConfig
+    config: TopKConfig
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        values, indices = pre.topk(self.config.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
+
+
+@register_sae
+class BatchTopKSAE(TopKSAE):
+    """Training: the ``k * N`` largest activations of the batch. Inference (eval mode): a fixed
+    threshold, the running mean of the smallest kept activation during training."""
+
+    config_class = BatchTopKConfig
+    config: BatchTopKConfig
+
+    def __init__(self, config: BatchTopKConfig, *, device: str | torch.device | None = None, seed: int | None = 0):
+        super().__init__(config, device=device, seed=seed)
+        self.register_buffer("threshold", torch.zeros((), device=device))
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long, device=device))
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        acts = torch.relu(pre)
+        if not self.training:
+            return acts * (pre > self.threshold)
+        flat = acts.flatten()
+        values, indices = flat.topk(min(self.config.k * pre.shape[0], flat.numel()), sorted=False)
+        return torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre)
+
+    @torch.no_grad()
+    def after_step(self, out: SAEOutput) -> None:
+        z = out.z.detach()
+        smallest = torch.where(z > 0, z, torch.full_like(z, float("inf"))).min()
+        smallest = torch.where(torch.isfinite(smallest), smallest, self.threshold)
+        m = self.config.threshold_momentum
+        # the first update takes the value as it is (no bias towards the initial 0)
+        first = self.threshold_updates == 0
+        self.threshold.copy_(torch.where(first, smallest, m * self.threshold + (1 - m) * smallest))
+        self.threshold_updates.add_(1)
+
+
+@register_sae
+class JumpReLUSAE(SAE):
+    """``z = pre * H(pre - theta)`` with ``theta = exp(log_threshold)`` learnt per latent."""
+
+    config_class = JumpReLUConfig
+    config: JumpReLUConfig
+
+    def __init__(self, config: JumpReLUConfig, *, device: str | torch.device | None = None, seed: int | None = 0):
+        super().__init__(config, device=device, seed=seed)
+        self.log_threshold = nn.Parameter(
+            torch.full((config.width,), float(torch.tensor(config.init_threshold).log()), device=device))
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        return self.log_threshold.exp()
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled():
+            return jumprelu(pre, self.threshold, self.config.bandwidth)
+        return pre * (pre > self.threshold)
+
+    def sparsity_loss(self, out: SAEOutput) -> torch.Tensor:
+        return step_l0(out.pre, self.threshold, self.config.bandwidth)
+
+
+# ---------------------------------------------------------------------------- normalisation
+@torch.no_grad()
+def fold_normalization(sae: SAE, *, scale: float, shift: torch.Tensor | None = None) -> SAE:
+    """An SAE that reads raw activations ``x``, from one trained on ``(x - shift) * scale``.
+
+    ``W_enc <- scale * W_enc``, ``W_dec <- W_dec / scale``, ``b_dec <- b_dec / scale + shift``: the
+    latents are unchanged (so are thresholds and ``k``) and the reconstruction is mapped back to
+    the raw scale. The returned SAE is a new module; its config records ``input_scale``.
+    """
+    centered = shift is not None
+    config = sae.config.replace(input_scale=float(scale) * sae.config.input_scale,
+                                input_centered=centered or sae.config.input_centered)
+    folded = build_sae(config, device=sae.device, seed=None)
+    folded.load_state_dict(sae.state_dict())
+    folded.W_enc.mul_(scale)
+    folded.W_dec.div_(scale)
+    folded.b_dec.div_(scale)
+    if shift is not None:
+        folded.b_dec.add_(shift.to(folded.b_dec))
+    return folded.train(sae.training)
+

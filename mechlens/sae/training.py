@@ -1,0 +1,605 @@
+"""Training SAEs: one pass over a stream of activations trains one SAE or a whole sweep.
+
+>>> result = train_sae("runs/acts", "stage2", [TopKConfig(width=1024, k=k) for k in (8, 16, 32)],
+...                    TrainConfig(steps=2000, batch_size=1024), out="runs/sae")
+
+The :class:`SAETrainer` consumes any iterator of row batches (tensors, ndarrays, store
+``Batch`` objects) or a :class:`~mechlens.sae.data.BatchSource` (replayable, so training resumes
+mid-epoch); :func:`train_sae` wires it to a store layer: normalisation from the store's
+statistics, shuffled streaming batches, checkpoints, export of SAEs that read raw activations.
+
+Per step and per SAE: normalise the batch once, forward, loss = reconstruction + scheduled
+sparsity penalty (+ AuxK for the TopK family), backward, remove the decoder-parallel gradient,
+clip, Adam, renormalise decoder rows, update the dead-latent counters. Metrics are accumulated
+on the device and synchronised only every ``log_every`` steps.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from mechlens.sae.config import SAEConfig, TopKConfig, TrainConfig
+from mechlens.sae.data import (
+    BatchSource,
+    Normalizer,
+    Prefetcher,
+    RowBatch,
+    StoreSource,
+    as_source,
+    geometric_median,
+    resolve_device,
+)
+from mechlens.sae.losses import auxk_loss, squared_error
+from mechlens.sae.modules import SAE, SAECheckpointError, build_sae, fold_normalization
+
+__all__ = [
+    "SAETrainer",
+    "TrainResult",
+    "lr_factor",
+    "sparsity_factor",
+    "train_sae",
+]
+
+CHECKPOINT_FORMAT = "mechlens-sae-trainer"
+TRAINER_FILE = "trainer.json"
+LOG_COLUMNS = ("step", "rows", "sae", "lr", "loss", "mse", "fvu", "l0", "dead_fraction", "sparsity_coeff",
+               "aux_loss", "elapsed_s")
+# store meta "spatial" (how the capture job made rows) -> the pooling an SAELatent must apply
+DEAD_CHECK_EVERY = 10
+_POOLING_OF_SPATIAL = {"all": "all", "random": "all", "mean": "mean", "max": "max", "cls": "cls"}
+
+
+# ---------------------------------------------------------------------------- schedules
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up over ``lr_warmup_steps``, constant, linear decay to 0 over the last
+    ``lr_decay_fraction`` of ``steps``."""
+    warm = 1.0 if config.lr_warmup_steps == 0 else min(1.0, (step + 1) / config.lr_warmup_steps)
+    decay_steps = config.lr_decay_fraction * config.steps
+    if decay_steps <= 0:
+        return warm
+    decay_start = config.steps - decay_steps
+    decay = 1.0 if step < decay_start else max(0.0, (config.steps - step) / decay_steps)
+    return min(warm, decay)
+
+
+def sparsity_factor(step: int, config: TrainConfig) -> float:
+    """Linear ramp of the sparsity coefficient over the first ``sparsity_warmup_fraction``."""
+    ramp = config.sparsity_warmup_fraction * config.steps
+    return 1.0 if ramp <= 0 else min(1.0, (step + 1) / ramp)
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class TrainResult:
+    """What :meth:`SAETrainer.fit` / :func:`train_sae` did.
+
+    ``saes``: the trained SAEs, exported (normalisation folded in: they read raw activations),
+    in eval mode; ``metrics``: the last logged metrics of each; ``log``: every logged row;
+    ``paths``: where they were saved (when an output directory was given).
+    """
+
+    saes: list[SAE]
+    configs: list[SAEConfig]
+    steps: int
+    rows: int
+    seconds: float
+    metrics: list[dict[str, float]]
+    log: list[dict[str, Any]] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def sae(self) -> SAE:
+        """The only SAE (an error when a sweep was trained)."""
+        if len(self.saes) != 1:
+            raise ValueError(f"this run trained {len(self.saes)} SAEs; use .saes")
+        return self.saes[0]
+
+
+@dataclass
+class _Member:
+    sae: SAE
+    optimizer: torch.optim.Optimizer
+    rows_since_fired: torch.Tensor
+    sums: torch.Tensor  # loss, recon, sparsity, aux, l0, squared error, total variance (since last log)
+    steps_in_window: int = 0
+    dead_index: torch.Tensor | None = None  # latents AuxK works on, refreshed every DEAD_CHECK_EVERY steps
+
+
+# ---------------------------------------------------------------------------- trainer
+class SAETrainer:
+    """Train one or several SAEs on the same stream of rows (they must share ``d_in``)."""
+
+    def __init__(self, configs: SAEConfig | Sequence[SAEConfig], train: TrainConfig | None = None):
+        configs = [configs] if isinstance(configs, SAEConfig) else list(configs)
+        if not configs:
+            raise ValueError("SAETrainer needs at least one SAE config")
+        d_ins = {c.d_in for c in configs}
+        if len(d_ins) > 1:
+            raise ValueError(f"SAEs trained in one pass read the same rows, but their d_in differ: {sorted(map(str, d_ins))}")
+        self.configs: list[SAEConfig] = configs
+        self.train = train or TrainConfig()
+        self.device = resolve_device(self.train.device)
+        self.step = 0
+        self.rows_seen = 0
+        self.elapsed = 0.0
+        self.normalizer: Normalizer | None = None
+        self.members: list[_Member] = []
+        self.log: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def initialised(self) -> bool:
+        return bool(self.members)
+
+    @property
+    def d_in(self) -> int | None:
+        return self.configs[0].d_in
+
+    def initialise(self, *, normalizer: Normalizer | None = None, init_rows: torch.Tensor | None = None,
+                   b_dec: torch.Tensor | None = None) -> "SAETrainer":
+        """Build the SAEs. ``normalizer`` defaults to one estimated from ``init_rows`` (identity when
+        ``TrainConfig.normalize`` is off); ``b_dec`` (in the normalised space) defaults to the mean or
+        geometric median of ``init_rows`` (per ``TrainConfig.b_dec_init``)."""
+        cfg = self.train
+        if self.d_in is None:
+            if init_rows is None:
+                raise ValueError("the SAE configs have no d_in and no rows were given to infer it from")
+            self.configs = [c.replace(d_in=int(init_rows.shape[1])) for c in self.configs]
+        if init_rows is not None:
+            init_rows = init_rows.to(self.device, torch.float32)
+            if init_rows.shape[1] != self.d_in:
+                raise ValueError(f"rows have width {init_rows.shape[1]} but the SAEs read d_in={self.d_in}")
+        if normalizer is None:
+            if not cfg.normalize:
+                normalizer = Normalizer.identity()
+            elif init_rows is None:
+                raise ValueError("normalize=True needs a normalizer or rows to estimate it from")
+            else:
+                normalizer = Normalizer.from_rows(init_rows, center=cfg.center)
+        self.normalizer = normalizer.to(self.device)
+        if b_dec is None and cfg.b_dec_init != "zeros":
+            if init_rows is None:
+                raise ValueError(f"b_dec_init={cfg.b_dec_init!r} needs rows (or pass b_dec=)")
+            rows = self.normalizer.apply(init_rows)
+            b_dec = rows.mean(0) if cfg.b_dec_init == "mean" else geometric_median(rows)
+        self.members = []
+        for index, config in enumerate(self.configs):
+            sae = build_sae(config, device=self.device, seed=cfg.seed + index).train()
+            if b_dec is not None:
+                with torch.no_grad():
+                    sae.b_dec.copy_(b_dec.to(sae.b_dec))
+            self.members.append(self._member(sae))
+        return self
+
+    def _member(self, sae: SAE) -> _Member:
+        cfg = self.train
+        optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+        return _Member(sae, optimizer, torch.zeros(sae.width, dtype=torch.long, device=self.device),
+                       torch.zeros(7, dtype=torch.float64, device=self.device))
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, x: torch.Tensor) -> None:
+        """One optimizer step of every SAE on raw rows ``x`` ``[N, d_in]`` (on the trainer's device)."""
+        cfg = self.train
+        x = self.normalizer.apply(x.to(self.device, torch.float32))
+        lr = cfg.lr * lr_factor(self.step, cfg)
+        ramp = sparsity_factor(self.step, cfg)
+        batch = x.shape[0]
+        with torch.no_grad():
+            variance = (x - x.mean(dim=0, keepdim=True)).pow(2).sum()
+        for member in self.members:
+            sae = member.sae
+            config = sae.config
+            for group in member.optimizer.param_groups:
+                group["lr"] = lr
+            out = sae(x)
+            recon = squared_error(x, out.x_hat)
+            sparsity = sae.sparsity_loss(out)
+            coeff = getattr(config, "sparsity_coeff", 0.0) * ramp
+            loss = recon + coeff * sparsity
+            aux = recon.new_zeros(())
+            if isinstance(config, TopKConfig) and config.multi_k is not None:
+                values, indices = out.pre.topk(config.multi_k, dim=-1, sorted=False)
+                wide = torch.zeros_like(out.pre).scatter_(-1, indices, torch.relu(values))
+                loss = loss + config.multi_k_coeff * squared_error(x, sae.decode(wide))
+            if isinstance(config, TopKConfig) and config.aux_coeff > 0 and member.dead_index is not None:
+                dead = member.dead_index
+                aux = auxk_loss(x - out.x_hat, out.pre.index_select(1, dead), sae.W_dec.index_select(0, dead),
+                                config.resolved_aux_k())
+                loss = loss + config.aux_coeff * aux
+            member.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.normalize_decoder:
+                sae.remove_parallel_decoder_grad()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+            member.optimizer.step()
+            if config.normalize_decoder:
+                sae.normalize_decoder_rows()
+            sae.after_step(out)
+            with torch.no_grad():
+                counts = (out.z > 0).sum(dim=0)
+                member.rows_since_fired = torch.where(counts > 0, torch.zeros_like(member.rows_since_fired),
+                                                      member.rows_since_fired + batch)
+                member.sums += torch.stack([loss.detach(), recon.detach(), sparsity.detach(), aux.detach(),
+                                            counts.sum() / batch, recon.detach() * batch, variance]).double()
+                member.steps_in_window += 1
+        self.step += 1
+        self.rows_seen += batch
+        if self.step % DEAD_CHECK_EVERY == 0:
+            self._refresh_dead_flags()
+
+    def _refresh_dead_flags(self) -> None:
+        # One host sync every DEAD_CHECK_EVERY steps lists the dead latents that the AuxK term uses
+        # until the next check: its cost then scales with the number of dead latents (none, in most
+        # steps of a healthy run) instead of the width. Part of the checkpoint, so a resumed run
+        # takes the same decisions.
+        for member in self.members:
+            if isinstance(member.sae.config, TopKConfig):
+                self._set_dead(member, member.rows_since_fired >= self.train.dead_window)
+
+    @staticmethod
+    def _set_dead(member: "_Member", mask: torch.Tensor) -> None:
+        index = mask.nonzero().flatten()
+        member.dead_index = index if index.numel() else None
+
+    # ------------------------------------------------------------------ metrics
+    def collect_metrics(self) -> list[dict[str, float]]:
+        """Average the metrics accumulated since the last call (one host sync) and reset them."""
+        if not self.members:
+            return []
+        stacked = torch.stack([m.sums for m in self.members]).cpu().numpy()
+        dead = torch.stack([(m.rows_since_fired >= self.train.dead_window).double().mean()
+                            for m in self.members]).cpu().numpy()
+        rows = []
+        lr = self.train.lr * lr_factor(max(self.step - 1, 0), self.train)
+        for index, (member, sums) in enumerate(zip(self.members, stacked)):
+            n = max(member.steps_in_window, 1)
+            config = member.sae.config
+            rows.append({
+                "step": self.step, "rows": self.rows_seen, "sae": index, "lr": lr,
+                "loss": sums[0] / n, "mse": sums[1] / n / member.sae.d_in, "fvu": sums[5] / max(sums[6], 1e-30),
+                "l0": sums[4] / n, "dead_fraction": float(dead[index]),
+                "sparsity_coeff": getattr(config, "sparsity_coeff", 0.0) * sparsity_factor(max(self.step - 1, 0), self.train),
+                "aux_loss": sums[3] / n, "elapsed_s": self.elapsed,
+            })
+            member.sums.zero_()
+            member.steps_in_window = 0
+        return [{k: (float(v) if not isinstance(v, int) else v) for k, v in row.items()} for row in rows]
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, data: Iterable[Any] | BatchSource, *, until_step: int | None = None, progress: bool = True,
+            log_path: str | os.PathLike | None = None, checkpoint_dir: str | os.PathLike | None = None,
+            normalizer: Normalizer | None = None, b_dec: torch.Tensor | None = None) -> TrainResult:
+        """Train until ``TrainConfig.steps`` (or ``until_step``, to stop early and resume later).
+
+        ``data``: a :class:`BatchSource` or any iterable of row batches. On a fresh trainer the first
+        ``TrainConfig.init_rows`` rows also serve to estimate the normalisation and ``b_dec`` (unless
+        given). A resumed trainer skips the batches it already trained on (a plain iterable must
+        replay the same stream). Checkpoints go to ``checkpoint_dir`` every ``checkpoint_every``
+        steps and when stopping early.
+        """
+        cfg = self.train
+        stop = cfg.steps if until_step is None else min(int(until_step), cfg.steps)
+        source = as_source(data)
+        prefetch = Prefetcher(source.iterate(self.step), self.device, depth=cfg.prefetch, first_batch=self.step,
+                              rows_before=self.rows_seen)
+        stream = iter(prefetch)
+        writer = _MetricsLog(log_path) if log_path is not None else None
+        try:
+            if not self.initialised:
+                peeked: list[RowBatch] = []
+                needs_rows = normalizer is None and cfg.normalize or (b_dec is None and cfg.b_dec_init != "zeros") \
+                    or self.d_in is None
+                while needs_rows and sum(len(b.data) for b in peeked) < cfg.init_rows:
+                    item = next(stream, None)
+                    if item is None:
+                        break
+                    peeked.append(item)
+                if needs_rows and not peeked:
+                    raise ValueError("the data stream is empty: nothing to train on")
+                rows = torch.cat([b.data for b in peeked])[:cfg.init_rows] if peeked else None
+                self.initialise(normalizer=normalizer, init_rows=rows, b_dec=b_dec)
+                stream = itertools.chain(peeked, stream)
+            bar = _progress_bar(cfg.steps, self.step, progress)
+            started = time.perf_counter() - self.elapsed
+            try:
+                while self.step < stop:
+                    batch = next(stream, None)
+                    if batch is None:
+                        warnings.warn(f"the data ended after {self.step} of {cfg.steps} steps", stacklevel=2)
+                        break
+                    self.train_step(batch.data)
+                    self.elapsed = time.perf_counter() - started  # host time; synchronised at each log
+                    bar.update(1)
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        self._log(self.collect_metrics(), writer, bar)
+                        self.elapsed = time.perf_counter() - started
+                    if checkpoint_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save_checkpoint(checkpoint_dir)
+                if self.step < stop and any(m.steps_in_window for m in self.members):
+                    self._log(self.collect_metrics(), writer, bar)  # the data ran out: log what is left
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.elapsed = time.perf_counter() - started
+            finally:
+                bar.close()
+            if checkpoint_dir is not None and (self.step < cfg.steps or cfg.checkpoint_every):
+                self.save_checkpoint(checkpoint_dir)
+        finally:
+            prefetch.close()
+            if writer is not None:
+                writer.close()
+        last = {}
+        for row in self.log:
+            last[row["sae"]] = row
+        return TrainResult(self.export(), list(self.configs), self.step, self.rows_seen, self.elapsed,
+                           [last.get(i, {}) for i in range(len(self.members))], list(self.log))
+
+    def _log(self, rows: list[dict[str, float]], writer: "_MetricsLog | None", bar: Any) -> None:
+        self.log.extend(rows)
+        if writer is not None:
+            writer.write(rows)
+        if rows:
+            bar.set_postfix_str(" | ".join(f"fvu {r['fvu']:.3f} l0 {r['l0']:.1f} dead {100 * r['dead_fraction']:.0f}%"
+                                           for r in rows[:4]) + (" ..." if len(rows) > 4 else ""), refresh=False)
+
+    # ------------------------------------------------------------------ export
+    def export(self) -> list[SAE]:
+        """The SAEs with the normalisation folded in (they read raw activations), in eval mode."""
+        if not self.initialised:
+            raise RuntimeError("nothing trained yet")
+        exported = []
+        for member in self.members:
+            folded = fold_normalization(member.sae, scale=self.normalizer.scale, shift=self.normalizer.shift)
+            exported.append(folded.eval())
+        return exported
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, directory: str | os.PathLike) -> Path:
+        """Write the full training state (SAEs in the normalised space, Adam moments, dead-latent
+        counters, normaliser, step) to ``directory``; older state files there are removed."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        groups = []
+        for index, member in enumerate(self.members):
+            for name, tensor in member.sae.state_dict().items():
+                tensors[f"{index}.sae.{name}"] = tensor
+            state = member.optimizer.state_dict()
+            for param_id, values in state["state"].items():
+                for key, value in values.items():
+                    tensors[f"{index}.optim.{param_id}.{key}"] = torch.as_tensor(value)
+            groups.append(state["param_groups"])
+            tensors[f"{index}.rows_since_fired"] = member.rows_since_fired
+            dead = torch.zeros(member.sae.width, dtype=torch.bool, device=self.device)
+            if member.dead_index is not None:
+                dead[member.dead_index] = True
+            tensors[f"{index}.auxk_latents"] = dead
+            tensors[f"{index}.metric_sums"] = member.sums  # so the first log after a resume is the same
+        if self.normalizer.shift is not None:
+            tensors["normalizer.shift"] = self.normalizer.shift
+        name = f"state-step{self.step:09d}.safetensors"
+        tmp = directory / (name + ".tmp")
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(directory / name)
+        record = {"format": CHECKPOINT_FORMAT, "version": 1, "step": self.step, "rows_seen": self.rows_seen,
+                  "elapsed_s": self.elapsed, "state_file": name, "train_config": self.train.to_json(),
+                  "configs": [c.to_json() for c in self.configs], "optimizer_groups": groups,
+                  "normalizer": {"scale": self.normalizer.scale, "centered": self.normalizer.shift is not None},
+                  "steps_in_window": [m.steps_in_window for m in self.members],
+                  "log": self.log}
+        tmp = directory / (TRAINER_FILE + ".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(directory / TRAINER_FILE)  # the commit point
+        for old in directory.glob("state-step*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        return directory
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | os.PathLike, *, device: str | torch.device | None = None,
+                        expect: Sequence[SAEConfig] | None = None, train: TrainConfig | None = None) -> "SAETrainer":
+        """Rebuild a trainer from :meth:`save_checkpoint`. ``expect``: the configs this run asks for;
+        a checkpoint of other SAEs (another width, k, architecture) is an error naming both.
+        ``train`` may change only ``device``, ``log_every``, ``checkpoint_every`` and ``prefetch``."""
+        from safetensors.torch import load_file
+
+        from mechlens.sae.config import SAEConfig as _Config
+
+        directory = Path(directory)
+        file = directory / TRAINER_FILE
+        if not file.is_file():
+            raise SAECheckpointError(f"no trainer checkpoint in {directory} ({TRAINER_FILE} is missing)")
+        record = json.loads(file.read_text())
+        if record.get("format") != CHECKPOINT_FORMAT:
+            raise SAECheckpointError(f"{file} is not a mechlens SAE trainer checkpoint")
+        configs = [_Config.from_json(c) for c in record["configs"]]
+        saved_train = TrainConfig.from_json(record["train_config"])
+        if expect is not None:
+            _check_same_saes(configs, list(expect), directory)
+        if train is not None:
+            allowed = {"device", "log_every", "checkpoint_every", "prefetch"}
+            changed = {k for k, v in train.to_json().items() if saved_train.to_json()[k] != v} - allowed
+            if changed:
+                raise SAECheckpointError(
+                    f"cannot resume {directory} with different training settings {sorted(changed)} (the schedule and "
+                    "data order depend on them); start a new run or resume with the saved settings")
+            saved_train = saved_train.replace(**{k: getattr(train, k) for k in allowed})
+        if device is not None:
+            saved_train = saved_train.replace(device=str(device))
+        trainer = cls(configs, saved_train)
+        state = load_file(str(directory / record["state_file"]), device="cpu")
+        shift = state.get("normalizer.shift")
+        trainer.normalizer = Normalizer(float(record["normalizer"]["scale"]), shift).to(trainer.device)
+        for index, config in enumerate(configs):
+            sae = build_sae(config, device=trainer.device, seed=None).train()
+            prefix = f"{index}.sae."
+            sae_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            sae.check_state(sae_state, f"{directory} (SAE {index})")
+            sae.load_state_dict(sae_state)
+            member = trainer._member(sae)
+            prefix = f"{index}.optim."
+            optim_state: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in state.items():
+                if key.startswith(prefix):
+                    param_id, name = key[len(prefix):].split(".", 1)
+                    optim_state.setdefault(int(param_id), {})[name] = value
+            member.optimizer.load_state_dict({"state": optim_state, "param_groups": record["optimizer_groups"][index]})
+            member.rows_since_fired = state[f"{index}.rows_since_fired"].to(trainer.device)
+            trainer._set_dead(member, state[f"{index}.auxk_latents"].to(trainer.device))
+            if f"{index}.metric_sums" in state:
+                member.sums = state[f"{index}.metric_sums"].to(trainer.device)
+                member.steps_in_window = int(record["steps_in_window"][index])
+            trainer.members.append(member)
+        trainer.step = int(record["step"])
+        trainer.rows_seen = int(record["rows_seen"])
+        trainer.elapsed = float(record["elapsed_s"])
+        trainer.log = list(record.get("log", []))
+        return trainer
+
+
+def _check_same_saes(saved: list[SAEConfig], wanted: list[SAEConfig], directory: Path) -> None:
+    def describe(configs: list[SAEConfig]) -> str:
+        return ", ".join(f"{c.arch}(width={c.width}, d_in={c.d_in})" for c in configs)
+
+    keys = ("width", "d_in")
+    mismatch = len(saved) != len(wanted) or any(
+        s.arch != w.arch or any(getattr(s, k) != getattr(w, k) for k in keys if getattr(w, k) is not None)
+        for s, w in zip(saved, wanted))
+    if not mismatch:
+        comparable = [(s.to_json(), w.to_json()) for s, w in zip(saved, wanted)]
+        skip = {"layer", "pooling", "layout", "d_in", "input_scale", "input_centered"}
+        mismatch = any({k: v for k, v in a.items() if k not in skip} != {k: v for k, v in b.items() if k not in skip}
+                       for a, b in comparable)
+    if mismatch:
+        raise SAECheckpointError(
+            f"the checkpoint in {directory} trained {describe(saved)}, but this run asks for {describe(wanted)}; "
+            "point --checkpoint-dir elsewhere or resume with the same SAE settings")
+
+
+# ---------------------------------------------------------------------------- logging helpers
+class _MetricsLog:
+    """Per-step metrics to CSV (``.csv``) or JSON lines (any other suffix); appends on resume."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.csv = self.path.suffix.lower() == ".csv"
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self.handle = self.path.open("a", newline="")
+        self.writer = csv.DictWriter(self.handle, fieldnames=LOG_COLUMNS) if self.csv else None
+        if self.writer is not None and new:
+            self.writer.writeheader()
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            if self.writer is not None:
+                self.writer.writerow({k: row.get(k) for k in LOG_COLUMNS})
+            else:
+                self.handle.write(json.dumps(row) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="sae", unit="step", dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------- store-level entry point
+def _layer_context(view: Any) -> dict[str, str]:
+    meta: Mapping[str, Any] = view.spec.meta or {}
+    context = {"layer": view.name}
+    spatial = meta.get("spatial")
+    if spatial in _POOLING_OF_SPATIAL:
+        context["pooling"] = _POOLING_OF_SPATIAL[spatial]
+    if meta.get("layout") in ("nchw", "nhwc", "nlc", "nc"):
+        context["layout"] = meta["layout"]
+    return context
+
+
+def train_sae(store: Any, layer: str, configs: SAEConfig | Sequence[SAEConfig], train: TrainConfig | None = None, *,
+              out: str | os.PathLike | None = None, checkpoint_dir: str | os.PathLike | None = None,
+              resume: bool = False, progress: bool = True, log_path: str | os.PathLike | None = None,
+              until_step: int | None = None) -> TrainResult:
+    """Train SAE(s) on the rows of ``layer`` in ``store`` (a path or an open ``ActivationStore``).
+
+    ``d_in``, ``layer``, ``pooling`` and ``layout`` of the configs are filled in from the store.
+    The normalisation comes from the store's statistics (one cached pass); batches are streamed
+    shuffled (never the whole layer in memory). ``out``: one SAE is saved in ``out``, a sweep in
+    ``out/<config.name>``. ``resume=True`` continues from ``checkpoint_dir`` when it holds a
+    checkpoint (the same SAE settings are required).
+    """
+    from activation_store import ActivationStore
+
+    store = store if isinstance(store, ActivationStore) else ActivationStore(store)
+    view = store.layer(layer)  # unknown layer: KeyError listing the store's layers and close names
+    train = train or TrainConfig()
+    configs = [configs] if isinstance(configs, SAEConfig) else list(configs)
+    context = _layer_context(view)
+    filled = []
+    for config in configs:
+        if config.d_in is not None and config.d_in != view.dim:
+            raise ValueError(f"the SAE config reads rows of width d_in={config.d_in}, but layer {layer!r} of "
+                             f"{store.root} has width {view.dim}; leave d_in unset to take it from the store")
+        filled.append(config.replace(d_in=view.dim, **context))
+    configs = filled
+    source = StoreSource(view, train.batch_size, seed=train.seed, shuffle_buffer_chunks=train.shuffle_buffer_chunks)
+    trainer = None
+    if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / TRAINER_FILE).is_file():
+        trainer = SAETrainer.from_checkpoint(checkpoint_dir, expect=configs, train=train)
+    normalizer = b_dec = None
+    if trainer is None:
+        trainer = SAETrainer(configs, train)
+        stats = store.statistics(layer) if (train.normalize or train.b_dec_init == "mean") else None
+        if train.normalize:
+            normalizer = Normalizer.from_statistics(stats, center=train.center)
+        else:
+            normalizer = Normalizer.identity()
+        if train.b_dec_init == "mean":
+            b_dec = normalizer.apply(torch.as_tensor(stats.mean, dtype=torch.float32))
+    result = trainer.fit(source, until_step=until_step, progress=progress, log_path=log_path,
+                         checkpoint_dir=checkpoint_dir, normalizer=normalizer, b_dec=b_dec)
+    if out is not None and trainer.step >= train.steps:
+        result.paths = save_saes(result, out, store=str(store.root), train=trainer.train)
+    return result
+
+
+def save_saes(result: TrainResult, out: str | os.PathLike, *, store: str | None = None,
+              train: TrainConfig | None = None) -> list[Path]:
+    """Save every SAE of ``result``: ``out`` for one, ``out/<name>`` for a sweep (names made unique)."""
+    out = Path(out)
+    paths = []
+    names: dict[str, int] = {}
+    for index, (sae, metrics) in enumerate(zip(result.saes, result.metrics)):
+        if len(result.saes) == 1:
+            path = out
+        else:
+            name = sae.config.name
+            names[name] = names.get(name, 0) + 1
+            path = out / (name if names[name] == 1 else f"{name}-{names[name]}")
+        metadata = {"store": store, "steps": result.steps, "rows": result.rows,
+                    "train_config": train.to_json() if train is not None else None,
+                    "final_train_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+        paths.append(sae.save(path, metadata=metadata))
+    return paths
+
