@@ -10,28 +10,39 @@ of ``--images`` SyntheticShapes images at ``--size`` (ImageNet-normalised, seed 
   ``layer4`` (``LayerGradCam``): mechlens vs **Captum**;
 * Grad-CAM and Score-CAM at ``layer4``: mechlens vs **pytorch-grad-cam**.
 
-Every implementation runs at its *default* batching and, where it has a batching knob, at a
-tuned one (``batched``): ``--rows`` rows per forward/backward for the gradient methods (Captum IG
-``internal_batch_size``, NoiseTunnel ``nt_samples_batch_size = rows / images``, mechlens
-``internal_batch_size``) and ``--perturb-rows`` rows per forward for the perturbation methods
-(Captum Occlusion ``perturbations_per_eval = perturb_rows / images``, pytorch-grad-cam ScoreCAM
-``batch_size``, mechlens ``internal_batch_size``). 64 rows is the sweet spot of resnet18 at 224 on
-a 2-core CPU; settings that coincide with the default are run once.
+Every implementation runs at its *default* batching and, where it has a batching knob, at tuned
+ones named ``rows<N>`` (N rows per forward pass): each of ``--rows`` for the gradient methods
+(Captum IG ``internal_batch_size``, NoiseTunnel ``nt_samples_batch_size = N / images``, mechlens
+``internal_batch_size``) and each of ``--perturb-rows`` for the perturbation methods (Captum
+Occlusion ``perturbations_per_eval = N / images``, pytorch-grad-cam ScoreCAM ``batch_size``,
+mechlens ``internal_batch_size``). A setting that amounts to the same rows per pass as one already
+planned (e.g. Captum Occlusion's default of one window = 8 rows) runs once. The defaults, 8 and 64
+rows, bracket the sweet spot: with one thread on a 2-core CPU resnet18 at 224 is fastest at 4-8
+rows per pass (64 rows costs 20-30% more per image); with more threads or on a GPU larger batches
+win. The "best" of each side is its fastest setting.
 
 Each measured call runs in its own child process (forked before the parent touches torch): the
 child builds the model and inputs, does one warm-up forward/backward, hands freed memory back to
 the OS (``malloc_trim``), then resets the kernel's peak-RSS counter (``/proc/self/clear_refs``)
 and times the call. Peak memory is the peak RSS over the call minus the RSS just before it, so it
 counts everything the call allocates (expanded batches, activations kept for backward, masks,
-the result) and nothing else. Repeats are interleaved over all runs (``--repeats``; runs slower
-than ``--repeat-budget`` seconds are measured once); the median time and the largest peak count.
+the result) and nothing else; expect +-5% between identical runs (glibc's heap). Wall time is
+what the targets use; CPU time (``time.process_time``, all threads of the child) is reported too,
+since on a machine shared with other jobs it is far less sensitive to their load (with
+``--threads 1`` it is the work done). Repeats are interleaved over all runs (``--repeats``): a run
+whose first (cold) measurement took longer than ``--repeat-budget`` seconds is measured once, the
+others are measured again warm (the call run once untimed first) and the medians of the warm
+measurements count.
 
 The maps are checked to be apples to apples: same shapes, and the same values (up to float
 rounding) where the settings fix the result (saliency, IG, occlusion, Grad-CAM, Score-CAM);
 SmoothGrad draws its noise from different generators, so there the check is the correlation of
-the two maps. The "best" of each side is its fastest setting; the ratios are mechlens best /
-peer best, time and peak memory. Targets (issue 5): time <= 1.0x the peer's best on every method
-with peak memory <= the peer's best; Score-CAM and occlusion <= 0.5x.
+the two maps and the ratio of their mean magnitudes. The ratios are mechlens best / peer best:
+wall time, CPU time and peak memory. Targets (issue 5): time <= 1.0x the peer's best on every
+method with peak memory <= the peer's best; Score-CAM and occlusion <= 0.5x.
+
+On a shared machine use ``--threads 1``: with two OpenMP threads on two busy cores every op waits
+for the slower thread (a 2-image forward at 64x64 took 0.8 s instead of 0.03 s).
 
     python benchmarks/attribution_vs_peers.py             # 8 images at 224 (tens of minutes on 2 cores)
     python benchmarks/attribution_vs_peers.py --quick     # tiny, for the test suite
@@ -46,6 +57,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's ScoreCAM progre
 
 import argparse  # noqa: E402
 import ctypes  # noqa: E402
+import math  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import multiprocessing as mp  # noqa: E402
@@ -87,8 +99,8 @@ class Config:
     samples: int = 50
     window: int = 32
     stride: int = 16
-    rows: int = 64
-    perturb_rows: int = 64
+    rows: tuple[int, ...] = (8, 64)
+    perturb_rows: tuple[int, ...] = (8, 64)
     noise_spread: float = 0.15
     threads: int = 0  # torch intra-op threads in each child; 0 = torch's default
 
@@ -97,7 +109,7 @@ class Config:
 class Run:
     method: str
     impl: str  # mechlens | captum | pytorch_grad_cam
-    setting: str  # default | batched
+    setting: str  # default | rows<N>
     kwargs: dict = field(default_factory=dict, hash=False, compare=False)  # the batching arguments
 
     @property
@@ -105,56 +117,61 @@ class Run:
         return f"{self.method}:{self.impl}:{self.setting}"
 
 
+def _batching(method: str, impl: str, rows: int | None, cfg: Config) -> tuple[dict, int]:
+    """The batching keyword arguments of ``impl`` that run about ``rows`` rows per forward pass
+    (``None``: the implementation's default), and the rows per pass they really mean."""
+    b = cfg.images
+    if method in ("saliency", "gradcam"):
+        return {}, b
+    if method == "integrated_gradients":  # interpolation rows; default: all steps x batch at once
+        total = cfg.steps * b
+        return ({}, total) if rows is None else ({"internal_batch_size": rows}, min(rows, total))
+    if method == "smoothgrad":  # whole noise draws per call; default: all draws at once (both)
+        draws = cfg.samples if rows is None else max(1, min(cfg.samples, rows // b))
+        key = "internal_batch_size" if impl == "mechlens" else "nt_samples_batch_size"
+        return ({} if rows is None else {key: draws * b if impl == "mechlens" else draws}), draws * b
+    if method == "occlusion":  # whole windows per pass; defaults: mechlens 256 rows, Captum 1 window
+        n_windows = math.prod(math.ceil((s - w) / st) + 1 for s, w, st in
+                              ((cfg.size, cfg.window, cfg.stride), (cfg.size, cfg.window, cfg.stride)))
+        if rows is None:
+            windows = 256 // b if impl == "mechlens" else 1
+            return {}, min(max(1, windows), n_windows) * b
+        windows = min(max(1, rows // b), n_windows)
+        key = "internal_batch_size" if impl == "mechlens" else "perturbations_per_eval"
+        return {key: windows * b if impl == "mechlens" else windows}, windows * b
+    if method == "scorecam":  # masked inputs per pass; defaults: mechlens 64, pytorch-grad-cam 16
+        if rows is None:
+            return {}, 64 if impl == "mechlens" else 16
+        key = "internal_batch_size" if impl == "mechlens" else "batch_size"
+        return {key: rows}, rows
+    raise ValueError(method)
+
+
+PEERS = {"saliency": ("captum",), "integrated_gradients": ("captum",), "smoothgrad": ("captum",),
+         "occlusion": ("captum",), "gradcam": ("captum", "pytorch_grad_cam"), "scorecam": ("pytorch_grad_cam",)}
+TUNABLE = ("integrated_gradients", "smoothgrad", "occlusion", "scorecam")
+
+
 def plan(cfg: Config, methods: list[str]) -> list[Run]:
-    """Every measurement, mechlens next to its peer(s) for each method."""
-    grad_rows = cfg.rows
-    draws = max(1, cfg.rows // cfg.images)  # NoiseTunnel batches whole noise draws
-    windows = max(1, cfg.perturb_rows // cfg.images)  # Captum Occlusion batches whole windows
-    runs = {
-        "saliency": [Run("saliency", "mechlens", "default"), Run("saliency", "captum", "default")],
-        "integrated_gradients": [
-            Run("integrated_gradients", "mechlens", "default"),
-            Run("integrated_gradients", "captum", "default"),
-            Run("integrated_gradients", "mechlens", "batched", {"internal_batch_size": grad_rows}),
-            Run("integrated_gradients", "captum", "batched", {"internal_batch_size": grad_rows}),
-        ],
-        "smoothgrad": [
-            Run("smoothgrad", "mechlens", "default"),
-            Run("smoothgrad", "captum", "default"),
-            Run("smoothgrad", "mechlens", "batched", {"internal_batch_size": draws * cfg.images}),
-            Run("smoothgrad", "captum", "batched", {"nt_samples_batch_size": draws}),
-        ],
-        "occlusion": [
-            Run("occlusion", "mechlens", "default"),
-            Run("occlusion", "captum", "default"),
-            Run("occlusion", "mechlens", "batched", {"internal_batch_size": windows * cfg.images}),
-            Run("occlusion", "captum", "batched", {"perturbations_per_eval": windows}),
-        ],
-        "gradcam": [
-            Run("gradcam", "mechlens", "default"),
-            Run("gradcam", "captum", "default"),
-            Run("gradcam", "pytorch_grad_cam", "default"),
-        ],
-        "scorecam": [
-            Run("scorecam", "mechlens", "default"),
-            Run("scorecam", "pytorch_grad_cam", "default"),
-            Run("scorecam", "mechlens", "batched", {"internal_batch_size": cfg.perturb_rows}),
-            Run("scorecam", "pytorch_grad_cam", "batched", {"batch_size": cfg.perturb_rows}),
-        ],
-    }
-    # a "batched" setting equal to the default is the same measurement: run it once
-    defaults = {("smoothgrad", "mechlens"): None, ("integrated_gradients", "mechlens"): None,
-                ("occlusion", "mechlens"): 256, ("scorecam", "mechlens"): 64,
-                ("integrated_gradients", "captum"): None, ("scorecam", "pytorch_grad_cam"): 16,
-                ("occlusion", "captum"): 1, ("smoothgrad", "captum"): None}
+    """Every measurement: per method, each implementation at its default batching and at each of
+    the tuned row counts (``cfg.rows`` for the gradient methods, ``cfg.perturb_rows`` for occlusion
+    and Score-CAM); a tuned setting that amounts to the same rows per pass as the default (or as
+    an earlier tuned setting) is the same measurement and runs once. Mechlens and its peer(s)
+    alternate, so slow drifts of the machine's load hit both."""
     out = []
     for method in methods:
-        for run in runs[method]:
-            if run.setting == "batched":
-                (value,) = run.kwargs.values()
-                if defaults.get((run.method, run.impl), object()) == value:
+        impls = ("mechlens", *PEERS[method])
+        candidates: list[int | None] = [None]
+        if method in TUNABLE:
+            candidates += list(cfg.perturb_rows if method in ("occlusion", "scorecam") else cfg.rows)
+        seen: dict[str, set[int]] = {impl: set() for impl in impls}
+        for rows in candidates:
+            for impl in impls:
+                kwargs, effective = _batching(method, impl, rows, cfg)
+                if effective in seen[impl]:
                     continue
-            out.append(run)
+                seen[impl].add(effective)
+                out.append(Run(method, impl, "default" if rows is None else f"rows{effective}", kwargs))
     return out
 
 
@@ -270,8 +287,10 @@ def _trim() -> None:
         pass
 
 
-def measure(run: Run, cfg: Config, map_path: str | None) -> dict:
-    """Build, warm up, and time one call in this (fresh) process; peak RSS increase over the call."""
+def measure(run: Run, cfg: Config, map_path: str | None, warm_call: bool = False) -> dict:
+    """Build, warm up, and time one call in this (fresh) process; peak RSS increase over the call.
+    ``warm_call``: run the measured call once untimed first (first-call costs out of the figures;
+    used for the repeats of the fast runs)."""
     warnings.simplefilter("ignore")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -281,21 +300,23 @@ def measure(run: Run, cfg: Config, map_path: str | None) -> dict:
     xx = x.detach().clone().requires_grad_(True)
     torch.autograd.grad(model(xx)[:, TARGET_CLASS].sum(), xx)
     del xx
+    if warm_call:
+        call()
     _trim()
     hwm_ok = _reset_peak() and _status_kib("VmHWM") is not None
     base_kib = _status_kib("VmRSS") if hwm_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     amap, extras = call()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak_kib = _status_kib("VmHWM") if hwm_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if map_path is not None:
         torch.save(amap.detach().float().cpu().contiguous(), map_path)
-    return {"seconds": seconds, "peak_mib": max(0, peak_kib - base_kib) / 1024, "map_shape": list(amap.shape),
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mib": max(0, peak_kib - base_kib) / 1024, "map_shape": list(amap.shape),
             "peak_method": "VmHWM" if hwm_ok else "ru_maxrss", "threads": torch.get_num_threads(), **extras}
 
 
-def _child(run: Run, cfg: Config, map_path: str | None, result_path: str) -> None:
-    out = measure(run, cfg, map_path)
+def _child(run: Run, cfg: Config, map_path: str | None, result_path: str, warm_call: bool) -> None:
+    out = measure(run, cfg, map_path, warm_call)
     Path(result_path).write_text(json.dumps(out))
 
 
@@ -315,11 +336,11 @@ def _context() -> mp.context.BaseContext:
     return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
-def run_isolated(run: Run, cfg: Config, scratch: Path, save_map: bool) -> dict:
+def run_isolated(run: Run, cfg: Config, scratch: Path, save_map: bool, warm_call: bool = False) -> dict:
     map_path = str(scratch / f"{run.key.replace(':', '__')}.pt") if save_map else None
     result_path = scratch / f"{run.key.replace(':', '__')}.json"
     result_path.unlink(missing_ok=True)
-    proc = _context().Process(target=_child, args=(run, cfg, map_path, str(result_path)))
+    proc = _context().Process(target=_child, args=(run, cfg, map_path, str(result_path), warm_call))
     proc.start()
     proc.join()
     if proc.exitcode != 0 or not result_path.exists():
@@ -378,29 +399,36 @@ def check_agreement(method: str, peer: str, ours: torch.Tensor, theirs: torch.Te
     return {"shape": list(ours.shape), "max_rel_diff": rel}
 
 
-def summarise(runs: list[Run], records: dict[str, list[dict]]) -> dict[str, dict]:
+def summarise(runs: list[Run], records: dict[str, list[dict]], cfg: Config) -> dict[str, dict]:
+    """Per run: the median over its measurements (over the warm ones when it has any)."""
     out = {}
     for run in runs:
         recs = [r for r in records[run.key] if "error" not in r]
         if not recs:
             out[run.key] = {"error": records[run.key][0].get("error", "no measurement"), "kwargs": run.kwargs}
             continue
+        used = [r for r in recs if r.get("warm")] or recs
         item = {
-            "seconds": round(statistics.median(r["seconds"] for r in recs), 3),
-            "peak_mib": round(max(r["peak_mib"] for r in recs), 1),
-            "runs": len(recs),
+            "seconds": round(statistics.median(r["seconds"] for r in used), 3),
+            "cpu_seconds": round(statistics.median(r["cpu_seconds"] for r in used), 3),
+            "peak_mib": round(statistics.median(r["peak_mib"] for r in used), 1),
+            "runs": len(used),
+            "rows_per_pass": _batching(run.method, run.impl, None if run.setting == "default" else
+                                       int(run.setting[4:]), cfg)[1],
             "kwargs": run.kwargs,
         }
-        for key in ("masked_inputs_run",):
-            if key in recs[0]:
-                item[key] = recs[0][key]
+        if "masked_inputs_run" in recs[0]:
+            item["masked_inputs_run"] = recs[0]["masked_inputs_run"]
         out[run.key] = item
     return out
 
 
 def compare(runs: list[Run], summary: dict[str, dict], maps: dict[str, str], cfg: Config) -> tuple[dict, dict]:
+    """Per (method, peer): the fastest setting of each side (wall time), the ratios of time, CPU
+    time and peak memory, the targets, and the agreement of every pair of maps."""
     comparisons, ratios = {}, {}
     methods = {run.method for run in runs}
+    floor = 1.0  # MiB: keeps the memory ratio meaningful when both peaks are near zero
     for method, peer in COMPARISONS:
         if method not in methods:
             continue
@@ -412,41 +440,61 @@ def compare(runs: list[Run], summary: dict[str, dict], maps: dict[str, str], cfg
             continue
         our_best = min(ours, key=lambda k: ours[k]["seconds"])
         peer_best = min(theirs, key=lambda k: theirs[k]["seconds"])
-        our_default = f"{method}:mechlens:default"
         agreement = {}
         for our_key in ours:
             for peer_key in theirs:
                 if our_key in maps and peer_key in maps:
                     agreement[f"{our_key.split(':')[2]} vs {peer_key.split(':')[2]}"] = check_agreement(
                         method, peer, torch.load(maps[our_key]), torch.load(maps[peer_key]), cfg)
-        floor = 1.0  # MiB: keeps the memory ratio meaningful when both peaks are near zero
-        time_ratio = ours[our_best]["seconds"] / theirs[peer_best]["seconds"]
-        mem_ratio = max(ours[our_best]["peak_mib"], floor) / max(theirs[peer_best]["peak_mib"], floor)
+        a, b = ours[our_best], theirs[peer_best]
+        time_ratio = a["seconds"] / b["seconds"]
+        cpu_ratio = a["cpu_seconds"] / max(b["cpu_seconds"], 1e-9)
+        mem_ratio = max(a["peak_mib"], floor) / max(b["peak_mib"], floor)
         limit = TIME_TARGETS.get(method, 1.0)
         item = {
             "mechlens_best": our_best, "peer_best": peer_best,
-            "time_ratio": round(time_ratio, 3), "memory_ratio": round(mem_ratio, 3),
+            "time_ratio": round(time_ratio, 3), "cpu_time_ratio": round(cpu_ratio, 3), "memory_ratio": round(mem_ratio, 3),
             "time_target": limit, "time_target_met": time_ratio <= limit, "memory_target_met": mem_ratio <= 1.0,
+            "cpu_time_target_met": cpu_ratio <= limit,
             "agreement": agreement,
         }
-        if our_default in ours:
-            item["default_time_ratio"] = round(ours[our_default]["seconds"] / theirs[peer_best]["seconds"], 3)
-            item["default_memory_ratio"] = round(
-                max(ours[our_default]["peak_mib"], floor) / max(theirs[peer_best]["peak_mib"], floor), 3)
+        default = ours.get(f"{method}:mechlens:default")
+        if default is not None:
+            item["default_time_ratio"] = round(default["seconds"] / b["seconds"], 3)
+            item["default_memory_ratio"] = round(max(default["peak_mib"], floor) / max(b["peak_mib"], floor), 3)
+        peer_default = theirs.get(f"{method}:{peer}:default")
+        if default is not None and peer_default is not None:
+            item["default_vs_default_time_ratio"] = round(default["seconds"] / peer_default["seconds"], 3)
+            item["default_vs_default_memory_ratio"] = round(
+                max(default["peak_mib"], floor) / max(peer_default["peak_mib"], floor), 3)
         comparisons[name] = item
         ratios[f"{name}_time"] = item["time_ratio"]
+        ratios[f"{name}_cpu_time"] = item["cpu_time_ratio"]
         ratios[f"{name}_memory"] = item["memory_ratio"]
     return comparisons, ratios
 
 
 def print_table(runs: list[Run], summary: dict[str, dict]) -> None:
-    print(f"\n{'run':46s} {'seconds':>9s} {'peak MiB':>9s}  batching")
+    print(f"\n{'run':44s} {'rows':>5s} {'wall s':>8s} {'cpu s':>8s} {'peak MiB':>9s} {'n':>2s}  batching")
     for run in runs:
         s = summary[run.key]
         if "error" in s:
-            print(f"{run.key:46s} {'ERROR':>9s} {'':>9s}  {s['error']}")
+            print(f"{run.key:44s} {'':5s} {'ERROR':>8s}  {s['error']}")
             continue
-        print(f"{run.key:46s} {s['seconds']:9.2f} {s['peak_mib']:9.0f}  {run.kwargs or 'default'}")
+        print(f"{run.key:44s} {s['rows_per_pass']:5d} {s['seconds']:8.2f} {s['cpu_seconds']:8.2f} {s['peak_mib']:9.0f} "
+              f"{s['runs']:2d}  {s['kwargs'] or 'default'}")
+
+
+def print_comparisons(comparisons: dict[str, dict]) -> None:
+    print(f"\n{'comparison':27s} {'mechlens best':>31s} {'peer best':>40s} {'time x':>7s} {'cpu x':>6s} {'mem x':>6s}"
+          "  targets (time, memory)")
+    for name, item in comparisons.items():
+        if "error" in item:
+            print(f"{name:27s} ERROR {item['error']}")
+            continue
+        print(f"{name:27s} {item['mechlens_best']:>31s} {item['peer_best']:>40s} {item['time_ratio']:7.3f} "
+              f"{item['cpu_time_ratio']:6.3f} {item['memory_ratio']:6.3f}  <={item['time_target']}: "
+              f"{'met' if item['time_target_met'] else 'NOT met'}, <=1: {'met' if item['memory_target_met'] else 'NOT met'}")
 
 
 def main() -> None:
@@ -457,8 +505,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=50, help="SmoothGrad noise samples")
     parser.add_argument("--window", type=int, default=32, help="occlusion window 3 x W x W")
     parser.add_argument("--stride", type=int, default=16, help="occlusion stride 3 x S x S")
-    parser.add_argument("--rows", type=int, default=64, help="tuned rows per forward/backward (gradient methods)")
-    parser.add_argument("--perturb-rows", type=int, default=64, help="tuned rows per forward (occlusion, Score-CAM)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[8, 64],
+                        help="tuned rows per forward/backward tried for the gradient methods (IG, SmoothGrad)")
+    parser.add_argument("--perturb-rows", type=int, nargs="+", default=[8, 64],
+                        help="tuned rows per forward tried for occlusion and Score-CAM")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--repeat-budget", type=float, default=20.0,
                         help="runs whose first measurement took longer than this many seconds are not repeated")
@@ -471,10 +521,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.images, args.size, args.steps, args.samples = 2, 64, 8, 4
-        args.window, args.stride, args.rows, args.perturb_rows, args.repeats = 16, 8, 8, 64, 1
+        args.window, args.stride, args.rows, args.perturb_rows, args.repeats = 16, 8, [4], [64], 1
         args.threads = args.threads or 1
     cfg = Config(images=args.images, size=args.size, steps=args.steps, samples=args.samples, window=args.window,
-                 stride=args.stride, rows=args.rows, perturb_rows=args.perturb_rows, threads=args.threads)
+                 stride=args.stride, rows=tuple(args.rows), perturb_rows=tuple(args.perturb_rows), threads=args.threads)
     runs = plan(cfg, args.methods if not args.one else [args.one.split(":")[0]])
     if args.one:
         (run,) = [r for r in runs if r.key == args.one] or [None]
@@ -497,42 +547,39 @@ def main() -> None:
             for run in runs:
                 done = records[run.key]
                 if done and ("error" in done[0] or done[0]["seconds"] > args.repeat_budget):
-                    continue
-                rec = run_isolated(run, cfg, scratch, save_map=repeat == 0)
+                    continue  # slow runs are measured once (cold); fast ones again, warm
+                rec = run_isolated(run, cfg, scratch, save_map=repeat == 0, warm_call=repeat > 0)
+                rec["warm"] = repeat > 0
                 done.append(rec)
                 if "map_path" in rec:
                     maps[run.key] = rec["map_path"]
                 if "error" in rec:
-                    print(f"[{repeat + 1}] {run.key:46s} ERROR {rec['error']}", flush=True)
+                    print(f"[{repeat + 1}] {run.key:44s} ERROR {rec['error']}", flush=True)
                 else:
-                    print(f"[{repeat + 1}] {run.key:46s} {rec['seconds']:8.2f} s  peak +{rec['peak_mib']:7.0f} MiB",
-                          flush=True)
-        summary = summarise(runs, records)
+                    print(f"[{repeat + 1}] {run.key:44s} {rec['seconds']:8.2f} s (cpu {rec['cpu_seconds']:8.2f} s)  "
+                          f"peak +{rec['peak_mib']:7.0f} MiB", flush=True)
+        summary = summarise(runs, records, cfg)
         comparisons, ratios = compare(runs, summary, maps, cfg)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
     print_table(runs, summary)
-    print(f"\n{'comparison':32s} {'mechlens best':>26s} {'peer best':>36s} {'time x':>7s} {'mem x':>7s}  targets")
-    for name, item in comparisons.items():
-        if "error" in item:
-            print(f"{name:32s} ERROR {item['error']}")
-            continue
-        print(f"{name:32s} {item['mechlens_best']:>26s} {item['peer_best']:>36s} {item['time_ratio']:7.3f} "
-              f"{item['memory_ratio']:7.3f}  time<={item['time_target']}: {item['time_target_met']}, "
-              f"memory<=1: {item['memory_target_met']}")
-    met = [c for c in comparisons.values() if "error" not in c]
+    print_comparisons(comparisons)
+    ok = [c for c in comparisons.values() if "error" not in c]
+    complete = len(ok) == len(comparisons)
     figures = {
         "model": "torchvision:resnet18 (random weights, eval)", "images": cfg.images, "size": cfg.size,
         "target": f"class:{TARGET_CLASS}", "layer": LAYER, "ig_steps": cfg.steps, "smoothgrad_samples": cfg.samples,
         "occlusion_window": [3, cfg.window, cfg.window], "occlusion_stride": [3, cfg.stride, cfg.stride],
-        "rows": cfg.rows, "perturb_rows": cfg.perturb_rows, "repeats": args.repeats,
+        "rows": list(cfg.rows), "perturb_rows": list(cfg.perturb_rows), "repeats": args.repeats,
         "threads": cfg.threads or torch.get_num_threads(), "wall_seconds": round(time.perf_counter() - total_start, 1),
         "runs": summary, "comparisons": comparisons,
         "targets": {
-            "time": all(c["time_target_met"] for c in met) and len(met) == len(comparisons),
-            "memory": all(c["memory_target_met"] for c in met) and len(met) == len(comparisons),
-            "per_comparison": {name: {"time": c.get("time_target_met", False), "memory": c.get("memory_target_met", False)}
+            "time": complete and all(c["time_target_met"] for c in ok),
+            "memory": complete and all(c["memory_target_met"] for c in ok),
+            "cpu_time": complete and all(c["cpu_time_target_met"] for c in ok),
+            "per_comparison": {name: {"time": c.get("time_target_met", False), "memory": c.get("memory_target_met", False),
+                                      "cpu_time": c.get("cpu_time_target_met", False)}
                                for name, c in comparisons.items()},
         },
     }

@@ -218,10 +218,15 @@ def input_gradients(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient of each sample's explained value w.r.t. its input row, and the values; the batch
     is processed ``internal_batch_size`` rows at a time. Samples are independent (eval mode), so
-    the gradient of the sum is the per-sample gradient."""
-    grads = torch.empty_like(inputs)
+    the gradient of the sum is the per-sample gradient.
+
+    The result buffer is allocated only after the first chunk's backward (so it does not add to
+    the peak of the forward/backward), and a single chunk returns autograd's gradient as it is
+    (no buffer, no copy)."""
+    ranges = list(chunk_ranges(inputs.shape[0], internal_batch_size))
+    grads: torch.Tensor | None = None
     values = torch.empty(inputs.shape[0], device=inputs.device, dtype=inputs.dtype)
-    for start, stop in chunk_ranges(inputs.shape[0], internal_batch_size):
+    for start, stop in ranges:
         x = inputs[start:stop].detach().requires_grad_(True)
         with torch.enable_grad():
             value, _ = target.select(range(start, stop)).forward(model, x, grads=True)
@@ -230,9 +235,13 @@ def input_gradients(
             raise RuntimeError(
                 f"the feature(s) {', '.join(f.name for f in target.features)} do not depend on the input"
             )
-        grads[start:stop] = grad
         values[start:stop] = value.detach()
-    return grads, values
+        if len(ranges) == 1:
+            return grad, values
+        if grads is None:
+            grads = torch.empty_like(inputs)
+        grads[start:stop] = grad
+    return (grads if grads is not None else torch.empty_like(inputs)), values
 
 
 def feature_values(

@@ -61,7 +61,7 @@ def saliency(
     target = resolve_target(model, inputs, target)
     with eval_mode(model):
         grads, values = input_gradients(model, inputs, target, internal_batch_size=internal_batch_size)
-    return _result("saliency", grads.abs() if abs else grads, target, values, inputs, absolute=abs)
+    return _result("saliency", grads.abs_() if abs else grads, target, values, inputs, absolute=abs)  # grads is ours
 
 
 @register_method("input_x_gradient", kind="input", family="gradient")
@@ -117,9 +117,9 @@ def integrated_gradients(
         for start, stop in chunk_ranges(n_steps * batch, internal_batch_size):
             rows = torch.arange(start, stop, device=inputs.device)
             step, sample = rows // batch, rows % batch
-            scaled = x0[sample] + alphas[step].view(view) * diff[sample]
+            scaled = torch.addcmul(x0[sample], alphas[step].view(view), diff[sample])
             grads, _ = input_gradients(model, scaled, target.select(sample.cpu()))
-            total.index_add_(0, sample, grads * steps[step].view(view))
+            total.index_add_(0, sample, grads.mul_(steps[step].view(view)))  # grads is ours: scale in place
         ends = feature_values(model, torch.cat([inputs, x0]), target.repeat(2), internal_batch_size=internal_batch_size)
     attributions = diff * total
     f_x, f_0 = ends[:batch], ends[batch:]

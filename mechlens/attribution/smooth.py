@@ -72,30 +72,42 @@ def noise_tunnel(
         sigma = stdev_spread * (flat.amax(dim=1) - flat.amin(dim=1))
     draws_per_call = n_samples if internal_batch_size is None else max(1, internal_batch_size // batch)
     total = total_sq = None
-    first: Attribution | None = None
+    first: tuple[str, str, dict[str, Any]] | None = None  # kind, channel_reduce, scalar extras of the base
     kwargs = dict(base_kwargs)
     if base_internal_batch_size is not None:
         kwargs["internal_batch_size"] = base_internal_batch_size
     with eval_mode(model):
         for start, stop in chunk_ranges(n_samples, draws_per_call):
             m = stop - start
-            noise = torch.randn((m, *inputs.shape), generator=gen, device=gen.device).to(inputs)
-            noisy = (inputs.unsqueeze(0) + sigma.view(1, *view) * noise).reshape(m * batch, *inputs.shape[1:])
+            # noisy copies in place of the noise: one [m * B, ...] buffer alive during the base method
+            noisy = torch.randn((m, *inputs.shape), generator=gen, device=gen.device).to(inputs)
+            noisy.mul_(sigma.view(1, *view)).add_(inputs.unsqueeze(0))
+            noisy = noisy.reshape(m * batch, *inputs.shape[1:])
             result = info.fn(model, noisy, target.repeat(m), **kwargs)
+            del noisy
             maps = result.map.reshape(m, batch, *result.map.shape[1:])
             total = maps.sum(0) if total is None else total + maps.sum(0)
-            total_sq = (maps * maps).sum(0) if total_sq is None else total_sq + (maps * maps).sum(0)
-            first = first or result
+            if kind != "smoothgrad":  # the squares are only needed by smoothgrad_sq and vargrad
+                total_sq = (maps * maps).sum(0) if total_sq is None else total_sq + (maps * maps).sum(0)
+            if first is None:  # keep the base's metadata, not its (large) map
+                first = (result.kind, result.channel_reduce,
+                         {k: v for k, v in result.extras.items() if not isinstance(v, torch.Tensor)})
+            del result, maps
         values = feature_values(model, inputs, target)
-    assert first is not None and total is not None and total_sq is not None
-    mean, mean_sq = total / n_samples, total_sq / n_samples
-    amap = mean if kind == "smoothgrad" else mean_sq if kind == "smoothgrad_sq" else mean_sq - mean * mean
-    extras = {k: v for k, v in first.extras.items() if not isinstance(v, torch.Tensor)}
+    assert first is not None and total is not None
+    mean = total / n_samples
+    if kind == "smoothgrad":
+        amap = mean
+    else:
+        assert total_sq is not None
+        mean_sq = total_sq / n_samples
+        amap = mean_sq if kind == "smoothgrad_sq" else mean_sq - mean * mean
+    first_kind, first_reduce, extras = first
     extras.update(base=info.name, n_samples=n_samples, noise_std=sigma.detach())
     return Attribution(
         map=_finite_or_raise(amap, kind), method=kind if base == "saliency" else f"{kind}({info.name})",
-        features=target.names, values=values, kind=first.kind, input_shape=tuple(inputs.shape),
-        channel_reduce=first.channel_reduce, extras=extras,
+        features=target.names, values=values, kind=first_kind, input_shape=tuple(inputs.shape),
+        channel_reduce=first_reduce, extras=extras,
     )
 
 
