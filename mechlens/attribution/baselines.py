@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BASELINES", "dataset_mean", "gaussian_blur", "make_baseline"]
+__all__ = ["BASELINES", "constant_baseline_value", "dataset_mean", "gaussian_blur", "make_baseline"]
 
 BASELINES: tuple[str, ...] = ("zeros", "mean", "blur", "uniform")
 
@@ -55,6 +55,16 @@ def _broadcast(value: torch.Tensor, inputs: torch.Tensor, what: str) -> torch.Te
         ) from None
 
 
+def constant_baseline_value(baseline: Any) -> float | None:
+    """The value of a constant baseline (``None`` / ``"zeros"`` / a number), else ``None``: a
+    method may then keep it as a broadcast scalar instead of a ``[B, C, H, W]`` tensor."""
+    if baseline is None or (isinstance(baseline, str) and baseline in ("zeros", "zero", "black")):
+        return 0.0
+    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        return float(baseline)
+    return None
+
+
 def make_baseline(
     inputs: torch.Tensor,
     baseline: Any = "zeros",
@@ -66,10 +76,9 @@ def make_baseline(
 ) -> torch.Tensor:
     """The baseline for ``inputs`` (``[B, C, H, W]``), same shape, device and dtype (see the
     module docstring for the accepted values)."""
-    if baseline is None or (isinstance(baseline, str) and baseline in ("zeros", "zero", "black")):
-        return torch.zeros_like(inputs)
-    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        return torch.full_like(inputs, float(baseline))
+    constant = constant_baseline_value(baseline)
+    if constant is not None:
+        return torch.full_like(inputs, constant)
     if isinstance(baseline, torch.Tensor):
         return _broadcast(baseline, inputs, "baseline")
     if isinstance(baseline, str):

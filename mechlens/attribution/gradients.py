@@ -31,7 +31,7 @@ from mechlens.attribution.base import (
     resolve_target,
     unwrap_model,
 )
-from mechlens.attribution.baselines import make_baseline
+from mechlens.attribution.baselines import constant_baseline_value, make_baseline
 
 __all__ = [
     "gradient_shap",
@@ -104,12 +104,16 @@ def integrated_gradients(
     inputs = check_images(inputs).detach()
     target = resolve_target(model, inputs, target)
     gen = make_generator(inputs.device, seed, generator)
-    x0 = make_baseline(inputs, baseline, mean=mean, blur_sigma=blur_sigma, noise_range=noise_range, generator=gen).detach()
+    constant = constant_baseline_value(baseline)
+    if constant is not None:  # a broadcast scalar: no [B, C, H, W] baseline buffer
+        x0 = inputs.new_full((1,) * inputs.dim(), constant).expand_as(inputs)
+    else:
+        x0 = make_baseline(inputs, baseline, mean=mean, blur_sigma=blur_sigma, noise_range=noise_range,
+                           generator=gen).detach()
     step_list, alpha_list = quadrature(integration, n_steps)
     steps = torch.tensor(step_list, device=inputs.device, dtype=inputs.dtype)
     alphas = torch.tensor(alpha_list, device=inputs.device, dtype=inputs.dtype)
     batch = inputs.shape[0]
-    diff = inputs - x0
     total = torch.zeros_like(inputs)
     view = (-1,) + (1,) * (inputs.dim() - 1)
     with eval_mode(model):
@@ -117,11 +121,14 @@ def integrated_gradients(
         for start, stop in chunk_ranges(n_steps * batch, internal_batch_size):
             rows = torch.arange(start, stop, device=inputs.device)
             step, sample = rows // batch, rows % batch
-            scaled = torch.addcmul(x0[sample], alphas[step].view(view), diff[sample])
+            # x0 + alpha (x - x0), the difference taken per chunk (no [B, ...] buffer kept for it)
+            base = x0[sample]
+            scaled = torch.addcmul(base, alphas[step].view(view), inputs[sample] - base)
+            del base
             grads, _ = input_gradients(model, scaled, target.select(sample.cpu()))
             total.index_add_(0, sample, grads.mul_(steps[step].view(view)))  # grads is ours: scale in place
         ends = feature_values(model, torch.cat([inputs, x0]), target.repeat(2), internal_batch_size=internal_batch_size)
-    attributions = diff * total
+    attributions = (inputs - x0) * total
     f_x, f_0 = ends[:batch], ends[batch:]
     delta = attributions.flatten(1).sum(dim=1) - (f_x - f_0)
     error = delta.abs() / (f_x - f_0).abs().clamp_min(torch.finfo(inputs.dtype).tiny)

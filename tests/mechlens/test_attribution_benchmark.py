@@ -112,3 +112,25 @@ def test_saliency_and_noise_tunnel_results_unchanged_by_the_memory_fixes() -> No
     assert ig.extras["n_steps"] == 4 and ig.extras["base"] == "integrated_gradients" and ig.kind == "input"
     cam = smoothgrad(net, x, 2, base="gradcam", n_samples=2, layer="stage2")
     assert cam.kind == "layer" and cam.extras["layer"] == "stage2"
+
+
+def test_integrated_gradients_constant_baselines_match_explicit_tensors() -> None:
+    """IG keeps a constant baseline as a broadcast scalar and takes x - x0 per chunk: same result
+    (map, completeness, baseline values) as the same baseline given as a full tensor."""
+    from mechlens.attribution import integrated_gradients
+    from mechlens.attribution.baselines import constant_baseline_value, make_baseline
+
+    assert constant_baseline_value("zeros") == 0.0 and constant_baseline_value(None) == 0.0
+    assert constant_baseline_value(0.5) == 0.5 and constant_baseline_value(True) is None
+    assert constant_baseline_value("blur") is None and constant_baseline_value(torch.zeros(3)) is None
+    net = _small_model()
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    for baseline in ("zeros", 0.25, -1):
+        tensor = make_baseline(x, baseline)
+        for chunk in (None, 7):
+            ours = integrated_gradients(net, x, [0, 3, 1], baseline=baseline, n_steps=12, internal_batch_size=chunk)
+            ref = integrated_gradients(net, x, [0, 3, 1], baseline=tensor, n_steps=12, internal_batch_size=chunk)
+            assert torch.allclose(ours.map, ref.map, atol=1e-7, rtol=1e-6), (baseline, chunk)
+            for key in ("convergence_delta", "baseline_values"):
+                assert torch.allclose(ours.extras[key], ref.extras[key], atol=1e-6), (baseline, key)
+            assert ours.extras["baseline"] == baseline and ref.extras["baseline"] == "tensor"
