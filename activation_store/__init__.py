@@ -25,6 +25,6 @@ __all__ = [
 ]
 
 
-def open_store(path, *, verify_reads: bool = True) -> ActivationStore:
+def open_store(path, *, verify_reads: bool = True, memory_map: bool = True) -> ActivationStore:
     """Open a store for reading (committed rows only)."""
-    return ActivationStore(path, verify_reads=verify_reads)
+    return ActivationStore(path, verify_reads=verify_reads, memory_map=memory_map)

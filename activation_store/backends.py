@@ -14,6 +14,7 @@ position, label), both chunked by the layer's ``chunk_rows``.
 """
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 from typing import Mapping, Protocol
@@ -210,7 +211,8 @@ class _ZarrSegmentReader:
     def read_chunk(self, layer: str, chunk: int, rows: int, out: np.ndarray, index_out: np.ndarray | None,
                    digest=None) -> None:
         data, index, raw = self._layer_arrays(layer)
-        targets = [(data, out)] + ([(index, index_out)] if index_out is not None else [])
+        # out=None reads only the index (the data came from map_chunk, hashed in the same order)
+        targets = ([(data, out)] if out is not None else []) + ([(index, index_out)] if index_out is not None else [])
         chunk_rows = self._chunk_rows[layer]
         for array, buffer in targets:
             if raw:
@@ -233,6 +235,35 @@ class _ZarrSegmentReader:
                     raise ChunkReadError(f"cannot decode {array.basename} chunk: {error}") from error
                 if digest is not None:
                     digest.update(memoryview(np.ascontiguousarray(buffer[:rows])).cast("B"))
+
+    def map_chunk(self, layer: str, chunk: int, rows: int, dtype: np.dtype, digest=None) -> np.ndarray | None:
+        """The chunk's data as a read-only ``[rows, dim]`` view of the memory-mapped chunk file,
+        hashed into ``digest``; ``None`` when the array is encoded (compressed) and must be decoded.
+
+        Zero-copy: the page cache is mapped instead of copied into the process, so a
+        verified read costs one pass over the bytes (the hash), no more than a memmap copy.
+        """
+        data, _, raw = self._layer_arrays(layer)
+        if not raw:
+            return None
+        path = self.path / layer / data.basename / data.metadata.encode_chunk_key((chunk, 0))
+        expected = self._chunk_rows[layer] * data.shape[1] * data.dtype.itemsize
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as error:
+            raise ChunkReadError(f"{data.basename} chunk file missing: {path}") from error
+        try:
+            size = os.fstat(fd).st_size
+            if size != expected:
+                raise ChunkReadError(f"{data.basename} chunk file {path.name} has {size} bytes, "
+                                     f"expected {expected} (truncated or overwritten)")
+            mapped = mmap.mmap(fd, expected, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        view = np.frombuffer(mapped, dtype=dtype, count=rows * data.shape[1]).reshape(rows, data.shape[1])
+        if digest is not None:
+            digest.update(view)
+        return view
 
     def close(self) -> None:
         self._arrays.clear()

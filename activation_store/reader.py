@@ -183,13 +183,18 @@ class ActivationStore:
 
     ``verify_reads`` (default on) checks every chunk's XXH3-64 checksum as it is read, so a damaged
     chunk raises :class:`CorruptChunkError` instead of returning wrong numbers.
+    ``memory_map`` (default on) reads uncompressed zarr chunks as read-only views of the
+    memory-mapped chunk files (zero-copy; chunk files are immutable once committed), so the
+    arrays from :meth:`LayerView.read_chunk` / :meth:`LayerView.iter_chunks` are read-only
+    (``np.array(chunk)`` for a private copy); rows and batches are always fresh arrays.
     Call :meth:`refresh` to see rows committed after opening.
     """
 
-    def __init__(self, path: str | os.PathLike, *, verify_reads: bool = True):
+    def __init__(self, path: str | os.PathLike, *, verify_reads: bool = True, memory_map: bool = True):
         self.root = Path(path)
         self.manifest: StoreManifest = read_store_manifest(self.root)
         self.verify_reads = verify_reads
+        self.memory_map = memory_map
         self._readers: dict[tuple[int, int], backends.SegmentReader] = {}
         self._readers_pid = os.getpid()
         self._lock = threading.Lock()
@@ -423,12 +428,18 @@ class LayerView:
         shard, segment_id, _ = self.store._segments[segment_pos]
         chunk = int(table.chunk[position])
         verify = self.store.verify_reads if verify is None else verify
-        data = out if out is not None else np.empty((rows, self.dim), disk_dtype(self.spec.dtype))
         index = np.empty((rows, 3), backends.INDEX_DTYPE) if (with_index or verify) else None
         digest = xxhash.xxh3_64() if verify else None
         try:
             reader = self.store._segment_reader(segment_pos)
-            reader.read_chunk(self.name, chunk, rows, data, index, digest)
+            data = None
+            if out is None and self.store.memory_map and hasattr(reader, "map_chunk"):
+                data = reader.map_chunk(self.name, chunk, rows, disk_dtype(self.spec.dtype), digest)
+            if data is None:
+                data = out if out is not None else np.empty((rows, self.dim), disk_dtype(self.spec.dtype))
+                reader.read_chunk(self.name, chunk, rows, data, index, digest)
+            elif index is not None:
+                reader.read_chunk(self.name, chunk, rows, None, index, digest)
         except backends.ChunkReadError as error:
             raise CorruptChunkError(self.name, shard, segment_id, chunk, str(error)) from error
         if verify and digest.intdigest() != int(table.checksum[position]):
@@ -446,7 +457,7 @@ class LayerView:
         start = int(self._table.start[position])
         return data, RowIndex(np.arange(start, start + len(data)), index[:, 0], index[:, 1], index[:, 2])
 
-    def iter_chunks(self, *, shuffle: bool = False, seed: int = 0, raw: bool = False, prefetch: int = 1,
+    def iter_chunks(self, *, shuffle: bool = False, seed: int = 0, raw: bool = False, prefetch: int = 2,
                     rank: int = 0, world_size: int = 1, _positions: bool = False) -> Iterator[np.ndarray]:
         """Yield every committed chunk (optionally in a seeded random order), reading ahead on threads."""
         order = np.arange(self.num_chunks)
@@ -519,7 +530,7 @@ class LayerView:
     # ------------------------------------------------------------------ batches
     def iter_batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                      shuffle_buffer_chunks: int = 8, drop_last: bool = False, with_index: bool = False,
-                     raw: bool = False, rank: int = 0, world_size: int = 1, prefetch: int = 1) -> Iterator:
+                     raw: bool = False, rank: int = 0, world_size: int = 1, prefetch: int = 2) -> Iterator:
         """Yield ``[batch_size, dim]`` arrays (or :class:`Batch` with ``with_index``).
 
         Shuffling is two-level: the chunk order is permuted (seeded by ``seed`` and

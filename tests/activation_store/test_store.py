@@ -352,3 +352,32 @@ def test_writes_happen_off_the_callers_thread_with_bounded_back_pressure(tmp_pat
     writer.close()
     assert writer_threads == {"store-writer-rank-00000"}
     np.testing.assert_array_equal(ActivationStore(tmp_path / "s")["layer"][::10, 0], np.arange(20))
+
+
+def test_memory_mapped_reads_are_zero_copy_read_only_and_equal_to_copied_reads(tmp_path):
+    """Uncompressed zarr chunks come back as read-only views of the mapped chunk files, equal
+    to the copied reads of ``memory_map=False``; the mappings hold no file descriptors open
+    after the arrays are dropped, and rows / batches stay private writable copies."""
+    import os
+
+    data = np.random.default_rng(3).standard_normal((1000, 24)).astype("float16")
+    write_rows(tmp_path / "s", data, dtype="float16", chunk_rows=64)
+    mapped = ActivationStore(tmp_path / "s")["layer"]
+    copied = ActivationStore(tmp_path / "s", memory_map=False)["layer"]
+    chunk = mapped.read_chunk(3)
+    assert not chunk.flags.writeable and not chunk.flags.owndata
+    with pytest.raises(ValueError, match="read-only"):
+        chunk += 1
+    private = copied.read_chunk(3)
+    assert private.flags.writeable
+    np.testing.assert_array_equal(chunk, private)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for prefetch in (0, 2):
+        got = np.concatenate(list(mapped.iter_chunks(prefetch=prefetch)))
+        np.testing.assert_array_equal(got, data)
+    del got, chunk
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
+    rows = mapped[[5, 900]]
+    batch = next(iter(mapped.iter_batches(100, seed=1)))
+    assert rows.flags.writeable and batch.flags.writeable
+    np.testing.assert_array_equal(rows, data[[5, 900]])
