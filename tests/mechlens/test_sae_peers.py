@@ -116,7 +116,8 @@ def test_training_parity_on_stored_activations(overcomplete_sae, cnn_store):
     peer = overcomplete_sae.TopKSAE(view.dim, width, top_k=k).train()
     peer.get_dictionary()
     train = TrainConfig(steps=steps, batch_size=batch, lr=lr, lr_warmup_steps=0, lr_decay_fraction=0.0,
-                        grad_clip=1.0, normalize=False, b_dec_init="zeros", device="cpu", log_every=100)
+                        grad_clip=1.0, normalize=False, b_dec_init="zeros", decoder_init="random", device="cpu",
+                        log_every=100)
     trainer = SAETrainer(TopKConfig(width=width, k=k, d_in=view.dim, aux_coeff=0.0), train)
     trainer.initialise(normalizer=Normalizer.identity())
     _copy_peer_weights(trainer.members[0].sae, peer)
@@ -148,3 +149,10 @@ def test_benchmark_quick_run_prints_its_json_line():
         assert ratios[key] > 0
     # streaming from the store and training in memory see the same rows: same quality
     assert figures["mechlens_fvu"] == pytest.approx(figures["mechlens_in_memory_fvu"], rel=0.15)
+    # the learning-rate sweep picks, per side, a rate of the sweep and scores the chosen SAE
+    assert figures["lr_sweep"] == [2e-3, 8e-3]
+    for system in ("mechlens", "overcomplete"):
+        assert figures[f"{system}_tuned_lr"] in figures["lr_sweep"]
+        assert 0 < figures[f"{system}_tuned_fvu"] < 1.0
+    assert ratios["fvu_vs_overcomplete_tuned_lr"] == pytest.approx(
+        figures["mechlens_tuned_fvu"] / figures["overcomplete_tuned_fvu"], rel=1e-3)
