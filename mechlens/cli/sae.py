@@ -47,8 +47,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--lr-warmup-steps", type=int, default=100)
     train.add_argument("--dead-window", type=int, default=100_000, help="rows without firing before a latent is dead")
     train.add_argument("--b-dec-init", default="geometric_median", choices=("geometric_median", "mean", "zeros"))
-    train.add_argument("--decoder-init", default="data", choices=("data", "random"),
-                       help="decoder directions from random training rows (default) or random")
     train.add_argument("--center", action="store_true", help="subtract the data mean before scaling")
     train.add_argument("--no-normalize", action="store_true", help="train on raw activations (no scalar normalisation)")
     train.add_argument("--seed", type=int, default=0)
@@ -118,8 +116,7 @@ def _train(args: argparse.Namespace) -> int:
 
     configs = _configs(args)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_warmup_steps=args.lr_warmup_steps,
-                        dead_window=args.dead_window, b_dec_init=args.b_dec_init,
-                        decoder_init=args.decoder_init, center=args.center,
+                        dead_window=args.dead_window, b_dec_init=args.b_dec_init, center=args.center,
                         normalize=not args.no_normalize, seed=args.seed, device=args.device, log_every=args.log_every,
                         checkpoint_every=args.checkpoint_every)
     result = train_sae(args.store, args.layer, configs, train, out=args.out, checkpoint_dir=args.checkpoint_dir,

@@ -17,7 +17,6 @@ from typing import Any, ClassVar, Mapping
 
 __all__ = [
     "B_DEC_INITS",
-    "DECODER_INITS",
     "BatchTopKConfig",
     "JumpReLUConfig",
     "ReLUConfig",
@@ -28,7 +27,6 @@ __all__ = [
 ]
 
 B_DEC_INITS: tuple[str, ...] = ("mean", "geometric_median", "zeros")
-DECODER_INITS: tuple[str, ...] = ("data", "random")
 _POOLINGS = ("all", "mean", "max", "cls")
 _LAYOUTS = ("auto", "nchw", "nhwc", "nlc", "nc")
 
@@ -251,11 +249,7 @@ class TrainConfig:
     the mean when ``center``), estimated from the store's statistics (or from the first
     ``init_rows`` rows of a plain iterator); the scale is folded into the weights on export.
     ``b_dec_init`` sets the decoder bias from the data mean or the geometric median of the first
-    ``init_rows`` rows. ``decoder_init="data"`` points the decoder rows (and, through
-    ``W_enc = W_dec^T``, the encoder) at distinct random rows of those ``init_rows``, centred on
-    ``b_dec`` (norms as the architecture's random init); ``"random"`` uses random directions. On
-    the benchmark's activations data init reached the FVU of random init at half the learning
-    rate. A latent is dead once it has not fired for ``dead_window`` rows.
+    ``init_rows`` rows. A latent is dead once it has not fired for ``dead_window`` rows.
     """
 
     steps: int = 10_000
@@ -270,7 +264,6 @@ class TrainConfig:
     normalize: bool = True
     center: bool = False
     b_dec_init: str = "geometric_median"
-    decoder_init: str = "data"
     init_rows: int = 8192
     dead_window: int = 100_000
     seed: int = 0
@@ -299,8 +292,6 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
         if self.b_dec_init not in B_DEC_INITS:
             raise ValueError(f"b_dec_init must be one of {B_DEC_INITS}, got {self.b_dec_init!r}")
-        if self.decoder_init not in DECODER_INITS:
-            raise ValueError(f"decoder_init must be one of {DECODER_INITS}, got {self.decoder_init!r}")
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -119,35 +119,6 @@ class _Member:
 
 
 # ---------------------------------------------------------------------------- trainer
-@torch.no_grad()
-def _point_decoder_at_rows(sae: SAE, rows: torch.Tensor, *, seed: int) -> None:
-    """Data init: decoder row i along ``rows[j_i] - b_dec`` for distinct random rows j_i (rows too
-    few or equal to ``b_dec`` keep their random direction); norms and ``W_enc = W_dec^T`` as in
-    the random init, then the encoder scaled so the initial reconstruction is not too large."""
-    generator = torch.Generator().manual_seed(int(seed))
-    picked = rows[torch.randperm(len(rows), generator=generator)[:sae.width].to(rows.device)] - sae.b_dec
-    lengths = picked.norm(dim=1, keepdim=True)
-    usable = (lengths > 1e-6 * lengths.max().clamp_min(1e-30)).squeeze(1)
-    count = int(usable.sum())
-    if count == 0:
-        return
-    norms = sae.W_dec[:count].norm(dim=1, keepdim=True)
-    directions = picked[usable] / lengths[usable]
-    sae.W_dec[:count] = directions.to(sae.W_dec) * norms
-    scale = sae.W_enc[:, :count].norm(dim=0, keepdim=True) / norms.T.clamp_min(1e-30)
-    sae.W_enc[:, :count] = sae.W_dec[:count].T * scale
-    # Rows near the data give large pre-activations, and k of them summed overshoot x (FVU >> 1 at
-    # step 0). Shrink the encoder by the least-squares scale of the initial reconstruction: for
-    # TopK / BatchTopK / ReLU the selected latents do not depend on that scale.
-    sample = rows[:4096]
-    centred = sample - sae.b_dec
-    recon = sae.decode(sae.encode(sample)) - sae.b_dec
-    scale = float((centred * recon).sum() / (recon * recon).sum().clamp_min(1e-30))
-    if 0.0 < scale < 1.0:
-        sae.W_enc.mul_(scale)
-        sae.b_enc.mul_(scale)
-
-
 class SAETrainer:
     """Train one or several SAEs on the same stream of rows (they must share ``d_in``)."""
 
@@ -210,10 +181,6 @@ class SAETrainer:
             if b_dec is not None:
                 with torch.no_grad():
                     sae.b_dec.copy_(b_dec.to(sae.b_dec))
-            if cfg.decoder_init == "data":
-                if init_rows is None:
-                    raise ValueError('decoder_init="data" needs rows (pass init_rows, or use decoder_init="random")')
-                _point_decoder_at_rows(sae, self.normalizer.apply(init_rows), seed=cfg.seed + index)
             self.members.append(self._member(sae))
         return self
 
@@ -336,7 +303,7 @@ class SAETrainer:
             if not self.initialised:
                 peeked: list[RowBatch] = []
                 needs_rows = normalizer is None and cfg.normalize or (b_dec is None and cfg.b_dec_init != "zeros") \
-                    or self.d_in is None or cfg.decoder_init == "data"
+                    or self.d_in is None
                 while needs_rows and sum(len(b.data) for b in peeked) < cfg.init_rows:
                     item = next(stream, None)
                     if item is None:

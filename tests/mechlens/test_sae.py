@@ -214,7 +214,7 @@ def test_auxk_revives_dead_latents(small_store):
     x = torch.from_numpy(small_store["l"][:])
     dead_fraction = {}
     for aux_coeff in (0.0, 1.0):
-        train = quick_train(steps=150, dead_window=256, normalize=False, b_dec_init="zeros", decoder_init="random")
+        train = quick_train(steps=150, dead_window=256, normalize=False, b_dec_init="zeros")
         trainer = SAETrainer(TopKConfig(width=48, k=3, d_in=16, aux_coeff=aux_coeff), train)
         trainer.initialise(normalizer=Normalizer.identity())
         with torch.no_grad():
@@ -556,30 +556,3 @@ def test_sae_feature_spec_builds_an_sae_latent(tmp_path):
     assert torch.allclose(feature.readout(act), expected)
     with pytest.raises(IndexError, match="latent 20 is out of range"):
         parse_feature(f"sae:{tmp_path / 'sae'}:20")
-
-
-def test_data_init_points_decoder_rows_at_distinct_training_rows(small_store):
-    """decoder_init="data": each decoder row is the unit direction of a distinct training row
-    minus b_dec (W_enc = W_dec^T); "random" is untouched; data init without rows is an error."""
-    x = torch.from_numpy(small_store["l"][:]).float()
-    train = quick_train(normalize=False, b_dec_init="mean")
-    trainer = SAETrainer(TopKConfig(width=32, k=3, d_in=16), train).initialise(init_rows=x)
-    sae = trainer.members[0].sae
-    directions = (x - sae.b_dec) / (x - sae.b_dec).norm(dim=1, keepdim=True)
-    cosine = sae.W_dec @ directions.T                      # [width, rows]
-    best = cosine.max(dim=1)
-    assert torch.allclose(best.values, torch.ones(32), atol=1e-5)
-    assert len(set(best.indices.tolist())) == 32         # distinct rows
-    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32), atol=1e-5)
-    scale = (sae.W_enc / sae.W_dec.T).flatten()  # W_enc = s W_dec^T, s in (0, 1]: no initial overshoot
-    assert torch.allclose(scale, scale[0].expand_as(scale), rtol=1e-4) and 0 < scale[0] <= 1
-    centred = x - sae.b_dec
-    recon = sae.decode(sae.encode(x)) - sae.b_dec
-    assert float((centred - recon).pow(2).sum() / centred.pow(2).sum()) < 1.0
-    random = SAETrainer(TopKConfig(width=32, k=3, d_in=16), train.replace(decoder_init="random")).initialise(init_rows=x)
-    assert random.members[0].sae.W_dec.matmul(directions.T).max(dim=1).values.max() < 0.99
-    with pytest.raises(ValueError, match="decoder_init"):
-        SAETrainer(TopKConfig(width=32, k=3, d_in=16), train.replace(b_dec_init="zeros")).initialise(
-            normalizer=Normalizer.identity())
-    with pytest.raises(ValueError, match="decoder_init must be one of"):
-        train.replace(decoder_init="kmeans")

@@ -116,8 +116,7 @@ def test_training_parity_on_stored_activations(overcomplete_sae, cnn_store):
     peer = overcomplete_sae.TopKSAE(view.dim, width, top_k=k).train()
     peer.get_dictionary()
     train = TrainConfig(steps=steps, batch_size=batch, lr=lr, lr_warmup_steps=0, lr_decay_fraction=0.0,
-                        grad_clip=1.0, normalize=False, b_dec_init="zeros", decoder_init="random", device="cpu",
-                        log_every=100)
+                        grad_clip=1.0, normalize=False, b_dec_init="zeros", device="cpu", log_every=100)
     trainer = SAETrainer(TopKConfig(width=width, k=k, d_in=view.dim, aux_coeff=0.0), train)
     trainer.initialise(normalizer=Normalizer.identity())
     _copy_peer_weights(trainer.members[0].sae, peer)
