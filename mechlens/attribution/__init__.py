@@ -12,6 +12,10 @@ CAV direction, an SAE latent. One convention for all of them::
 ``target`` may be a Feature, a spec string (``"channel:stage3:5"``), an int class, a per-sample
 tensor of classes, or None (the predicted class). See ``docs/attribution.md`` for the methods,
 their conventions and which of them fail the model-parameter randomization check.
+
+Methods run an inference copy of the model (BatchNorm folded into its convolutions,
+channels-last weights on CPU; :mod:`mechlens.attribution.execution`): the same function with
+less work. ``with exact_execution():`` runs the model as given, for bit-for-bit comparisons.
 """
 from mechlens.attribution.base import (
     Attribution,
@@ -25,6 +29,7 @@ from mechlens.attribution.base import (
     register_method,
     resolve_target,
 )
+from mechlens.attribution.execution import exact_execution, inference_copy, inference_model
 from mechlens.attribution.baselines import BASELINES, dataset_mean, gaussian_blur, make_baseline
 from mechlens.attribution.cam import (
     gradcam,
@@ -60,8 +65,8 @@ from mechlens.attribution.vit import (
 __all__ = [
     "AttentionMaps", "Attribution", "BASELINES", "MethodInfo", "Target",
     "attention", "attention_maps", "attention_modules", "attention_rollout", "attribute",
-    "dataset_mean", "eval_mode", "gaussian_blur", "get_method", "gradcam", "gradcam_plusplus",
-    "gradient_shap", "guided_backprop", "guided_gradcam", "guided_relus", "input_gradients",
+    "dataset_mean", "eval_mode", "exact_execution", "gaussian_blur", "get_method", "gradcam", "gradcam_plusplus",
+    "gradient_shap", "guided_backprop", "guided_gradcam", "guided_relus", "inference_copy", "inference_model", "input_gradients",
     "input_x_gradient", "integrated_gradients", "kernel_shap", "layer_activations_and_gradients",
     "layercam", "lime", "list_methods", "make_baseline", "noise_tunnel", "occlusion",
     "register_method", "resolve_target", "rollout", "saliency", "scorecam", "slic_segments",

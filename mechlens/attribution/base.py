@@ -236,6 +236,8 @@ def input_gradients(
                 f"the feature(s) {', '.join(f.name for f in target.features)} do not depend on the input"
             )
         values[start:stop] = value.detach()
+        if not grad.is_contiguous():  # channels-last weights (inference copy) give channels-last gradients
+            grad = grad.contiguous()
         if len(ranges) == 1:
             return grad, values
         if grads is None:

@@ -29,12 +29,12 @@ from mechlens.attribution.base import (
     _finite_or_raise,
     check_images,
     chunk_ranges,
-    eval_mode,
     isqrt_grid,
     register_method,
     resolve_target,
     unwrap_model,
 )
+from mechlens.attribution.execution import inference_model
 from mechlens.features.layout import resolve_layout
 
 __all__ = [
@@ -160,7 +160,7 @@ def _gradient_cam(
     inputs = check_images(inputs)
     target = resolve_target(model, inputs, target)
     cams, values = [], []
-    with eval_mode(model):
+    with inference_model(model, keep=[*target.layers, layer]) as model:
         for start, stop in chunk_ranges(inputs.shape[0], internal_batch_size):
             maps = layer_activations_and_gradients(model, inputs[start:stop], target.select(range(start, stop)), layer, **layout_kw)
             cam = weigh(maps.activations, maps.gradients)
@@ -236,7 +236,7 @@ def scorecam(
     inputs = check_images(inputs).detach()
     target = resolve_target(model, inputs, target)
     batch = inputs.shape[0]
-    with eval_mode(model), torch.no_grad():
+    with inference_model(model, keep=[*target.layers, layer]) as model, torch.no_grad():
         maps = layer_activations_and_gradients(
             model, inputs, target, layer, gradients=False, layout=layout, num_prefix_tokens=num_prefix_tokens, grid=grid,
         )

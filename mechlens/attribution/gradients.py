@@ -31,6 +31,7 @@ from mechlens.attribution.base import (
     resolve_target,
     unwrap_model,
 )
+from mechlens.attribution.execution import inference_model
 from mechlens.attribution.baselines import constant_baseline_value, make_baseline
 
 __all__ = [
@@ -59,7 +60,7 @@ def saliency(
     model = unwrap_model(model)
     inputs = check_images(inputs)
     target = resolve_target(model, inputs, target)
-    with eval_mode(model):
+    with inference_model(model, keep=target.layers) as model:
         grads, values = input_gradients(model, inputs, target, internal_batch_size=internal_batch_size)
     return _result("saliency", grads.abs_() if abs else grads, target, values, inputs, absolute=abs)  # grads is ours
 
@@ -72,7 +73,7 @@ def input_x_gradient(
     model = unwrap_model(model)
     inputs = check_images(inputs)
     target = resolve_target(model, inputs, target)
-    with eval_mode(model):
+    with inference_model(model, keep=target.layers) as model:
         grads, values = input_gradients(model, inputs, target, internal_batch_size=internal_batch_size)
     return _result("input_x_gradient", grads * inputs, target, values, inputs)
 
@@ -116,7 +117,7 @@ def integrated_gradients(
     batch = inputs.shape[0]
     total = torch.zeros_like(inputs)
     view = (-1,) + (1,) * (inputs.dim() - 1)
-    with eval_mode(model):
+    with inference_model(model, keep=target.layers) as model:
         # Rows are step-major: row r is step r // B of sample r % B (Captum's order).
         for start, stop in chunk_ranges(n_steps * batch, internal_batch_size):
             rows = torch.arange(start, stop, device=inputs.device)
@@ -195,7 +196,7 @@ def gradient_shap(
     # Rows are sample-major per input (Captum's repeat_interleave order): row r is draw r % n of sample r // n.
     total = torch.zeros_like(inputs)
     view = (-1,) + (1,) * (inputs.dim() - 1)
-    with eval_mode(model):
+    with inference_model(model, keep=target.layers) as model:
         for start, stop in chunk_ranges(batch * n_samples, internal_batch_size):
             rows = torch.arange(start, stop, device=inputs.device)
             sample, draw = rows // n_samples, rows % n_samples

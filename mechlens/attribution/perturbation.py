@@ -26,13 +26,13 @@ from mechlens.attribution.base import (
     _finite_or_raise,
     check_images,
     chunk_ranges,
-    eval_mode,
     feature_values,
     make_generator,
     register_method,
     resolve_target,
     unwrap_model,
 )
+from mechlens.attribution.execution import inference_model
 from mechlens.attribution.baselines import make_baseline
 
 __all__ = ["SurrogateFit", "kernel_shap", "lime", "occlusion", "slic_segments", "weighted_ridge"]
@@ -101,7 +101,7 @@ def occlusion(
     total = torch.zeros_like(inputs)
     coverage = torch.zeros(shape, device=inputs.device, dtype=inputs.dtype)
     per_chunk = offsets.shape[0] if internal_batch_size is None else max(1, internal_batch_size // batch)
-    with eval_mode(model), torch.no_grad():
+    with inference_model(model, keep=target.layers) as model, torch.no_grad():
         f_x = feature_values(model, inputs, target)
         for start, stop in chunk_ranges(offsets.shape[0], per_chunk):
             masks = _window_masks(offsets[start:stop], win, shape)  # [n, C, H, W]
@@ -285,7 +285,7 @@ def lime(
     distance = 1 - cosine
     weights = torch.exp(-(distance**2) / kernel_width**2).sqrt()
     base = make_baseline(inputs, baseline, mean=mean, blur_sigma=blur_sigma, generator=gen).detach()
-    with eval_mode(model):
+    with inference_model(model, keep=target.layers) as model:
         y = _coalition_values(model, inputs, base, segments, z, target, internal_batch_size)
     fit = weighted_ridge(z, y, weights, alpha=alpha, active=active)
     return _superpixel_result("lime", fit, segments, inputs, target, y[:, 0].detach(),
@@ -341,7 +341,7 @@ def kernel_shap(
     weights = torch.ones(batch, n_samples, dtype=torch.float64, device=inputs.device)
     weights[:, :2] = 1e6
     base = make_baseline(inputs, baseline, mean=mean, blur_sigma=blur_sigma, generator=gen).detach()
-    with eval_mode(model):
+    with inference_model(model, keep=target.layers) as model:
         y = _coalition_values(model, inputs, base, segments, z, target, internal_batch_size)
     fit = weighted_ridge(z, y, weights, alpha=0.0, active=active)
     f_x, f_0 = y[:, 0], y[:, 1]

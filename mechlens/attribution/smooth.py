@@ -20,7 +20,6 @@ from mechlens.attribution.base import (
     _finite_or_raise,
     check_images,
     chunk_ranges,
-    eval_mode,
     feature_values,
     get_method,
     make_generator,
@@ -28,6 +27,7 @@ from mechlens.attribution.base import (
     resolve_target,
     unwrap_model,
 )
+from mechlens.attribution.execution import inference_model
 
 __all__ = ["NOISE_KINDS", "noise_tunnel", "smoothgrad", "smoothgrad_sq", "vargrad"]
 
@@ -76,7 +76,7 @@ def noise_tunnel(
     kwargs = dict(base_kwargs)
     if base_internal_batch_size is not None:
         kwargs["internal_batch_size"] = base_internal_batch_size
-    with eval_mode(model):
+    with inference_model(model, keep=target.layers) as model:
         for start, stop in chunk_ranges(n_samples, draws_per_call):
             m = stop - start
             # noisy copies in place of the noise: one [m * B, ...] buffer alive during the base method

@@ -90,6 +90,14 @@ def test_input_gradients_is_chunking_invariant() -> None:
 
 
 def test_saliency_and_noise_tunnel_results_unchanged_by_the_memory_fixes() -> None:
+    """Bit-for-bit against the unmodified model (exact_execution: no inference copy)."""
+    from mechlens.attribution.execution import exact_execution
+
+    with exact_execution():
+        _check_saliency_and_noise_tunnel()
+
+
+def _check_saliency_and_noise_tunnel() -> None:
     from mechlens.attribution import attribute, input_gradients, resolve_target, saliency, smoothgrad
 
     net = _small_model()
