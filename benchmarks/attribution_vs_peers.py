@@ -214,8 +214,9 @@ def make_call(run: Run, cfg: Config, model: torch.nn.Module, x: torch.Tensor) ->
         def call() -> tuple[torch.Tensor, dict]:
             result = attribute(model, x, TARGET_CLASS, method=run.method, **args, **kw)
             extras = {}
-            if "masked_inputs_run" in result.extras:
-                extras["masked_inputs_run"] = result.extras["masked_inputs_run"]
+            for key in ("masked_inputs_run", "local_recompute"):  # work saved, for the record
+                if key in result.extras:
+                    extras[key] = result.extras[key]
             return result.map, extras
 
         return call
@@ -417,8 +418,9 @@ def summarise(runs: list[Run], records: dict[str, list[dict]], cfg: Config) -> d
                                        int(run.setting[4:]), cfg)[1],
             "kwargs": run.kwargs,
         }
-        if "masked_inputs_run" in recs[0]:
-            item["masked_inputs_run"] = recs[0]["masked_inputs_run"]
+        for key in ("masked_inputs_run", "local_recompute"):
+            if key in recs[0]:
+                item[key] = recs[0][key]
         out[run.key] = item
     return out
 

@@ -33,6 +33,7 @@ from mechlens.attribution.base import (
     unwrap_model,
 )
 from mechlens.attribution.execution import inference_model
+from mechlens.attribution.local import LocalSplit, local_split
 from mechlens.attribution.baselines import make_baseline
 
 __all__ = ["SurrogateFit", "kernel_shap", "lime", "occlusion", "slic_segments", "weighted_ridge"]
@@ -74,13 +75,19 @@ def occlusion(
     mean: Any = None,
     blur_sigma: float | None = None,
     seed: int | None = 0,
+    local: bool = True,
 ) -> Attribution:
     """Occlusion (Zeiler & Fergus; Captum's estimator): slide a ``window`` (``int``, ``(h, w)``
     over all channels, or ``(c, h, w)``) with ``strides`` (default: the window, i.e. no
     overlap), replace it by the baseline, and credit ``f(x) - f(x_occluded)`` to every element it
     covers, averaged over the windows covering each element. Windows per position follow Captum:
     ``ceil((size - window) / stride) + 1`` offsets per dimension, the last one clipped at the
-    border."""
+    border.
+
+    ``local=True`` recomputes the network's early, local layers only on a crop around each
+    window and runs the rest in full (:mod:`mechlens.attribution.local`): the same values up to
+    float rounding with less work; ``extras["local_recompute"]`` names the cut (None when the
+    model cannot be split, e.g. it does not trace with ``torch.fx``)."""
     model = unwrap_model(model)
     inputs = check_images(inputs).detach()
     target = resolve_target(model, inputs, target)
@@ -101,22 +108,91 @@ def occlusion(
     total = torch.zeros_like(inputs)
     coverage = torch.zeros(shape, device=inputs.device, dtype=inputs.dtype)
     per_chunk = offsets.shape[0] if internal_batch_size is None else max(1, internal_batch_size // batch)
+    split = None
     with inference_model(model, keep=target.layers) as model, torch.no_grad():
         f_x = feature_values(model, inputs, target)
-        for start, stop in chunk_ranges(offsets.shape[0], per_chunk):
-            masks = _window_masks(offsets[start:stop], win, shape)  # [n, C, H, W]
-            n = masks.shape[0]
-            occluded = torch.where(masks.unsqueeze(1), base.unsqueeze(0), inputs.unsqueeze(0))  # [n, B, C, H, W]
-            values, _ = target.repeat(n).forward(model, occluded.reshape(n * batch, *shape), grads=False)
-            diff = f_x.unsqueeze(0) - values.view(n, batch)
-            maskf = masks.to(inputs.dtype)
-            total += torch.einsum("nb,nchw->bchw", diff, maskf)
-            coverage += maskf.sum(dim=0)
+        if local and inputs.dim() == 4 and (win[1] < shape[1] or win[2] < shape[2]):
+            split = local_split(model, inputs, (win[1], win[2]), keep=target.layers)
+        if split is None:
+            for start, stop in chunk_ranges(offsets.shape[0], per_chunk):
+                masks = _window_masks(offsets[start:stop], win, shape)  # [n, C, H, W]
+                n = masks.shape[0]
+                occluded = torch.where(masks.unsqueeze(1), base.unsqueeze(0), inputs.unsqueeze(0))  # [n, B, C, H, W]
+                values, _ = target.repeat(n).forward(model, occluded.reshape(n * batch, *shape), grads=False)
+                _accumulate(total, coverage, f_x, values.view(n, batch), masks)
+        else:
+            _local_occlusion(split, inputs, base.expand_as(inputs), target, offsets, win, shape, per_chunk, f_x, total, coverage)
     attributions = total / coverage.clamp_min(1)
     return Attribution(
         map=_finite_or_raise(attributions, "occlusion"), method="occlusion", features=target.names, values=f_x,
         kind="input", input_shape=tuple(inputs.shape), channel_reduce="mean",
-        extras={"window": list(win), "strides": list(stride), "n_windows": int(offsets.shape[0])},
+        extras={"window": list(win), "strides": list(stride), "n_windows": int(offsets.shape[0]),
+                "local_recompute": None if split is None else {"cuts": split.cuts, "saved_fraction": round(split.saved_fraction, 4)}},
+    )
+
+
+def _accumulate(total: torch.Tensor, coverage: torch.Tensor, f_x: torch.Tensor, values: torch.Tensor, masks: torch.Tensor) -> None:
+    """Credit ``f(x) - f(occluded)`` (``values``: ``[n, B]``) to the ``n`` windows' elements."""
+    maskf = masks.to(total.dtype)
+    total += torch.einsum("nb,nchw->bchw", f_x.unsqueeze(0) - values, maskf)
+    coverage += maskf.sum(dim=0)
+
+
+def _local_occlusion(
+    split: LocalSplit, inputs: torch.Tensor, base: torch.Tensor, target: Target, offsets: torch.Tensor,
+    win: tuple[int, int, int], shape: tuple[int, ...], per_chunk: int, f_x: torch.Tensor,
+    total: torch.Tensor, coverage: torch.Tensor,
+) -> None:
+    """Occlusion through a :class:`LocalSplit`: each segment runs on a crop around the window's
+    changed region, which is pasted into the clean image's activation at the segment's end; the
+    suffix runs in full. Windows are grouped by crop sizes so each forward is one stacked batch."""
+    batch = inputs.shape[0]
+    clean = []
+    current = inputs
+    for segment in split.segments:
+        current = segment.module(current)
+        clean.append(current)
+    plans = [split.plan(((oy, oy + win[1]), (ox, ox + win[2]))) for _, oy, ox in offsets.tolist()]
+    groups: dict[tuple, list[int]] = {}
+    for index, plan in enumerate(plans):
+        key = tuple((cy[1] - cy[0], cx[1] - cx[0]) for (cy, cx), _ in plan)
+        groups.setdefault(key, []).append(index)
+    last = len(split.segments) - 1
+    for indices in groups.values():
+        for start, stop in chunk_ranges(len(indices), per_chunk):
+            chunk = indices[start:stop]
+            n = len(chunk)
+            masks = _window_masks(offsets[chunk], win, shape)  # [n, C, H, W]
+            local_out = None
+            for level, segment in enumerate(split.segments):
+                crops = []
+                for j, index in enumerate(chunk):
+                    (y0, y1), (x0, x1) = plans[index][level][0]
+                    if level == 0:  # the occluded image, cropped
+                        crops.append(torch.where(masks[j, :, y0:y1, x0:x1], base[:, :, y0:y1, x0:x1], inputs[:, :, y0:y1, x0:x1]))
+                        continue
+                    # the clean activation on this crop, with the previous segment's changed region pasted in
+                    crop = clean[level - 1][:, :, y0:y1, x0:x1].clone()
+                    _paste(crop, (y0, x0), local_out, j, batch, plans[index][level - 1], split.segments[level - 1].out_stride)
+                    crops.append(crop)
+                local_out = segment.module(torch.cat(crops))  # [n * B, K, h', w']
+                del crops
+            pasted = torch.cat([clean[last]] * n)  # the full cut activation of every window, then its changed region
+            for j, index in enumerate(chunk):
+                rows = pasted[j * batch : (j + 1) * batch]
+                _paste(rows, (0, 0), local_out, j, batch, plans[index][last], split.segments[last].out_stride)
+            del local_out
+            values, _ = target.repeat(n).forward(split.suffix, pasted, grads=False)
+            _accumulate(total, coverage, f_x, values.view(n, batch), masks)
+
+
+def _paste(into: torch.Tensor, origin: tuple[int, int], local_out: torch.Tensor, j: int, batch: int, step: tuple, stride: int) -> None:
+    """Copy window ``j``'s changed region from a segment's output on its crop (``local_out``) into
+    ``into``, a region of the same activation starting at ``origin``."""
+    ((y0, _), (x0, _)), ((cy0, cy1), (cx0, cx1)) = step
+    oy, ox = y0 // stride, x0 // stride
+    into[:, :, cy0 - origin[0] : cy1 - origin[0], cx0 - origin[1] : cx1 - origin[1]] = (
+        local_out[j * batch : (j + 1) * batch, :, cy0 - oy : cy1 - oy, cx0 - ox : cx1 - ox]
     )
 
 
