@@ -395,6 +395,15 @@ def check_agreement(method: str, peer: str, ours: torch.Tensor, theirs: torch.Te
             raise AssertionError(f"{method}: mechlens vs {peer} scaled maps differ by {diff:.2e}")
         return {"shape": list(ours.shape), "max_abs_diff": diff}
     rel = _rel(ours, theirs)
+    if method in ("saliency", "integrated_gradients"):
+        # Our inference copy (folded BatchNorm, channels-last) rounds differently, and a ReLU
+        # pre-activation within rounding of zero flips the gradient of single pixels: judge the
+        # whole map (relative L2 error, correlation), report the largest pixel difference too.
+        l2 = float((ours.double() - theirs.double()).norm() / theirs.double().norm().clamp_min(1e-30))
+        corr = _corr(ours, theirs)
+        if l2 > 1e-3 or corr < 0.9999:
+            raise AssertionError(f"{method}: mechlens vs {peer} maps: relative L2 error {l2:.2e}, correlation {corr:.6f}")
+        return {"shape": list(ours.shape), "rel_l2_error": l2, "correlation": round(corr, 7), "max_rel_diff": rel}
     if rel > 1e-3:
         raise AssertionError(f"{method}: mechlens vs {peer} maps differ by {rel:.2e} of the peer's max")
     return {"shape": list(ours.shape), "max_rel_diff": rel}
@@ -469,6 +478,19 @@ def compare(runs: list[Run], summary: dict[str, dict], maps: dict[str, str], cfg
             item["default_vs_default_time_ratio"] = round(default["seconds"] / peer_default["seconds"], 3)
             item["default_vs_default_memory_ratio"] = round(
                 max(default["peak_mib"], floor) / max(peer_default["peak_mib"], floor), 3)
+        # The targets ask for both at once: the fastest of our settings whose peak memory is within
+        # the peer best's (None when every setting of ours needs more memory).
+        lean = [k for k in ours if max(ours[k]["peak_mib"], floor) <= max(b["peak_mib"], floor)]
+        if lean:
+            lean_best = min(lean, key=lambda k: ours[k]["seconds"])
+            item["lean_best"] = lean_best
+            item["lean_time_ratio"] = round(ours[lean_best]["seconds"] / b["seconds"], 3)
+            item["lean_memory_ratio"] = round(max(ours[lean_best]["peak_mib"], floor) / max(b["peak_mib"], floor), 3)
+            item["lean_targets_met"] = item["lean_time_ratio"] <= limit
+            ratios[f"{name}_lean_time"] = item["lean_time_ratio"]
+        else:
+            item["lean_best"] = None
+            item["lean_targets_met"] = False
         comparisons[name] = item
         ratios[f"{name}_time"] = item["time_ratio"]
         ratios[f"{name}_cpu_time"] = item["cpu_time_ratio"]
@@ -497,6 +519,15 @@ def print_comparisons(comparisons: dict[str, dict]) -> None:
         print(f"{name:27s} {item['mechlens_best']:>31s} {item['peer_best']:>40s} {item['time_ratio']:7.3f} "
               f"{item['cpu_time_ratio']:6.3f} {item['memory_ratio']:6.3f}  <={item['time_target']}: "
               f"{'met' if item['time_target_met'] else 'NOT met'}, <=1: {'met' if item['memory_target_met'] else 'NOT met'}")
+    print("\nboth targets at once: our fastest setting with peak memory <= the peer best's")
+    for name, item in comparisons.items():
+        if "error" in item:
+            continue
+        if item.get("lean_best") is None:
+            print(f"{name:27s} none of our settings fits in the peer best's memory")
+            continue
+        print(f"{name:27s} {item['lean_best']:>31s} time {item['lean_time_ratio']:.3f}x, memory {item['lean_memory_ratio']:.3f}x: "
+              f"{'met' if item['lean_targets_met'] else 'NOT met'} (time <= {item['time_target']})")
 
 
 def main() -> None:

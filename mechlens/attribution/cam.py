@@ -236,7 +236,7 @@ def scorecam(
     inputs = check_images(inputs).detach()
     target = resolve_target(model, inputs, target)
     batch = inputs.shape[0]
-    with inference_model(model, keep=[*target.layers, layer]) as model, torch.no_grad():
+    with inference_model(model, keep=[*target.layers, layer], gradients=False) as model, torch.no_grad():
         maps = layer_activations_and_gradients(
             model, inputs, target, layer, gradients=False, layout=layout, num_prefix_tokens=num_prefix_tokens, grid=grid,
         )

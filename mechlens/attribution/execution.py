@@ -18,7 +18,10 @@ pixels where a pre-activation within rounding of zero flips side; pass ``optimiz
 
 The copy shares every tensor it does not change with the original (no second copy of the
 weights); modules whose outputs a method observes (the target's layers, a CAM layer) are kept
-unfolded so that hooks on them see exactly the original module's output. Only exact ``nn.ConvNd`` /
+unfolded so that hooks on them see exactly the original module's output. Making the copy costs
+tens of milliseconds (resnet18: ~30 ms); for many small calls make it once,
+``fast = inference_copy(model)``, and pass ``fast`` to the methods (they reuse a copy instead of
+copying it again, and refuse a target layer the copy has folded). Only exact ``nn.ConvNd`` /
 ``nn.BatchNormNd`` pairs are folded (subclasses such as timm's ``BatchNormAct2d`` or
 ``StdConv2d`` do more than their base class); a parent module that ``torch.fx`` cannot trace keeps
 its pairs. Models carrying hooks of their own run unmodified.
@@ -36,7 +39,7 @@ from torch import nn
 
 from mechlens.attribution.base import eval_mode
 
-__all__ = ["exact_execution", "fold_batchnorm_pairs", "inference_copy", "inference_model"]
+__all__ = ["exact_execution", "fold_batchnorm_pairs", "has_hooks", "inference_copy", "inference_model", "prefer_channels_last"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,28 +187,76 @@ def inference_copy(model: nn.Module, *, keep: Iterable[str] = (), channels_last:
             new_bias = (bias - bn.running_mean) * scale
             if bn.bias is not None:
                 new_bias = new_bias + bn.bias
-            conv.weight = nn.Parameter(conv.weight * scale.view(shape).to(conv.weight.dtype), requires_grad=False)
+            layout = torch.channels_last if channels_last and conv.weight.dim() == 4 else torch.contiguous_format
+            folded = torch.empty_like(conv.weight, memory_format=layout)
+            torch.mul(conv.weight, scale.view(shape).to(conv.weight.dtype), out=folded)  # one pass, in its final layout
+            conv.weight = nn.Parameter(folded, requires_grad=False)
             conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=False)
             parent_name, _, child = bn_name.rpartition(".")
             setattr(twin_named[parent_name] if parent_name else twin, child, nn.Identity())
         if channels_last:
             for module in twin.modules():
-                if isinstance(module, nn.Conv2d) and module.weight.dim() == 4:
+                if isinstance(module, nn.Conv2d) and module.weight.dim() == 4 and not module.weight.is_contiguous(memory_format=torch.channels_last):
                     module.weight = nn.Parameter(
                         module.weight.detach().contiguous(memory_format=torch.channels_last), requires_grad=False,
                     )
     twin._mechlens_inference_copy = True  # noqa: SLF001 - nested methods (SmoothGrad's base) reuse it
+    twin._mechlens_folded = frozenset(conv for conv, _ in pairs)  # noqa: SLF001 - their outputs changed
     return twin.eval()
 
 
+def prefer_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the layout attribution methods feed CPU convolutions (channels-last for a 4-d CPU
+    tensor, unless inside :func:`exact_execution`)."""
+    if _OPTIMIZE_DEFAULT[0] and x.dim() == 4 and x.device.type == "cpu":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def has_hooks(model: nn.Module) -> bool:
+    """Whether any module of ``model`` carries a forward / backward hook."""
+    return _has_hooks(model)
+
+
+def _channels_last_input(module: nn.Module, args: tuple) -> tuple | None:
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 4:
+        return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+    return None
+
+
 @contextmanager
-def inference_model(model: nn.Module, *, keep: Iterable[str] = (), optimize: bool | None = None) -> Iterator[nn.Module]:
-    """The model an attribution method should run, in eval mode: :func:`inference_copy` of
-    ``model`` (``optimize``; default on, off inside :func:`exact_execution`) or ``model`` itself
-    when it has no convolutions, carries hooks, or cannot be copied. The original's ``training``
-    flags are restored afterwards."""
+def inference_model(
+    model: nn.Module, *, keep: Iterable[str] = (), optimize: bool | None = None, gradients: bool = True,
+) -> Iterator[nn.Module]:
+    """The model an attribution method should run, in eval mode, and the original's ``training``
+    flags restored afterwards.
+
+    With ``gradients`` (the method backpropagates): :func:`inference_copy` of ``model``
+    (``optimize``; default on, off inside :func:`exact_execution`), or ``model`` itself when it has
+    no convolutions, carries hooks, or cannot be copied. Without (forward passes only): ``model``
+    itself, fed channels-last inputs on CPU through a temporary pre-hook. Forward-only, folding
+    saves nothing measurable while the folded weights would cost a second copy of them; with
+    gradients it also drops the BatchNorm inputs autograd would keep."""
     optimize = _OPTIMIZE_DEFAULT[0] if optimize is None else optimize
     with eval_mode(model):
+        if not gradients:
+            handle = None
+            first = next(iter(model.parameters()), None)
+            if optimize and first is not None and first.device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+                handle = model.register_forward_pre_hook(_channels_last_input)
+            try:
+                yield model
+            finally:
+                if handle is not None:
+                    handle.remove()
+            return
+        folded = getattr(model, "_mechlens_folded", frozenset())
+        observed = [name for name in keep if name and any(_covers([name], conv) for conv in folded)]
+        if observed:
+            raise ValueError(
+                f"layer(s) {observed} of this inference copy were folded with their BatchNorm, so their outputs are "
+                "not the original model's: make the copy with inference_copy(model, keep=[...]) naming them"
+            )
         run = model
         if optimize and not getattr(model, "_mechlens_inference_copy", False) and not _has_hooks(model) and any(isinstance(m, _CONV_TYPES) for m in model.modules()):
             try:

@@ -295,8 +295,10 @@ def local_split(model: nn.Module, example: torch.Tensor, window: tuple[int, int]
     saved = 0.0
     start = 0
     for cut in cuts:
-        if not any(_sliding(modules.get(str(n.target))) is not None for n in nodes[start + 1 : cut + 1] if n.op == "call_module"):
-            continue  # a segment of pointwise ops only: extend it to the next cut (each boundary costs a paste)
+        if sum(type(modules.get(str(n.target))) is nn.Conv2d for n in nodes[start + 1 : cut + 1] if n.op == "call_module") < 2:
+            # extend short segments to the next cut: each boundary keeps a clean activation and
+            # costs a paste (a stem conv alone would keep the largest activation of the network)
+            continue
         segment = _Segment(_subgraph(gm, nodes[start : cut + 1], nodes[start] if start else None, nodes[cut]),
                            nodes[start : cut + 1], windows, sizes, strides)
         changed = segment.changed(box)

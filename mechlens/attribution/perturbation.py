@@ -32,7 +32,7 @@ from mechlens.attribution.base import (
     resolve_target,
     unwrap_model,
 )
-from mechlens.attribution.execution import inference_model
+from mechlens.attribution.execution import has_hooks, inference_model, prefer_channels_last
 from mechlens.attribution.local import LocalSplit, local_split
 from mechlens.attribution.baselines import make_baseline
 
@@ -109,9 +109,10 @@ def occlusion(
     coverage = torch.zeros(shape, device=inputs.device, dtype=inputs.dtype)
     per_chunk = offsets.shape[0] if internal_batch_size is None else max(1, internal_batch_size // batch)
     split = None
-    with inference_model(model, keep=target.layers) as model, torch.no_grad():
+    own_hooks = has_hooks(model)  # they would fire on crops: no local recompute then
+    with inference_model(model, keep=target.layers, gradients=False) as model, torch.no_grad():
         f_x = feature_values(model, inputs, target)
-        if local and inputs.dim() == 4 and (win[1] < shape[1] or win[2] < shape[2]):
+        if local and not own_hooks and inputs.dim() == 4 and (win[1] < shape[1] or win[2] < shape[2]):
             split = local_split(model, inputs, (win[1], win[2]), keep=target.layers)
         if split is None:
             for start, stop in chunk_ranges(offsets.shape[0], per_chunk):
@@ -148,7 +149,7 @@ def _local_occlusion(
     suffix runs in full. Windows are grouped by crop sizes so each forward is one stacked batch."""
     batch = inputs.shape[0]
     clean = []
-    current = inputs
+    current = inputs = prefer_channels_last(inputs)
     for segment in split.segments:
         current = segment.module(current)
         clean.append(current)
@@ -175,7 +176,7 @@ def _local_occlusion(
                     crop = clean[level - 1][:, :, y0:y1, x0:x1].clone()
                     _paste(crop, (y0, x0), local_out, j, batch, plans[index][level - 1], split.segments[level - 1].out_stride)
                     crops.append(crop)
-                local_out = segment.module(torch.cat(crops))  # [n * B, K, h', w']
+                local_out = segment.module(prefer_channels_last(torch.cat(crops)))  # [n * B, K, h', w']
                 del crops
             pasted = torch.cat([clean[last]] * n)  # the full cut activation of every window, then its changed region
             for j, index in enumerate(chunk):
@@ -361,7 +362,7 @@ def lime(
     distance = 1 - cosine
     weights = torch.exp(-(distance**2) / kernel_width**2).sqrt()
     base = make_baseline(inputs, baseline, mean=mean, blur_sigma=blur_sigma, generator=gen).detach()
-    with inference_model(model, keep=target.layers) as model:
+    with inference_model(model, keep=target.layers, gradients=False) as model:
         y = _coalition_values(model, inputs, base, segments, z, target, internal_batch_size)
     fit = weighted_ridge(z, y, weights, alpha=alpha, active=active)
     return _superpixel_result("lime", fit, segments, inputs, target, y[:, 0].detach(),
@@ -417,7 +418,7 @@ def kernel_shap(
     weights = torch.ones(batch, n_samples, dtype=torch.float64, device=inputs.device)
     weights[:, :2] = 1e6
     base = make_baseline(inputs, baseline, mean=mean, blur_sigma=blur_sigma, generator=gen).detach()
-    with inference_model(model, keep=target.layers) as model:
+    with inference_model(model, keep=target.layers, gradients=False) as model:
         y = _coalition_values(model, inputs, base, segments, z, target, internal_batch_size)
     fit = weighted_ridge(z, y, weights, alpha=0.0, active=active)
     f_x, f_0 = y[:, 0], y[:, 1]

@@ -165,3 +165,19 @@ def test_only_exact_batchnorm_after_an_unshared_conv_is_folded() -> None:
     x = _images()
     with torch.no_grad():
         torch.testing.assert_close(twin(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_copy_made_once_is_reused_and_refuses_observing_a_folded_layer(monkeypatch) -> None:
+    net = _model()
+    fast = inference_copy(net)
+    calls = []
+    monkeypatch.setattr(execution, "inference_copy", lambda *a, **k: calls.append(1))
+    x = _images(2)
+    with exact_execution():
+        reference = attribute(net, x, 2, method="gradcam", layer="stage2")
+    result = attribute(fast, x, 2, method="gradcam", layer="stage2")
+    assert not calls
+    torch.testing.assert_close(result.map, reference.map, rtol=1e-4, atol=1e-6)
+    conv, _ = fold_batchnorm_pairs(net)[0]
+    with pytest.raises(ValueError, match="folded"):
+        attribute(fast, x, 2, method="gradcam", layer=conv)

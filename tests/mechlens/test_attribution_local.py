@@ -33,14 +33,14 @@ def _images(n: int, size: int) -> torch.Tensor:
 @pytest.mark.parametrize("target,kwargs", [
     (3, {"window": 16, "strides": 12}),  # overlapping windows, last one clipped at the border
     (Channel("layer3", 5), {"window": (3, 16, 24), "strides": (3, 16, 16), "baseline": "blur", "blur_sigma": 2.0}),
-    (1, {"window": (1, 16, 16), "strides": (1, 16, 16), "internal_batch_size": 7}),  # per-channel windows
+    (1, {"window": (1, 32, 32), "strides": (1, 32, 32), "internal_batch_size": 7}),  # per-channel windows
 ])
 def test_local_recompute_gives_the_full_forward_maps(resnet, target, kwargs) -> None:
-    x = _images(2, 128)
+    x = _images(2, 160)
     fast = occlusion(resnet, x, target, **kwargs)
     plain = occlusion(resnet, x, target, local=False, **kwargs)
     info = fast.extras["local_recompute"]
-    assert info is not None and info["saved_fraction"] >= 0.25 and "add_1" in info["cuts"]
+    assert info is not None and info["saved_fraction"] >= 0.25 and info["cuts"][:2] == ["add", "add_1"]
     assert plain.extras["local_recompute"] is None
     torch.testing.assert_close(fast.map, plain.map, rtol=1e-4, atol=1e-4 * float(plain.map.abs().max()))
 
@@ -48,10 +48,10 @@ def test_local_recompute_gives_the_full_forward_maps(resnet, target, kwargs) -> 
 def test_crops_hold_the_receptive_field_of_the_changed_region(resnet) -> None:
     """Running a segment on the planned crop reproduces the full map on the changed region, for
     windows in the middle, at an edge and in a corner."""
-    x = _images(1, 128)
+    x = _images(1, 160)
     split = local_split(resnet, x, (16, 16))
     assert split is not None
-    for box in (((56, 72), (56, 72)), ((0, 16), (40, 56)), ((112, 128), (112, 128))):
+    for box in (((72, 88), (72, 88)), ((0, 16), (40, 56)), ((144, 160), (144, 160))):
         current = x.clone()
         current[:, :, box[0][0] : box[0][1], box[1][0] : box[1][1]] = 0  # occlude
         clean = x
@@ -74,4 +74,4 @@ def test_models_that_cannot_be_split_run_the_full_forward(resnet) -> None:
     assert local_split(cnn, _images(1, 64), (8, 8)) is None
     assert occlusion(cnn, _images(1, 64), 1, window=8).extras["local_recompute"] is None
     assert local_split(resnet, _images(1, 96), (16, 16)) is None  # too small to save a quarter of the work
-    assert local_split(resnet, _images(1, 128), (16, 16), keep=["layer1"]) is None  # the feature reads layer1
+    assert local_split(resnet, _images(1, 160), (16, 16), keep=["layer1"]) is None  # the feature reads layer1
