@@ -13,9 +13,11 @@ CAV direction, an SAE latent. One convention for all of them::
 tensor of classes, or None (the predicted class). See ``docs/attribution.md`` for the methods,
 their conventions and which of them fail the model-parameter randomization check.
 
-Methods run an inference copy of the model (BatchNorm folded into its convolutions,
-channels-last weights on CPU; :mod:`mechlens.attribution.execution`): the same function with
-less work. ``with exact_execution():`` runs the model as given, for bit-for-bit comparisons.
+Gradient methods run an inference copy of the model (BatchNorm folded into its convolutions,
+channels-last weights on CPU), forward-only ones feed it channels-last inputs, and occlusion
+recomputes early layers only around each window (:mod:`mechlens.attribution.execution`,
+:mod:`mechlens.attribution.local`): the same function with less work. ``with
+exact_execution():`` runs the model as given, for bit-for-bit comparisons.
 """
 from mechlens.attribution.base import (
     Attribution,

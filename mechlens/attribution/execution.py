@@ -3,13 +3,17 @@ with less work.
 
 Attribution methods run the model hundreds to thousands of times (IG steps, noise samples,
 occlusion windows, Score-CAM masks), always in eval mode, never needing gradients w.r.t. the
-weights. :func:`inference_model` hands them a copy of the model that
+weights. For methods that backpropagate, :func:`inference_model` hands them a copy of the model
+that
 
 * folds every eval-mode BatchNorm into the convolution that feeds it (``W' = W * g / sqrt(v + eps)``,
   ``b' = (b - m) * g / sqrt(v + eps) + beta``) and replaces the BatchNorm by ``nn.Identity``: one
   pass over each activation instead of two, and no BatchNorm input saved for the backward pass;
 * stores convolution weights channels-last on CPU, so oneDNN runs its native NHWC kernels
   without reordering every activation.
+
+Forward-only methods get the model itself, fed channels-last inputs on CPU (folding would save
+them nothing measurable and cost a second copy of the weights).
 
 Mathematically the copy is the original function; numerically it differs by float rounding
 (about 1e-6 relative on the outputs). Gradient maps of ReLU networks can differ more at single
