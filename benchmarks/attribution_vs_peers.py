@@ -15,11 +15,13 @@ ones named ``rows<N>`` (N rows per forward pass): each of ``--rows`` for the gra
 (Captum IG ``internal_batch_size``, NoiseTunnel ``nt_samples_batch_size = N / images``, mechlens
 ``internal_batch_size``) and each of ``--perturb-rows`` for the perturbation methods (Captum
 Occlusion ``perturbations_per_eval = N / images``, pytorch-grad-cam ScoreCAM ``batch_size``,
-mechlens ``internal_batch_size``). A setting that amounts to the same rows per pass as one already
+mechlens ``internal_batch_size``; its occlusion recomputes locally one image at a time, so there N
+rows are N windows of one image). A setting that amounts to the same rows per pass as one already
 planned (e.g. Captum Occlusion's default of one window = 8 rows) runs once. The defaults, 8 and 64
-rows, bracket the sweet spot: with one thread on a 2-core CPU resnet18 at 224 is fastest at 4-8
-rows per pass (64 rows costs 20-30% more per image); with more threads or on a GPU larger batches
-win. The "best" of each side is its fastest setting.
+rows for the gradient methods, 8, 16 and 64 for the perturbation methods, bracket the sweet spot:
+with one thread on a 2-core CPU resnet18 at 224 is fastest at 4-16 rows per pass (64 rows costs
+20-30% more per image); with more threads or on a GPU larger batches win. The "best" of each side
+is its fastest setting.
 
 Each measured call runs in its own child process (forked before the parent touches torch): the
 child builds the model and inputs, does one warm-up forward/backward, hands freed memory back to
@@ -100,7 +102,7 @@ class Config:
     window: int = 32
     stride: int = 16
     rows: tuple[int, ...] = (8, 64)
-    perturb_rows: tuple[int, ...] = (8, 64)
+    perturb_rows: tuple[int, ...] = (8, 16, 64)
     noise_spread: float = 0.15
     threads: int = 0  # torch intra-op threads in each child; 0 = torch's default
 
@@ -130,11 +132,11 @@ def _batching(method: str, impl: str, rows: int | None, cfg: Config) -> tuple[di
         draws = cfg.samples if rows is None else max(1, min(cfg.samples, rows // b))
         key = "internal_batch_size" if impl == "mechlens" else "nt_samples_batch_size"
         return ({} if rows is None else {key: draws * b if impl == "mechlens" else draws}), draws * b
-    if method == "occlusion":  # whole windows per pass; defaults: mechlens 256 rows, Captum 1 window
+    if method == "occlusion":  # whole windows per pass; defaults: mechlens 64 rows, Captum 1 window
         n_windows = math.prod(math.ceil((s - w) / st) + 1 for s, w, st in
                               ((cfg.size, cfg.window, cfg.stride), (cfg.size, cfg.window, cfg.stride)))
         if rows is None:
-            windows = 256 // b if impl == "mechlens" else 1
+            windows = 64 // b if impl == "mechlens" else 1
             return {}, min(max(1, windows), n_windows) * b
         windows = min(max(1, rows // b), n_windows)
         key = "internal_batch_size" if impl == "mechlens" else "perturbations_per_eval"
@@ -545,7 +547,7 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=16, help="occlusion stride 3 x S x S")
     parser.add_argument("--rows", type=int, nargs="+", default=[8, 64],
                         help="tuned rows per forward/backward tried for the gradient methods (IG, SmoothGrad)")
-    parser.add_argument("--perturb-rows", type=int, nargs="+", default=[8, 64],
+    parser.add_argument("--perturb-rows", type=int, nargs="+", default=[8, 16, 64],
                         help="tuned rows per forward tried for occlusion and Score-CAM")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--repeat-budget", type=float, default=20.0,
@@ -559,7 +561,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.images, args.size, args.steps, args.samples = 2, 64, 8, 4
-        args.window, args.stride, args.rows, args.perturb_rows, args.repeats = 16, 8, [4], [64], 1
+        args.window, args.stride, args.rows, args.perturb_rows, args.repeats = 16, 8, [4], [8], 1
         args.threads = args.threads or 1
     cfg = Config(images=args.images, size=args.size, steps=args.steps, samples=args.samples, window=args.window,
                  stride=args.stride, rows=tuple(args.rows), perturb_rows=tuple(args.perturb_rows), threads=args.threads)

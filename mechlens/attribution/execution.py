@@ -43,7 +43,7 @@ from torch import nn
 
 from mechlens.attribution.base import eval_mode
 
-__all__ = ["exact_execution", "fold_batchnorm_pairs", "has_hooks", "inference_copy", "inference_model", "prefer_channels_last"]
+__all__ = ["can_fold", "exact_execution", "fold_batchnorm_pairs", "fold_into", "has_hooks", "inference_copy", "inference_model", "optimizing", "prefer_channels_last"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +162,30 @@ def _covers(names: Iterable[str], module_name: str) -> bool:
     return any(name == module_name or name.startswith(module_name + ".") for name in names)
 
 
+def can_fold(bn: nn.Module) -> bool:
+    """Whether ``bn`` is an exact BatchNorm in eval mode with running statistics (an affine map)."""
+    return _is_norm(bn) and not bn.training and bn.track_running_stats and bn.running_mean is not None
+
+
+@torch.no_grad()
+def fold_into(conv: nn.Module, bn: nn.Module, *, channels_last: bool) -> None:
+    """Replace ``conv``'s weight and bias (new tensors; the old ones are not touched) by those of
+    ``bn(conv(x))`` for eval-mode ``bn``: ``W * g / sqrt(v + eps)``, ``(b - m) * g / sqrt(v + eps) + beta``."""
+    scale = bn.running_var.add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shape = (-1,) + (1,) * (conv.weight.dim() - 1)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    new_bias = (bias - bn.running_mean) * scale
+    if bn.bias is not None:
+        new_bias = new_bias + bn.bias
+    layout = torch.channels_last if channels_last and conv.weight.dim() == 4 else torch.contiguous_format
+    folded = torch.empty_like(conv.weight, memory_format=layout)
+    torch.mul(conv.weight, scale.view(shape).to(conv.weight.dtype), out=folded)  # one pass, in its final layout
+    conv.weight = nn.Parameter(folded, requires_grad=False)
+    conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=False)
+
+
 def inference_copy(model: nn.Module, *, keep: Iterable[str] = (), channels_last: bool | None = None) -> nn.Module:
     """A copy of eval-mode ``model`` that computes the same function with BatchNorm folded into
     the preceding convolutions and (``channels_last``; default: on CPU) channels-last convolution
@@ -171,8 +195,7 @@ def inference_copy(model: nn.Module, *, keep: Iterable[str] = (), channels_last:
     named = dict(model.named_modules())
     pairs = [
         (conv, bn) for conv, bn in fold_batchnorm_pairs(model)
-        if not _covers(keep, conv) and not named[bn].training and named[bn].track_running_stats
-        and named[bn].running_mean is not None
+        if not _covers(keep, conv) and can_fold(named[bn])
     ]
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     twin = copy.deepcopy(model, memo=dict(tensors))  # modules copied, tensors shared
@@ -182,20 +205,7 @@ def inference_copy(model: nn.Module, *, keep: Iterable[str] = (), channels_last:
         channels_last = first is not None and first.device.type == "cpu"
     with torch.no_grad():
         for conv_name, bn_name in pairs:
-            conv, bn = twin_named[conv_name], twin_named[bn_name]
-            scale = bn.running_var.add(bn.eps).rsqrt()
-            if bn.weight is not None:
-                scale = scale * bn.weight
-            shape = (-1,) + (1,) * (conv.weight.dim() - 1)
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-            new_bias = (bias - bn.running_mean) * scale
-            if bn.bias is not None:
-                new_bias = new_bias + bn.bias
-            layout = torch.channels_last if channels_last and conv.weight.dim() == 4 else torch.contiguous_format
-            folded = torch.empty_like(conv.weight, memory_format=layout)
-            torch.mul(conv.weight, scale.view(shape).to(conv.weight.dtype), out=folded)  # one pass, in its final layout
-            conv.weight = nn.Parameter(folded, requires_grad=False)
-            conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=False)
+            fold_into(twin_named[conv_name], twin_named[bn_name], channels_last=channels_last)
             parent_name, _, child = bn_name.rpartition(".")
             setattr(twin_named[parent_name] if parent_name else twin, child, nn.Identity())
         if channels_last:
@@ -207,6 +217,11 @@ def inference_copy(model: nn.Module, *, keep: Iterable[str] = (), channels_last:
     twin._mechlens_inference_copy = True  # noqa: SLF001 - nested methods (SmoothGrad's base) reuse it
     twin._mechlens_folded = frozenset(conv for conv, _ in pairs)  # noqa: SLF001 - their outputs changed
     return twin.eval()
+
+
+def optimizing() -> bool:
+    """Whether methods may run an optimized equivalent of the model (False inside :func:`exact_execution`)."""
+    return _OPTIMIZE_DEFAULT[0]
 
 
 def prefer_channels_last(x: torch.Tensor) -> torch.Tensor:
