@@ -34,7 +34,7 @@ from mechlens.attribution.base import (
     resolve_target,
     unwrap_model,
 )
-from mechlens.attribution.execution import inference_model
+from mechlens.attribution.execution import inference_model, prefer_channels_last
 from mechlens.features.layout import resolve_layout
 
 __all__ = [
@@ -236,7 +236,10 @@ def scorecam(
     inputs = check_images(inputs).detach()
     target = resolve_target(model, inputs, target)
     batch = inputs.shape[0]
-    with inference_model(model, keep=[*target.layers, layer], gradients=False) as model, torch.no_grad():
+    # The inference copy (BatchNorm folded, channels-last weights on CPU) although nothing is
+    # differentiated: thousands of masked forwards pay back its one weight copy (resnet18: 5 %
+    # faster per forward for 44 MB), and the CAM layer is kept unfolded.
+    with inference_model(model, keep=[*target.layers, layer], gradients=True) as model, torch.no_grad():
         maps = layer_activations_and_gradients(
             model, inputs, target, layer, gradients=False, layout=layout, num_prefix_tokens=num_prefix_tokens, grid=grid,
         )
@@ -246,14 +249,15 @@ def scorecam(
         # upsampling is linear and preserves constants, so min/max of the map decide constancy
         constant = (flat.amax(dim=2) - flat.amin(dim=2)) == 0  # [B, K]
         scores = torch.empty(batch, channels, device=inputs.device, dtype=inputs.dtype)
-        if constant.any():
+        pairs_host = (~constant).nonzero().cpu()  # [(b, k)]; the one host sync (targets index on the host)
+        if pairs_host.shape[0] < batch * channels:
             zero_values, _ = Target(target.features, torch.arange(len(target.features))).forward(
                 model, torch.zeros((len(target.features), *inputs.shape[1:]), device=inputs.device, dtype=inputs.dtype),
                 grads=False,
             )
             per_sample = zero_values[target.index.to(inputs.device)]  # [B]
             scores[constant] = per_sample.unsqueeze(1).expand(batch, channels)[constant]
-        pairs = (~constant).nonzero()  # [(b, k)]
+        pairs = pairs_host.to(inputs.device)
         size = inputs.shape[-2:]
         for start, stop in chunk_ranges(pairs.shape[0], internal_batch_size):
             b, k = pairs[start:stop, 0], pairs[start:stop, 1]
@@ -261,7 +265,7 @@ def scorecam(
             lo = up.flatten(1).amin(dim=1).view(-1, 1, 1, 1)
             hi = up.flatten(1).amax(dim=1).view(-1, 1, 1, 1)
             mask = (up - lo) / (hi - lo + 1e-8)
-            values, _ = target.select(b.cpu()).forward(model, inputs[b] * mask, grads=False)
+            values, _ = target.select(pairs_host[start:stop, 0]).forward(model, prefer_channels_last(inputs[b] * mask), grads=False)
             scores[b, k] = values
         weights = scores.softmax(dim=1)
         cam = (weights[:, :, None, None] * acts).sum(dim=1)
@@ -269,7 +273,7 @@ def scorecam(
         cam = cam.clamp(min=0)
     return _cam_result(
         "scorecam", cam, target, maps.values, inputs, layer, relu=relu,
-        channel_scores=scores, masked_inputs_run=int(pairs.shape[0]) + (1 if constant.any() else 0),
+        channel_scores=scores, masked_inputs_run=int(pairs_host.shape[0]) + (1 if pairs_host.shape[0] < batch * channels else 0),
     )
 
 
