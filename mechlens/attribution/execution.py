@@ -12,8 +12,9 @@ that
 * stores convolution weights channels-last on CPU, so oneDNN runs its native NHWC kernels
   without reordering every activation.
 
-Forward-only methods get the model itself, fed channels-last inputs on CPU (folding would save
-them nothing measurable and cost a second copy of the weights).
+Most forward-only methods get the model itself, fed channels-last inputs on CPU (folding would
+save them little and cost a second copy of the weights); Score-CAM, which runs thousands of
+masked forwards, takes the copy (11 % faster per forward on resnet18).
 
 Mathematically the copy is the original function; numerically it differs by float rounding
 (about 1e-6 relative on the outputs). Gradient maps of ReLU networks can differ more at single
