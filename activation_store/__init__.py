@@ -8,20 +8,22 @@ __version__ = "0.1.0"
 
 from activation_store.dtypes import STORED_DTYPES, bfloat16_bits_to_float32, float_to_bfloat16_bits
 from activation_store.errors import (
-    CorruptChunkError, IncompatibleStoreError, InvalidRowsError, NotAStoreError, StoreError, WriterClosedError,
+    CorruptChunkError, IncompatibleStoreError, InvalidNameError, InvalidRowsError, NotAStoreError, StoreError,
+    WriterClosedError,
 )
-from activation_store.manifest import LayerSpec
+from activation_store.manifest import LayerSpec, check_name, safe_join
 from activation_store.reader import (
     ActivationStore, BadChunk, Batch, LayerStatistics, LayerView, RowIndex, StoreInfo, VerifyReport,
 )
 from activation_store.stats import RunningMoments
-from activation_store.writer import Rows, StoreWriter
+from activation_store.writer import CommitPolicy, Rows, StoreWriter
 
 __all__ = [
-    "ActivationStore", "BadChunk", "Batch", "CorruptChunkError", "IncompatibleStoreError", "InvalidRowsError",
+    "ActivationStore", "BadChunk", "Batch", "CommitPolicy", "CorruptChunkError", "IncompatibleStoreError", "InvalidNameError",
+    "InvalidRowsError",
     "LayerSpec", "LayerStatistics", "LayerView", "NotAStoreError", "RowIndex", "Rows", "RunningMoments",
     "STORED_DTYPES", "StoreError", "StoreInfo", "StoreWriter", "VerifyReport", "WriterClosedError",
-    "bfloat16_bits_to_float32", "float_to_bfloat16_bits", "open_store",
+    "bfloat16_bits_to_float32", "check_name", "float_to_bfloat16_bits", "open_store", "safe_join",
 ]
 
 

@@ -14,6 +14,11 @@ class IncompatibleStoreError(StoreError):
     """A store was reopened with a different model, layer set, width or dtype."""
 
 
+class InvalidNameError(StoreError, ValueError):
+    """A name that would become a file or directory name (a layer, shard, concept, output
+    name, ...) is not a safe single path component (see :func:`activation_store.manifest.check_name`)."""
+
+
 class InvalidRowsError(StoreError, ValueError):
     """Rows handed to a writer have the wrong width, dtype, length or values."""
 

@@ -10,13 +10,14 @@ import dataclasses
 import json
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from activation_store.dtypes import check_stored_dtype
-from activation_store.errors import IncompatibleStoreError, NotAStoreError, StoreError
+from activation_store.errors import IncompatibleStoreError, InvalidNameError, NotAStoreError, StoreError
 
 STORE_FORMAT = "mechlens-activation-store"
 FORMAT_VERSION = 1
@@ -24,19 +25,54 @@ STORE_FILE = "store.json"
 SHARDS_DIR = "shards"
 SHARD_MANIFEST = "manifest.json"
 
-# Layer and shard names become directory / group names: a conservative alphabet keeps
-# them from escaping the store (no '/', '\\', '..', leading dot) on every filesystem.
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}$")
+# Names become directory / file / group names. This module holds the one sanitiser that every
+# user- or manifest-supplied name goes through before it becomes a path component (layers and
+# shards here; concepts, CAV files, SAE sweep members, experiment outputs in mechlens).
+# Names are refused, never rewritten: a conservative alphabet keeps them from escaping the
+# folder they are joined under (no '/', '\\', '..', NUL, leading '.' or '-') on every
+# filesystem, and since a valid name is used verbatim the name -> path map stays injective.
+# Dots are legal inside a name, so module paths such as ``layer1.0.conv1`` work unchanged.
+NAME_MAX = 200
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,%d}" % (NAME_MAX - 1))
 
 
 def check_name(name: str, what: str) -> str:
-    """Validate a layer or shard name that becomes part of a path."""
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
-        raise ValueError(
-            f"invalid {what} name {name!r}: use letters, digits, '_', '.', ':' or '-' "
-            f"(1-200 characters, not starting with '.' or '-', no '..' and no path separators)"
+    """Return ``name`` if it is safe as a single path component, else raise :class:`InvalidNameError`.
+
+    Allowed: letters, digits, ``_ . : -`` (1-200 characters, not starting with ``.`` or ``-``,
+    no ``..``). ``what`` names the kind of name in the one-line error (``"layer"``, ``"concept"``).
+    """
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise InvalidNameError(
+            f"invalid {what} name {_shown(name)}: use letters, digits, '_', '.', ':' or '-' "
+            f"(1-{NAME_MAX} characters, not starting with '.' or '-', no '..' and no path separators)"
         )
     return name
+
+
+def _shown(name: object) -> str:
+    """``repr`` of a name for a one-line error (control characters escaped), shortened."""
+    text = ascii(name) if isinstance(name, str) else f"of type {type(name).__name__}"
+    return text if len(text) <= 80 else text[:60] + f"...' ({len(name)} characters)"
+
+
+def safe_join(root: str | os.PathLike, name: str, what: str, *, suffix: str = "",
+              within: str | os.PathLike | None = None) -> Path:
+    """``root / (name + suffix)`` for a name that passes :func:`check_name`, checked to resolve
+    inside ``within`` (default ``root``) so that a symlink cannot lead the write elsewhere.
+
+    Raises :class:`InvalidNameError` (a ``ValueError``) otherwise; nothing is created.
+    """
+    check_name(name, what)
+    if suffix and ("/" in suffix or "\\" in suffix or "\0" in suffix):
+        raise InvalidNameError(f"invalid file suffix {suffix!r} for {what} {name!r}")
+    path = Path(root) / (name + suffix)
+    fence = Path(within if within is not None else root).resolve()
+    resolved = path.resolve()
+    if resolved == fence or not resolved.is_relative_to(fence):
+        raise InvalidNameError(f"{what} {name!r}: {path} resolves to {resolved}, outside {fence} "
+                               f"(a symbolic link?); refusing to write there")
+    return path
 
 
 @dataclass(frozen=True)
@@ -189,7 +225,7 @@ class ShardManifest:
 def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
     """Replace ``path`` with ``payload`` atomically and durably (temp, fsync, rename, fsync dir)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     data = json.dumps(payload, indent=1, sort_keys=True).encode()
     with open(tmp, "wb") as handle:
         handle.write(data)
@@ -205,7 +241,7 @@ def create_json_exclusive(path: Path, payload: Mapping[str, Any]) -> bool:
     Returns False when another process created it first.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.new-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.new-{os.getpid()}-{threading.get_ident()}")  # unique per thread too
     with open(tmp, "wb") as handle:
         handle.write(json.dumps(payload, indent=1, sort_keys=True).encode())
         handle.flush()
@@ -244,14 +280,40 @@ def read_store_manifest(root: Path) -> StoreManifest:
         raise NotAStoreError(f"{root} is not an activation store (no {STORE_FILE}); "
                              f"create one with a writer or a capture job")
     try:
-        return StoreManifest.from_json(json.loads(path.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise StoreError(f"{path} is damaged and cannot be parsed: {error}") from error
+        manifest = StoreManifest.from_json(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise StoreError(f"{path} is damaged and cannot be parsed: {_one_line(error)}") from error
+    try:
+        for name in manifest.layers:
+            check_name(name, "layer")
+    except InvalidNameError as error:
+        raise _bad_name(path, error) from error
+    return manifest
 
 
 def read_shard_manifest(path: Path) -> ShardManifest:
-    """Load one shard manifest."""
+    """Load one shard manifest (its shard, segment file and layer names validated)."""
+    path = Path(path)
     try:
-        return ShardManifest.from_json(json.loads(Path(path).read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise StoreError(f"shard manifest {path} is damaged and cannot be parsed: {error}") from error
+        manifest = ShardManifest.from_json(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise StoreError(f"shard manifest {path} is damaged and cannot be parsed: {_one_line(error)}") from error
+    try:
+        check_name(path.parent.name, "shard directory")
+        check_name(manifest.shard, "shard")
+        for segment in manifest.segments:
+            check_name(segment.file, "segment file")
+            for layer in segment.layers:
+                check_name(layer, "layer")
+    except InvalidNameError as error:
+        raise _bad_name(path, error) from error
+    return manifest
+
+
+def _bad_name(path: Path, error: InvalidNameError) -> StoreError:
+    return StoreError(f"{path} is damaged or was edited by hand: {error}; such a name could make the store read or "
+                      f"write outside its folder, so the store is refused (fix the name in that file, or rebuild the store)")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__

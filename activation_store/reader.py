@@ -25,6 +25,7 @@ from activation_store.dtypes import disk_dtype, from_disk, read_dtype
 from activation_store.errors import CorruptChunkError, StoreError
 from activation_store.manifest import (
     SHARD_MANIFEST, SHARDS_DIR, LayerSpec, ShardManifest, StoreManifest, read_shard_manifest, read_store_manifest,
+    safe_join,
 )
 from activation_store.stats import RunningMoments
 
@@ -166,12 +167,16 @@ def _human_bytes(size: float) -> str:
 class _ChunkTable:
     """Every committed chunk of one layer, in logical row order (parallel arrays)."""
 
-    shard: np.ndarray      # index into ActivationStore._shard_names
-    segment: np.ndarray    # index into ActivationStore._segments
+    shard: np.ndarray      # index into ``shard_names``
+    segment: np.ndarray    # index into ``segments``
     chunk: np.ndarray      # chunk number inside its segment
     rows: np.ndarray
     start: np.ndarray      # logical id of the chunk's first row
     checksum: np.ndarray
+    # The snapshot these positions index into: a view taken before a refresh() keeps reading the
+    # segments it was built on, whatever the new snapshot's order.
+    shard_names: tuple[str, ...] = ()
+    segments: tuple[tuple[str, int, str], ...] = ()  # (shard, segment id, file)
 
     @property
     def num_rows(self) -> int:
@@ -195,7 +200,9 @@ class ActivationStore:
         self.manifest: StoreManifest = read_store_manifest(self.root)
         self.verify_reads = verify_reads
         self.memory_map = memory_map
-        self._readers: dict[tuple[int, int], backends.SegmentReader] = {}
+        # Keyed by the segment's identity (shard, file), never by its position in a snapshot: a
+        # refresh() while another shard grows shifts positions, and committed files never change.
+        self._readers: dict[tuple[str, str], backends.SegmentReader] = {}
         self._readers_pid = os.getpid()
         self._lock = threading.Lock()
         self.refresh()
@@ -231,7 +238,8 @@ class ActivationStore:
             starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64) if len(rows) else rows
             self._tables[layer] = _ChunkTable(np.asarray(table["shard"], np.int64), np.asarray(table["segment"], np.int64),
                                               np.asarray(table["chunk"], np.int64), rows, starts,
-                                              np.asarray(table["checksum"], np.uint64))
+                                              np.asarray(table["checksum"], np.uint64), tuple(self._shard_names),
+                                              tuple(self._segments))
 
     # ------------------------------------------------------------------ access
     @property
@@ -276,7 +284,7 @@ class ActivationStore:
         checked = 0
         nbytes = 0
         names = list(layers) if layers is not None else list(self.layers)
-        total = sum(len(self._tables[n].rows) for n in names)
+        total = sum(self.layer(n).num_chunks for n in names)  # an unknown name: KeyError with close matches
         bar = _progress(total, "verify", progress)
         for name in names:
             view = self.layer(name)
@@ -301,7 +309,9 @@ class ActivationStore:
         view = self.layer(layer)
         table = self._tables[layer]
         fingerprint = hashlib.sha256(np.stack([table.rows, table.checksum]).tobytes()).hexdigest() if len(table.rows) else "empty"
-        cache = self.root / "stats" / f"{layer}.json"
+        # the layer name was validated with the manifest; the resolved path is checked too (a symlinked
+        # stats/ must not lead the cache write outside the store)
+        cache = safe_join(self.root / "stats", layer, "layer", suffix=".json", within=self.root)
         if use_cache and cache.is_file():
             try:
                 cached = json.loads(cache.read_text())
@@ -309,7 +319,7 @@ class ActivationStore:
                     return LayerStatistics.from_json(cached["statistics"])
             except (OSError, ValueError, KeyError):
                 pass
-        per_shard = {s: RunningMoments.empty(view.dim) for s in range(len(self._shard_names))}
+        per_shard = {s: RunningMoments.empty(view.dim) for s in range(len(table.shard_names))}
         nonfinite = 0
         bar = _progress(view.num_chunks, f"statistics {layer}", progress)
         for position, data in view.iter_chunks(shuffle=False, raw=False, _positions=True):
@@ -327,7 +337,7 @@ class ActivationStore:
         result = LayerStatistics(layer, total.count, total.mean, total.variance, total.mean_squared_norm, nonfinite)
         try:
             cache.parent.mkdir(exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
+            tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}-{threading.get_ident()}")
             tmp.write_text(json.dumps({"fingerprint": fingerprint, "statistics": result.to_json()}))
             os.replace(tmp, cache)
         except OSError:
@@ -335,15 +345,14 @@ class ActivationStore:
         return result
 
     # ------------------------------------------------------------------ segment files
-    def _segment_reader(self, segment_pos: int) -> backends.SegmentReader:
+    def _segment_reader(self, shard: str, file: str) -> backends.SegmentReader:
         with self._lock:
             if self._readers_pid != os.getpid():  # after fork: never share file handles with the parent
                 self._readers = {}
                 self._readers_pid = os.getpid()
-            key = (segment_pos, self._readers_pid)
+            key = (shard, file)
             reader = self._readers.get(key)
             if reader is None:
-                shard, _, file = self._segments[segment_pos]
                 path = self.root / SHARDS_DIR / shard / file
                 reader = backends.open_segment(self.manifest.backend, path, self.manifest.layers,
                                                {k: int(v.chunk_rows) for k, v in self.manifest.layers.items()})
@@ -424,14 +433,13 @@ class LayerView:
                     out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         table = self._table
         rows = int(table.rows[position])
-        segment_pos = int(table.segment[position])
-        shard, segment_id, _ = self.store._segments[segment_pos]
+        shard, segment_id, file = table.segments[int(table.segment[position])]
         chunk = int(table.chunk[position])
         verify = self.store.verify_reads if verify is None else verify
         index = np.empty((rows, 3), backends.INDEX_DTYPE) if (with_index or verify) else None
         digest = xxhash.xxh3_64() if verify else None
         try:
-            reader = self.store._segment_reader(segment_pos)
+            reader = self.store._segment_reader(shard, file)
             data = None
             if out is None and self.store.memory_map and hasattr(reader, "map_chunk"):
                 data = reader.map_chunk(self.name, chunk, rows, disk_dtype(self.spec.dtype), digest)

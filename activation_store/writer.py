@@ -2,9 +2,9 @@
 
 The calling thread validates a batch and copies its rows into per-layer chunk buffers;
 full chunks go through a bounded queue to a background thread that checksums and writes
-them (a slow disk blocks the caller: back-pressure, bounded memory). Every
-``commit_interval`` seconds, and on ``flush()`` / ``close()``, the background thread
-writes the partial chunks, closes the current segment and atomically replaces the
+them (a slow disk blocks the caller: back-pressure, bounded memory). Whenever the
+``commit_every`` policy is reached (seconds, rows or bytes since the last commit, whichever
+comes first), and on ``flush()`` / ``close()``, the background thread writes the partial chunks, closes the current segment and atomically replaces the
 shard manifest: only then do those rows exist for readers. The next rows go to a new
 segment, so committed files are never modified again.
 """
@@ -36,6 +36,67 @@ from activation_store.manifest import (
 
 DEFAULT_CHUNK_BYTES = 8 << 20
 NONFINITE_POLICIES = ("count", "error")
+_COMMIT_UNITS = {"s": ("seconds", 1.0), "sec": ("seconds", 1.0), "min": ("seconds", 60.0), "h": ("seconds", 3600.0), "rows": ("rows", 1),
+                 "b": ("bytes", 1), "kb": ("bytes", 10**3), "mb": ("bytes", 10**6), "gb": ("bytes", 10**9),
+                 "kib": ("bytes", 1 << 10), "mib": ("bytes", 1 << 20), "gib": ("bytes", 1 << 30)}
+
+
+@dataclass(frozen=True)
+class CommitPolicy:
+    """When a writer commits on its own: after ``seconds``, ``rows`` (of the layer with the most
+    rows) or ``bytes`` (all layers) written since the last commit, whichever comes first; ``None``
+    disables that trigger. A kill loses at most what was written since the last commit.
+
+    The default, every 64 MiB of rows, is a few seconds of work or less on a GPU box (tens to
+    hundreds of MB/s of activations) and keeps segments (one per commit) large. It depends on the
+    rows only, so the same capture gives the same segments, the same store bytes and the same
+    shuffled batches on any machine. A time trigger (``"64MiB,10s"``) also bounds the loss on a
+    slow machine, at the price of segment boundaries that depend on the machine's speed.
+    """
+
+    seconds: float | None = None
+    rows: int | None = None
+    bytes: int | None = 64 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("seconds", "rows", "bytes"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"commit every {name}: must be > 0 (or None to disable), got {value!r}")
+        if self.seconds is None and self.rows is None and self.bytes is None:
+            raise ValueError("a commit policy needs at least one of seconds, rows or bytes (else nothing is "
+                             "committed before close and a kill loses everything)")
+
+    @classmethod
+    def parse(cls, spec: "CommitPolicy | str | float | int") -> "CommitPolicy":
+        """``"5s"``, ``"2000rows"``, ``"256MB"``, ``"1min"`` or several joined by commas
+        (``"10s,512MiB"``); a plain number is seconds. Triggers not named are off."""
+        if isinstance(spec, CommitPolicy):
+            return spec
+        if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+            return cls(seconds=float(spec), rows=None, bytes=None)
+        if not isinstance(spec, str):
+            raise TypeError(f"commit_every must be a CommitPolicy, a number of seconds or a string, got {type(spec).__name__}")
+        fields: dict[str, float | int | None] = {"seconds": None, "rows": None, "bytes": None}
+        for part in (p.strip() for p in spec.split(",")):
+            match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)", part)
+            unit = match.group(2).lower() if match else ""
+            if not match or (unit or "s") not in _COMMIT_UNITS:
+                raise ValueError(f"cannot read commit spec {part!r} in {spec!r}: expected e.g. '5s', '1min', '1h', "
+                                 f"'2000rows', '256MB' or '512MiB', joined by commas")
+            field, scale = _COMMIT_UNITS[unit or "s"]
+            if fields[field] is not None:
+                raise ValueError(f"commit spec {spec!r} gives {field} twice")
+            value = float(match.group(1)) * scale
+            fields[field] = value if field == "seconds" else int(value)
+        return cls(**fields)
+
+    def __str__(self) -> str:
+        parts = [f"{self.seconds:g}s" if self.seconds is not None else None,
+                 f"{self.rows}rows" if self.rows is not None else None,
+                 (f"{self.bytes >> 20}MiB" if self.bytes % (1 << 20) == 0 else f"{self.bytes}B")
+                 if self.bytes is not None else None]
+        return ",".join(p for p in parts if p)
 
 
 @dataclass
@@ -80,6 +141,13 @@ def chunk_checksum(data: np.ndarray, index: np.ndarray) -> int:
     digest.update(memoryview(np.ascontiguousarray(data)).cast("B"))
     digest.update(memoryview(np.ascontiguousarray(index)).cast("B"))
     return digest.intdigest()
+
+
+def _cause(error: BaseException) -> str:
+    """``Type: message`` of the error that stopped the background thread, on one line (a disk
+    full reads ``OSError: [Errno 28] No space left on device: '<file>'``)."""
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _provenance(extra: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -132,7 +200,8 @@ class StoreWriter:
     def __init__(self, path: str | os.PathLike, *, model: str, layers: Mapping[str, LayerSpec | int],
                  shard: int | str = 0, backend: str = "zarr", compression: str | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES, nonfinite: str = "count", allow_cast: bool = False,
-                 commit_interval: float = 10.0, max_queued_chunks: int = 8, durable: bool = False,
+                 commit_every: CommitPolicy | str | float = CommitPolicy(), max_queued_chunks: int = 8,
+                 durable: bool = False,
                  provenance: Mapping[str, Any] | None = None):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
@@ -145,7 +214,7 @@ class StoreWriter:
         self.shard = shard_name(shard)
         self.nonfinite = nonfinite
         self.allow_cast = allow_cast
-        self.commit_interval = float(commit_interval)
+        self.commit_every = CommitPolicy.parse(commit_every)
         self.durable = durable
 
         self.manifest = self._open_or_create(model, specs, backend, compression, chunk_bytes, provenance)
@@ -168,6 +237,8 @@ class StoreWriter:
         self._pending_cursor: Any = self._shard_manifest.cursor
         self._rows_written = {name: self._shard_manifest.rows(name) for name in self.layers}
         self._last_commit = time.monotonic()
+        self._uncommitted_rows = dict.fromkeys(self.layers, 0)
+        self._uncommitted_bytes = 0
         self._error: BaseException | None = None
         self._closed = False
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, int(max_queued_chunks)))
@@ -182,7 +253,8 @@ class StoreWriter:
         # Another rank may be creating the store right now: its shards/ dir and the temp file of
         # store.json's exclusive create are not foreign content.
         if self.root.is_dir() and not (self.root / STORE_FILE).exists() and any(
-                p.name != SHARDS_DIR and not p.name.startswith(f".{STORE_FILE}.new-") for p in self.root.iterdir()):
+                p.name not in (SHARDS_DIR, STORE_FILE) and not p.name.startswith(f".{STORE_FILE}.new-")
+                for p in self.root.iterdir()):  # store.json itself may appear between the two checks
             raise StoreError(f"{self.root} is a non-empty directory that is not an activation store; "
                              f"choose an empty or new path so nothing there is overwritten")
         if not (self.root / STORE_FILE).exists():
@@ -263,7 +335,7 @@ class StoreWriter:
             self._append(name, data, index)
         if cursor is not None:
             self._pending_cursor = cursor
-        if time.monotonic() - self._last_commit >= self.commit_interval:
+        if self._commit_due():
             self._enqueue_commit(wait=False)
 
     def flush(self) -> None:
@@ -281,7 +353,8 @@ class StoreWriter:
         finally:
             self._shutdown()
         if self._error is not None:
-            raise WriterClosedError(f"writer of shard {self.shard!r} failed; committed rows are intact") from self._error
+            raise WriterClosedError(f"writer of shard {self.shard!r} failed: {_cause(self._error)}; committed rows "
+                                    f"are intact") from self._error
 
     def abort(self) -> None:
         """Stop without committing rows written since the last commit."""
@@ -369,6 +442,14 @@ class StoreWriter:
                 self._buffers[name] = self._take_buffer(name)
         self._segment_rows[name] += data.shape[0]
         self._rows_written[name] += data.shape[0]
+        self._uncommitted_rows[name] += data.shape[0]
+        self._uncommitted_bytes += data.nbytes + index.nbytes
+
+    def _commit_due(self) -> bool:
+        policy = self.commit_every
+        return ((policy.seconds is not None and time.monotonic() - self._last_commit >= policy.seconds)
+                or (policy.rows is not None and max(self._uncommitted_rows.values()) >= policy.rows)
+                or (policy.bytes is not None and self._uncommitted_bytes >= policy.bytes))
 
     def _enqueue_commit(self, wait: bool) -> None:
         partials = []
@@ -383,6 +464,8 @@ class StoreWriter:
         self._segment_chunks = dict.fromkeys(self.layers, 0)
         self._segment_rows = dict.fromkeys(self.layers, 0)
         self._last_commit = time.monotonic()
+        self._uncommitted_rows = dict.fromkeys(self.layers, 0)
+        self._uncommitted_bytes = 0
         if wait:
             while not job.done.wait(0.05):
                 self._check_alive()
@@ -399,8 +482,8 @@ class StoreWriter:
 
     def _check_alive(self) -> None:
         if self._error is not None:
-            raise WriterClosedError(f"the background writer of shard {self.shard!r} failed; rows committed before "
-                                    f"the failure are intact") from self._error
+            raise WriterClosedError(f"the background writer of shard {self.shard!r} failed: {_cause(self._error)}; "
+                                    f"rows committed before the failure are intact") from self._error
         if self._closed:
             raise WriterClosedError(f"writer of shard {self.shard!r} is closed")
 

@@ -38,7 +38,7 @@ def make_batches(count: int, seed: int = 0) -> list[np.ndarray]:
 def write_store(path: Path, backend: str, pool: list[np.ndarray], batches: int) -> float:
     start = time.perf_counter()
     with StoreWriter(path, model="benchmark", layers={"layer": LayerSpec(WIDTH, "float16")}, backend=backend,
-                     commit_interval=3600) as writer:
+                     commit_every=3600) as writer:
         for i in range(batches):
             ids = np.arange(i * BATCH, (i + 1) * BATCH)
             writer.write({"layer": pool[i % len(pool)]}, sample_ids=ids)

@@ -73,8 +73,10 @@ def test_sanity_cascade_experiment(tmp_path, model_cache):
 
 def test_config_overrides_and_unknown_experiments(tmp_path):
     directory = find_experiment("experiments/clever_hans")
-    config = load_config(directory, quick=True, overrides=["sae.k=4", "layer=stage2", 'note="hi"'])
-    assert config["sae"]["k"] == 4 and config["layer"] == "stage2" and config["note"] == "hi"
+    config = load_config(directory, quick=True, overrides=["sae.k=4", "layer=stage2", 'model_cache="/m"'])
+    assert config["sae"]["k"] == 4 and config["layer"] == "stage2" and config["model_cache"] == "/m"
+    with pytest.raises(KeyError, match="unknown key 'note' at the top level"):  # keys not in config.json are typos
+        load_config(directory, quick=True, overrides=['note="hi"'])
     with pytest.raises(FileNotFoundError, match="available: .*clever_hans"):
         find_experiment("no_such_experiment")
     from mechlens.cli import main

@@ -19,23 +19,27 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from activation_store.manifest import check_name, safe_join
     from mechlens.evaluation import plot_randomization, randomization_check
     from mechlens.models.shapes import ShapesRecipe, load_or_train_shapes_classifier
 
     out.mkdir(parents=True, exist_ok=True)
+    # method names become file names (cascade-<method>.png): checked before any work
+    methods = config.get("methods", ["saliency", "gradcam", "integrated_gradients", "guided_backprop"])
+    figures = {method: safe_join(out, f"cascade-{check_name(method, 'method')}", "figure", suffix=".png") for method in methods}
     classifier = load_or_train_shapes_classifier(ShapesRecipe(), cache_dir=Path(config.get("model_cache") or out / "model"))
     loaded = classifier.loaded
     test = classifier.test_dataset()
     images = test.render(range(int(config.get("images", 8))))
     x = loaded.preprocessing.normalize(images)
     results = {}
-    for method in config.get("methods", ["saliency", "gradcam", "integrated_gradients", "guided_backprop"]):
+    for method in methods:
         kwargs = dict(config.get("method_kwargs", {}).get(method, {}))
         check = randomization_check(loaded.model, x, None, method, mode="cascading",
                                     layers=config.get("layers"), seed=int(config.get("seed", 0)), **kwargs)
         results[method] = check.to_dict()
         fig = plot_randomization(check, image=images, index=0)
-        fig.savefig(out / f"cascade-{method}.png", dpi=100)
+        fig.savefig(figures[method], dpi=100)
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, data in results.items():

@@ -10,7 +10,6 @@ decoder directions; pages are rendered from templates and images written with PI
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from activation_store.jsonutil import dumps as json_dumps
 from mechlens.capture.hooks import capture
 from mechlens.features.layout import as_position_rows
 from mechlens.models.loading import LoadedModel, Preprocessing
@@ -237,11 +237,13 @@ def build_atlas(
         else:
             stats = feature_statistics(sae, store, layer=layer, top_k=exemplars, progress=progress)
     if dataset is None:
-        spec = store.manifest.provenance.get("capture", {}).get("dataset_spec")
+        recorded = store.manifest.provenance.get("capture", {})
+        spec = recorded.get("dataset_spec")
         if not spec:
             raise ValueError("the store does not record the dataset it was captured from; pass dataset=")
-        size = preprocessing.image_size[0] if preprocessing is not None else None
-        dataset = build_dataset(spec, image_size=size)
+        size = preprocessing.image_size if preprocessing is not None else None
+        # the capture's own policies, so the rebuilt dataset has the same files under the same ids
+        dataset = build_dataset(spec, image_size=size, **recorded.get("dataset_options", {}))
     if class_names is None:
         class_names = list(getattr(dataset, "class_names", []) or [])
     out = Path(out)
@@ -394,6 +396,6 @@ def build_atlas(
     (out / "static" / "atlas.js").write_text(templates.SORT_JS)
     data = {"layer": layer, "width": sae.width, "rows": stats.rows, "class_names": list(class_names),
             "map_method": map_method, "features": features}
-    (out / "atlas.json").write_text(json.dumps(data))
+    (out / "atlas.json").write_text(json_dumps(data))
     return AtlasResult(out=out, index=out / "index.html", features=ids, seconds=time.perf_counter() - started,
                        map_method=map_method, data=data)

@@ -13,6 +13,11 @@ CAV direction, an SAE latent. One convention for all of them::
 tensor of classes, or None (the predicted class). See ``docs/attribution.md`` for the methods,
 their conventions and which of them fail the model-parameter randomization check.
 
+Non-finite results are an error: explaining a NaN / infinite model output, or getting a map or a
+completeness error that is not finite, raises :class:`NonFiniteError` naming the method, the
+feature and the samples. ``allow_nonfinite=True`` (any method) keeps such results and counts
+them in ``result.extras["nonfinite_samples"]``.
+
 Gradient methods run an inference copy of the model (BatchNorm folded into its convolutions,
 channels-last weights on CPU), forward-only ones feed it channels-last inputs, and occlusion
 recomputes early layers only around each window (:mod:`mechlens.attribution.execution`,
@@ -22,8 +27,10 @@ exact_execution():`` runs the model as given, for bit-for-bit comparisons.
 from mechlens.attribution.base import (
     Attribution,
     MethodInfo,
+    NonFiniteError,
     Target,
     attribute,
+    check_finite,
     eval_mode,
     get_method,
     input_gradients,
@@ -65,8 +72,8 @@ from mechlens.attribution.vit import (
 )
 
 __all__ = [
-    "AttentionMaps", "Attribution", "BASELINES", "MethodInfo", "Target",
-    "attention", "attention_maps", "attention_modules", "attention_rollout", "attribute",
+    "AttentionMaps", "Attribution", "BASELINES", "MethodInfo", "NonFiniteError", "Target",
+    "attention", "attention_maps", "attention_modules", "attention_rollout", "attribute", "check_finite",
     "dataset_mean", "eval_mode", "exact_execution", "gaussian_blur", "get_method", "gradcam", "gradcam_plusplus",
     "gradient_shap", "guided_backprop", "guided_gradcam", "guided_relus", "inference_copy", "inference_model", "input_gradients",
     "input_x_gradient", "integrated_gradients", "kernel_shap", "layer_activations_and_gradients",

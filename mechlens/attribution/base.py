@@ -20,8 +20,11 @@
 """
 from __future__ import annotations
 
+import contextvars
 import difflib
 import fnmatch
+import functools
+import inspect
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,8 +39,10 @@ from mechlens.features import ClassLogit, Feature, FeatureForward, feature_forwa
 __all__ = [
     "Attribution",
     "MethodInfo",
+    "NonFiniteError",
     "Target",
     "attribute",
+    "check_finite",
     "eval_mode",
     "get_method",
     "input_gradients",
@@ -277,7 +282,8 @@ class Attribution:
     layer's resolution (``kind="layer"``). ``features``: per-sample feature names; ``values``:
     the explained feature value of each sample on its unperturbed input. ``extras``: method
     specific results (``completeness_error`` and ``convergence_delta`` for Integrated Gradients,
-    ``segments`` and ``coefficients`` for LIME / KernelSHAP, per-head maps for ViT attention...).
+    ``segments`` and ``coefficients`` for LIME / KernelSHAP, per-head maps for ViT attention...;
+    ``nonfinite_samples`` for every registered method, see :func:`check_finite`).
     ``channel_reduce`` is how :meth:`heatmap` folds the channels of an input-shaped map (``sum``
     for gradient methods, ``mean`` for methods that repeat one value over all channels).
     """
@@ -392,7 +398,8 @@ def register_method(
     overwrite: bool = False,
 ) -> Callable[[Callable[..., Attribution]], Callable[..., Attribution]]:
     """Decorator adding an attribution function ``fn(model, inputs, target=None, **kw)`` to the
-    registry under ``name`` (and ``aliases``)."""
+    registry under ``name`` (and ``aliases``). The registered (and returned) function also takes
+    ``allow_nonfinite=False``: its result goes through :func:`check_finite`."""
     if kind not in ("input", "layer"):
         raise ValueError(f"kind must be 'input' or 'layer', got {kind!r}")
 
@@ -400,6 +407,7 @@ def register_method(
         if not overwrite and (name in _METHODS or name in _ALIASES):
             raise ValueError(f"an attribution method named {name!r} is already registered")
         doc = (fn.__doc__ or "").strip().splitlines()
+        fn = _checked(fn)
         _METHODS[name] = MethodInfo(
             name=name, fn=fn, kind=kind, family=family, needs_layer=needs_layer,
             randomization=randomization, multiplies_batch=multiplies_batch,
@@ -449,13 +457,90 @@ def attribute(model: Any, inputs: torch.Tensor, target: Any = None, *, method: s
     return get_method(method).fn(model, inputs, target, **kwargs)
 
 
-def _finite_or_raise(tensor: torch.Tensor, method: str) -> torch.Tensor:
-    if not torch.isfinite(tensor).all():
-        raise FloatingPointError(
-            f"{method} produced non-finite values (the model output or its gradient overflowed); "
-            "check the inputs' scale and the model's dtype"
-        )
-    return tensor
+# ---------------------------------------------------------------------------- non-finite results
+class NonFiniteError(FloatingPointError):
+    """An attribution explained a NaN / infinite model output, or its map is not finite."""
+
+
+# Per-sample scalars that must be finite when a method reports them, and how the error names
+# them (completeness is only checked for NaN: a relative error over f(x) - f(baseline) ~ 0 can
+# be huge but meaningful).
+_FINITE_EXTRAS = {"baseline_values": "the feature value at the baseline (the model output there)",
+                  "convergence_delta": "the convergence delta"}
+_NAN_EXTRAS = {"completeness_error": "the completeness error"}
+_NESTED = contextvars.ContextVar("mechlens_attribution_nested", default=False)
+
+
+def _bad_rows(tensor: Any, batch: int, *, nan_only: bool = False) -> torch.Tensor | None:
+    """``[B]`` bool mask of the samples whose rows of ``tensor`` are not finite (None when the
+    tensor is not per-sample)."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() < 1 \
+            or tensor.shape[0] != batch:
+        return None
+    flat = tensor.detach().reshape(batch, -1)
+    bad = flat.isnan() if nan_only else ~torch.isfinite(flat)
+    return bad.any(dim=1).cpu()
+
+
+def check_finite(result: Attribution, *, allow_nonfinite: bool = False) -> Attribution:
+    """Refuse (:class:`NonFiniteError`, one line) an attribution of a non-finite feature value,
+    with a non-finite map or a NaN completeness error; with ``allow_nonfinite`` keep it and record
+    ``extras["nonfinite_samples"]`` (how many samples are affected; ``nonfinite_sample_index``
+    lists them). Every registered method's result goes through this."""
+    batch = int(result.values.shape[0]) if result.values.dim() else 1
+    masks = {
+        "the explained feature value (the model output)": _bad_rows(result.values.reshape(batch, -1), batch),
+        "the attribution map": _bad_rows(result.map, batch),
+    }
+    for key, name in {**_FINITE_EXTRAS, **_NAN_EXTRAS}.items():
+        masks[name] = _bad_rows(result.extras.get(key), batch, nan_only=key in _NAN_EXTRAS)
+    bad = torch.zeros(batch, dtype=torch.bool)
+    for mask in masks.values():
+        if mask is not None:
+            bad |= mask
+    count = int(bad.sum())
+    result.extras["nonfinite_samples"] = count
+    if count == 0:
+        return result
+    rows = bad.nonzero().flatten().tolist()
+    result.extras["nonfinite_sample_index"] = rows
+    if allow_nonfinite:
+        return result
+    what = next(name for name, mask in masks.items() if mask is not None and bool(mask.any()))
+    features = sorted({result.features[i] for i in rows if i < len(result.features)})
+    shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
+    hint = ("the model itself returns NaN/Inf there; check its weights, its dtype and the inputs' scale"
+            if "model output" in what else
+            "the model's output or its gradient overflowed; check the inputs' scale and the model's dtype")
+    raise NonFiniteError(
+        f"{result.method}: {what} is NaN or infinite for {count} of {batch} samples (feature "
+        f"{', '.join(features)}; samples {shown}): {hint}, or pass allow_nonfinite=True "
+        "(CLI: --allow-nonfinite) to keep such results and count them"
+    )
+
+
+def _checked(fn: Callable[..., Attribution]) -> Callable[..., Attribution]:
+    """``fn`` with an ``allow_nonfinite=False`` keyword whose result goes through
+    :func:`check_finite`; methods called inside another method (SmoothGrad's base, Guided
+    Grad-CAM's parts) are checked once, on the outer result."""
+    @functools.wraps(fn)
+    def method(model: Any, inputs: torch.Tensor, target: Any = None, *, allow_nonfinite: bool = False,
+               **kwargs: Any) -> Attribution:
+        if _NESTED.get():
+            return fn(model, inputs, target, **kwargs)
+        token = _NESTED.set(True)
+        try:
+            result = fn(model, inputs, target, **kwargs)
+        finally:
+            _NESTED.reset(token)
+        return check_finite(result, allow_nonfinite=allow_nonfinite)
+
+    signature = inspect.signature(fn)
+    params = list(signature.parameters.values())
+    extra = inspect.Parameter("allow_nonfinite", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool")
+    at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+    method.__signature__ = signature.replace(parameters=[*params[:at], extra, *params[at:]])  # type: ignore[attr-defined]
+    return method
 
 
 def quadrature(method: str, n_steps: int) -> tuple[list[float], list[float]]:

@@ -26,7 +26,6 @@ from torch import nn
 from mechlens.attribution.base import (
     Attribution,
     Target,
-    _finite_or_raise,
     check_images,
     chunk_ranges,
     isqrt_grid,
@@ -147,7 +146,7 @@ def layer_activations_and_gradients(
 
 def _cam_result(name: str, cam: torch.Tensor, target: Target, values: torch.Tensor, inputs: torch.Tensor, layer: str, **extras: Any) -> Attribution:
     return Attribution(
-        map=_finite_or_raise(cam.detach(), name), method=name, features=target.names, values=values,
+        map=cam.detach(), method=name, features=target.names, values=values,
         kind="layer", input_shape=tuple(inputs.shape), extras={"layer": layer, **extras},
     )
 
@@ -296,7 +295,7 @@ def guided_gradcam(
     align = False if interpolate in ("bilinear", "bicubic") else None
     up = F.interpolate(cam.map.unsqueeze(1), size=inputs.shape[-2:], mode=interpolate, align_corners=align)
     return Attribution(
-        map=_finite_or_raise(guided.map * up, "guided_gradcam"), method="guided_gradcam", features=target.names,
+        map=guided.map * up, method="guided_gradcam", features=target.names,
         values=guided.values, kind="input", input_shape=tuple(inputs.shape), extras={"layer": layer},
     )
 

@@ -19,7 +19,6 @@ from torch import nn
 from mechlens.attribution.base import (
     Attribution,
     Target,
-    _finite_or_raise,
     check_images,
     chunk_ranges,
     eval_mode,
@@ -46,7 +45,7 @@ __all__ = [
 
 def _result(name: str, amap: torch.Tensor, target: Target, values: torch.Tensor, inputs: torch.Tensor, **extras: Any) -> Attribution:
     return Attribution(
-        map=_finite_or_raise(amap.detach(), name), method=name, features=target.names,
+        map=amap.detach(), method=name, features=target.names,
         values=values.detach(), kind="input", input_shape=tuple(inputs.shape), extras=extras,
     )
 

@@ -23,7 +23,6 @@ import torch
 from mechlens.attribution.base import (
     Attribution,
     Target,
-    _finite_or_raise,
     check_images,
     chunk_ranges,
     feature_values,
@@ -129,7 +128,7 @@ def occlusion(
             f_x = _local_occlusion(split, inputs, base.expand_as(inputs), target, offsets, win, shape, windows, total, coverage)
     attributions = total / coverage.clamp_min(1)
     return Attribution(
-        map=_finite_or_raise(attributions, "occlusion"), method="occlusion", features=target.names, values=f_x,
+        map=attributions, method="occlusion", features=target.names, values=f_x,
         kind="input", input_shape=tuple(inputs.shape), channel_reduce="mean",
         extras={"window": list(win), "strides": list(stride), "n_windows": int(offsets.shape[0]),
                 "local_recompute": None if split is None else {"cuts": split.cuts, "saved_fraction": round(split.saved_fraction, 4)}},
@@ -383,7 +382,7 @@ def _superpixel_result(
     per_pixel = coefficients.gather(1, segments.flatten(1)).view(inputs.shape[0], 1, *inputs.shape[2:])
     amap = per_pixel.expand_as(inputs).contiguous()
     return Attribution(
-        map=_finite_or_raise(amap, name), method=name, features=target.names, values=values, kind="input",
+        map=amap, method=name, features=target.names, values=values, kind="input",
         input_shape=tuple(inputs.shape), channel_reduce="mean",
         extras={"coefficients": coefficients, "intercept": fit.intercept.to(inputs.dtype), "r2": fit.r2.to(inputs.dtype),
                 "segments": segments, **extras},

@@ -17,7 +17,6 @@ import torch
 
 from mechlens.attribution.base import (
     Attribution,
-    _finite_or_raise,
     check_images,
     chunk_ranges,
     feature_values,
@@ -105,7 +104,7 @@ def noise_tunnel(
     first_kind, first_reduce, extras = first
     extras.update(base=info.name, n_samples=n_samples, noise_std=sigma.detach())
     return Attribution(
-        map=_finite_or_raise(amap, kind), method=kind if base == "saliency" else f"{kind}({info.name})",
+        map=amap, method=kind if base == "saliency" else f"{kind}({info.name})",
         features=target.names, values=values, kind=first_kind, input_shape=tuple(inputs.shape),
         channel_reduce=first_reduce, extras=extras,
     )

@@ -22,8 +22,9 @@ each rank takes a contiguous block of the dataset and writes its own shard.
 """
 from __future__ import annotations
 
-import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from activation_store import LayerSpec, Rows, StoreWriter
+from activation_store import CommitPolicy, LayerSpec, Rows, StoreWriter
 from activation_store.errors import IncompatibleStoreError
 from mechlens.capture.hooks import LayerNotFiredError
 from mechlens.data.adapters import UnreadableImageError, build_dataset, check_nonempty
@@ -77,9 +78,16 @@ class CaptureResult:
     images_captured: int  # newly processed in this run (including skipped ones)
     rows: dict[str, int]  # rows written in this run, per layer
     skipped: list[SkippedSample] = field(default_factory=list)
+    # files an image folder left out when it was built (unreadable, or of another size with
+    # on_size_mismatch='skip'): they never got a sample id, but they are data the user gave us
+    files_skipped: list[Any] = field(default_factory=list)
+    files_resized: int = 0
     seconds: float = 0.0
     bytes_written: int = 0
     early_stop: bool = False
+    # rows holding NaN or Inf (in the stored dtype) written in this run, per layer; only with
+    # nonfinite='count' (the default 'error' stops at the first such batch)
+    nonfinite_rows: dict[str, int] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -378,19 +386,19 @@ def capture_to_store(
     channels_last: bool | None = None,
     preprocessing: Preprocessing | None = None,
     normalize: bool = True,
-    on_size_mismatch: str = "error",
-    on_unreadable: str = "skip",
+    on_size_mismatch: str | None = None,
+    on_unreadable: str | None = None,
     max_images: int | None = None,
     seed: int = 0,
     backend: str = "zarr",
     compression: str | None = None,
     chunk_bytes: int | None = None,
-    nonfinite: str = "count",
+    nonfinite: str = "error",
     model_name: str | None = None,
     rank: int | None = None,
     world_size: int | None = None,
     progress: bool = True,
-    commit_interval: float = 10.0,
+    commit_every: CommitPolicy | str | float = CommitPolicy(),
 ) -> CaptureResult:
     """Capture ``layers`` of ``model`` over ``data`` into the store at ``out`` (created or resumed).
 
@@ -399,8 +407,15 @@ def capture_to_store(
     for :func:`mechlens.data.build_dataset` (built at the model's input size). ``spatial``: one of
     :data:`SPATIAL_MODES` (``random`` keeps ``k`` seeded positions per image). ``dtype``: the
     stored dtype. ``autocast``: ``"auto"`` (bf16 on CUDA, off on CPU), ``"bf16"``, ``"fp16"`` or
-    ``None``. ``on_size_mismatch``: ``"error"`` or ``"resize"`` when images differ from the model's
-    input size; ``on_unreadable``: ``"skip"`` (counted in the result) or ``"error"``.
+    ``None``. ``on_size_mismatch``: ``"error"`` (default) or ``"resize"`` when images differ from the
+    model's input size; ``on_unreadable``: ``"skip"`` (default; counted in the result, including
+    files an image folder left out when it was built) or ``"error"``. For a spec string both reach
+    the dataset itself (a spec that says otherwise is refused, never silently overridden).
+    ``commit_every``: a :class:`~activation_store.CommitPolicy` or its string (``"5s,256MB"``,
+    ``"2000rows"``): a kill loses at most the rows since the last commit. ``nonfinite``:
+    ``"error"`` (default) stops at a batch whose rows hold NaN or Inf in the stored dtype
+    (earlier batches stay committed); ``"count"`` stores them and counts them in
+    ``result.nonfinite_rows`` (and the store's ``info()``).
     """
     started = time.perf_counter()
     if spatial not in SPATIAL_MODES:
@@ -409,12 +424,15 @@ def capture_to_store(
         raise ValueError(f"spatial='random' needs k >= 1 positions per image, got {k}")
     if dtype not in _STORE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_STORE_DTYPES)}, got {dtype!r}")
-    if on_size_mismatch not in ("error", "resize"):
+    if on_size_mismatch not in (None, "error", "resize"):
         raise ValueError(f"on_size_mismatch must be 'error' or 'resize', got {on_size_mismatch!r}")
-    if on_unreadable not in ("skip", "error"):
+    if on_unreadable not in (None, "skip", "error"):
         raise ValueError(f"on_unreadable must be 'skip' or 'error', got {on_unreadable!r}")
+    commit_every = CommitPolicy.parse(commit_every)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if nonfinite not in ("error", "count"):
+        raise ValueError(f"nonfinite must be 'error' or 'count', got {nonfinite!r}")
 
     loaded = model if isinstance(model, LoadedModel) else None
     net = loaded.model if loaded is not None else model
@@ -424,8 +442,15 @@ def capture_to_store(
         preprocessing = loaded.preprocessing
     dataset_spec = data if isinstance(data, str) else None
     if isinstance(data, str):
-        size = preprocessing.image_size[0] if preprocessing is not None else None
-        data = build_dataset(data, image_size=size)
+        size = preprocessing.image_size if preprocessing is not None else None
+        data = build_dataset(data, image_size=size, on_unreadable=on_unreadable, on_size_mismatch=on_size_mismatch)
+    for option, given in (("on_unreadable", on_unreadable), ("on_size_mismatch", on_size_mismatch)):
+        held = getattr(data, option, None)  # a dataset that applies the policy itself (image folders)
+        if given is not None and held is not None and held != given:
+            raise ValueError(f"the dataset was built with {option}={held!r} but the capture was asked for "
+                             f"{option}={given!r}; build the dataset with {option}={given!r} (or pass the spec string)")
+    on_unreadable = on_unreadable or getattr(data, "on_unreadable", None) or "skip"
+    resize_mismatched = (on_size_mismatch or getattr(data, "on_size_mismatch", None)) == "resize"
     total = check_nonempty(data, "capture dataset")
     if max_images is not None:
         if max_images < 1:
@@ -465,7 +490,7 @@ def capture_to_store(
         if preprocessing is not None:
             expected = preprocessing.image_size
             if tuple(x.shape[-2:]) != expected:
-                if on_size_mismatch == "error":
+                if not resize_mismatched:
                     raise ValueError(
                         f"images are {x.shape[-2]}x{x.shape[-1]} but the model expects {expected[0]}x{expected[1]} "
                         "(HxW); build the dataset at the model's input size or pass on_size_mismatch='resize' "
@@ -486,7 +511,8 @@ def capture_to_store(
 
     result = CaptureResult(store=str(out), layers=layer_names, rank=dist.rank, world_size=dist.world_size,
                            images_assigned=len(block), images_before=0, images_captured=0,
-                           rows=dict.fromkeys(layer_names, 0))
+                           rows=dict.fromkeys(layer_names, 0), files_skipped=list(getattr(data, "skipped", []) or []),
+                           files_resized=len(getattr(data, "resized", []) or []))
     writer: StoreWriter | None = None
     try:
         with taps:
@@ -511,6 +537,9 @@ def capture_to_store(
             provenance = {
                 "capture": {
                     "dataset": repr(data)[:500], "dataset_spec": dataset_spec, "num_images": total,
+                    # what rebuilding the dataset from its spec needs to give the same sample ids
+                    "dataset_options": {"on_unreadable": on_unreadable, "on_size_mismatch": (
+                        on_size_mismatch or getattr(data, "on_size_mismatch", None) or "error")},
                     "world_size": dist.world_size,
                     "preprocessing": preprocessing.to_dict() if preprocessing is not None else None,
                     "normalize": normalize, "autocast": autocast, "batch_size": batch_size,
@@ -519,8 +548,8 @@ def capture_to_store(
                           "pretrained": loaded.pretrained if loaded else None},
             }
             writer_kwargs: dict[str, Any] = dict(model=identity, layers=specs, shard=dist.rank, backend=backend,
-                                                 compression=compression, nonfinite=nonfinite,
-                                                 commit_interval=commit_interval, provenance=provenance)
+                                                 compression=compression, nonfinite="count",
+                                                 commit_every=commit_every, provenance=provenance)
             if chunk_bytes is not None:
                 writer_kwargs["chunk_bytes"] = chunk_bytes
             writer = StoreWriter(out, **writer_kwargs)
@@ -534,8 +563,9 @@ def capture_to_store(
                 num_workers=workers, collate_fn=_collate, pin_memory=on_cuda,
                 prefetch_factor=4 if workers else None,
             )
+            result.nonfinite_rows = dict.fromkeys(layer_names, 0)
             _run_batches(loader, forward, writer, result, layouts, spatial, k, seed, dtype, buffers,
-                         on_cuda, done, total, dist, progress)
+                         on_cuda, done, total, dist, progress, nonfinite)
             writer.close()
     except BaseException:
         if writer is not None:
@@ -570,9 +600,60 @@ def _check_cursor(cursor: Any, total: int, dist: _Dist, out: Any) -> int:
     return int(cursor["images_done"])
 
 
+def _refuse_nonfinite(bad: dict[str, int], rows: dict[str, Rows], dtype: str) -> None:
+    """The one-line error of a batch with NaN / Inf rows under ``nonfinite='error'``."""
+    from activation_store.errors import InvalidRowsError
+    from activation_store.writer import nonfinite_row_mask
+
+    name = next(n for n, count in bad.items() if count)
+    ids = np.unique(np.asarray(rows[name].sample_ids)[nonfinite_row_mask(rows[name].data, dtype)])
+    shown = ", ".join(str(i) for i in ids[:10]) + (", ..." if len(ids) > 10 else "")
+    overflow = {"float16": " or beyond float16's range (+-65504; --dtype bfloat16 or float32 keeps it)",
+                "bfloat16": ""}.get(dtype, "")
+    raise InvalidRowsError(
+        f"layer {name!r}: {bad[name]} rows of this batch are NaN or Inf (sample ids {shown}; layers: "
+        f"{', '.join(f'{n} {c}' for n, c in bad.items() if c)}): the model's activations there are not finite"
+        f"{overflow}; nothing of this batch was written (earlier batches are committed, a rerun resumes here). "
+        "Fix the model or inputs, or pass nonfinite='count' (CLI: --allow-nonfinite) to store such rows and count them"
+    )
+
+
+class _StopAtBatchBoundary:
+    """SIGINT / SIGTERM during a capture: finish the batch in hand, then stop before the next one.
+
+    An exception raised at an arbitrary point (Python's default Ctrl-C) could fall between a
+    batch's rows and its cursor inside the writer, and a resume would then redo or skip images.
+    A second signal interrupts at once unless a batch is being handed to the writer.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.critical = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopAtBatchBoundary":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and not self.critical:
+            raise KeyboardInterrupt(f"signal {signum} (second)")
+        self.signum = signum
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"signal {self.signum}")
+
+
 def _run_batches(loader: DataLoader, forward: Callable, writer: StoreWriter, result: CaptureResult,
                  layouts: dict[str, str], spatial: str, k: int, seed: int, dtype: str, buffers: _HostBuffers,
-                 on_cuda: bool, done: int, total: int, dist: _Dist, progress: bool) -> None:
+                 on_cuda: bool, done: int, total: int, dist: _Dist, progress: bool, nonfinite: str = "error") -> None:
     from tqdm.auto import tqdm
 
     stored = _STORE_DTYPES[dtype]
@@ -582,6 +663,13 @@ def _run_batches(loader: DataLoader, forward: Callable, writer: StoreWriter, res
     images_done = done
 
     def finish(item: tuple[Any, ...]) -> None:
+        stop.critical = True
+        try:
+            _finish(item)
+        finally:
+            stop.critical = False
+
+    def _finish(item: tuple[Any, ...]) -> None:
         nonlocal images_done
         event, selected, batch = item
         if event is not None:
@@ -592,10 +680,15 @@ def _run_batches(loader: DataLoader, forward: Callable, writer: StoreWriter, res
         rows = {
             name: Rows(_to_numpy_stored(host, dtype), sample_ids=sample_ids[owners], positions=positions,
                        labels=labels[owners])
-            for name, (host, positions, owners) in selected.items()
+            for name, (host, positions, owners, _) in selected.items()
         }
+        bad = {name: int(count[0]) for name, (_, _, _, count) in selected.items()}
+        if nonfinite == "error" and any(bad.values()):
+            _refuse_nonfinite(bad, rows, dtype)
         # All layers and the cursor in one all-or-nothing call: a resume never sees half a batch.
         writer.write(rows, cursor=cursor)
+        for name, count in bad.items():
+            result.nonfinite_rows[name] = result.nonfinite_rows.get(name, 0) + count
         result.skipped.extend(batch.skipped)
         for name, r in rows.items():
             result.rows[name] += r.data.shape[0]
@@ -610,7 +703,10 @@ def _run_batches(loader: DataLoader, forward: Callable, writer: StoreWriter, res
         )
 
     pending: tuple[Any, ...] | None = None
+    stop = _StopAtBatchBoundary()
     try:
+        stop.__enter__()
+        stop.check()
         for batch in loader:
             selected: dict[str, Any] = {}
             event = None
@@ -622,7 +718,10 @@ def _run_batches(loader: DataLoader, forward: Callable, writer: StoreWriter, res
                     cast = rows.to(stored)
                     if cast is rows:  # no conversion happened: copy, the output may be modified in place
                         cast = rows.clone()
-                    return buffers.copy(name, cast), positions, owners
+                    # rows with NaN / Inf in the stored dtype, counted on the device and copied back
+                    # with the rows (no extra sync); checked in finish()
+                    bad = (~torch.isfinite(cast)).any(dim=-1).sum().reshape(1)
+                    return buffers.copy(name, cast), positions, owners, buffers.copy(f"{name}\0nonfinite", bad)
 
                 selected = forward(batch.images, select)
                 if on_cuda:
@@ -633,6 +732,7 @@ def _run_batches(loader: DataLoader, forward: Callable, writer: StoreWriter, res
                 finishing, pending = pending, None
                 finish(finishing)  # the previous batch's copies ran while this forward was queued
             pending = (event, selected, batch)
+            stop.check()  # a signal stops here, between batches (the one in hand is finished below)
         if pending is not None:
             finishing, pending = pending, None
             finish(finishing)
@@ -642,4 +742,5 @@ def _run_batches(loader: DataLoader, forward: Callable, writer: StoreWriter, res
             finish(pending)
         raise
     finally:
+        stop.__exit__()
         bar.close()

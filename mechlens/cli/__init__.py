@@ -24,21 +24,69 @@ _COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+_DEBUG_HELP = "show the full traceback of an error instead of its one-line message"
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` on ``parser`` and on every sub-command below it that lacks one. SUPPRESS as the
+    default: a sub-command's parser would otherwise reset a ``--debug`` given before it."""
+    if "--debug" not in parser._option_string_actions:
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                _add_debug(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every registered sub-command."""
     parser = argparse.ArgumentParser(
         prog="mechlens",
         description="Mechanistic-interpretability toolkit for vision models.",
     )
+    # its own dest: a sub-command's "--debug" default (False) cannot overwrite it
+    parser.add_argument("--debug", dest="debug_all", action="store_true", help=_DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for module_name in _COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    for sub in set(subparsers.choices.values()):
+        _add_debug(sub)
     return parser
 
 
+def _text(error: BaseException) -> str:
+    """An exception's message on one line (a KeyError's argument, not its repr)."""
+    if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
+        text = error.args[0]
+    else:
+        text = str(error)
+    return " ".join(text.split())
+
+
+def error_line(error: BaseException) -> str:
+    """``error`` as one line: its message, then ``(cause: Type: text)`` for each chained cause
+    whose text the message does not already carry."""
+    line = _text(error) or type(error).__name__
+    seen = {id(error)}
+    cause = error.__cause__
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        text = _text(cause)
+        if text and text not in line:
+            if len(text) > 300:
+                text = text[:297] + "..."
+            line += f" (cause: {type(cause).__name__}: {text})"
+        elif not text:
+            line += f" (cause: {type(cause).__name__})"
+        cause = cause.__cause__
+    return line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``mechlens`` console script; returns the exit code."""
+    """Entry point of the ``mechlens`` console script; returns the exit code. Errors print as one
+    line, ``mechlens COMMAND: error: ...``; ``--debug`` (before or after the command) re-raises
+    them with the traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -47,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - the CLI turns errors into one readable line
-        if getattr(args, "debug", False):
+        if getattr(args, "debug", False) or getattr(args, "debug_all", False):
             raise
-        print(f"mechlens {args.command}: error: {error}", file=sys.stderr)
+        print(f"mechlens {args.command}: error: {error_line(error)}", file=sys.stderr)
         return 2

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     loaded = load_model(args.model, weights=args.weights, device=args.device)
     dataset = None
     if args.data:
-        dataset = build_dataset(args.data, image_size=loaded.preprocessing.image_size[0])
+        dataset = build_dataset(args.data, image_size=loaded.preprocessing.image_size)
     visualize = attribute = None
     if args.visualize or args.attribution:
         from mechlens.atlas.callbacks import sae_attributor, sae_visualizer

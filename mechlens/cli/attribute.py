@@ -9,12 +9,16 @@ writes, per image, ``<image>_<method>.png`` (overlay with a colour bar) and
 class), and per method and image the raw map's shape, min / max / mean, and the method's
 scalars (IG's completeness error, KernelSHAP's efficiency error, seconds). ``--save-maps`` also
 writes the raw maps to ``maps.safetensors``.
+
+A NaN / infinite model output (or map) is an error; ``--allow-nonfinite`` writes the results
+anyway, counts the affected images per method (``nonfinite_samples``) and writes ``null`` for
+their non-finite numbers (``summary.json`` is always strict JSON).
 """
 from __future__ import annotations
 
 import argparse
 import inspect
-import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     parser.add_argument("--device", default="cpu", help="device (default: cpu)")
     parser.add_argument("--save-maps", action="store_true", help="also write the raw maps to maps.safetensors")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="keep results for NaN/Inf model outputs or maps (counted in summary.json, their "
+                             "numbers written as null) instead of stopping with an error")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on error")
     parser.set_defaults(handler=run)
 
@@ -112,6 +119,8 @@ def _per_image(result: Any) -> list[dict[str, Any]]:
             value = result.extras.get(key)
             if value is not None:
                 row[key] = float(value[i])
+        if i in result.extras.get("nonfinite_sample_index", ()):
+            row["nonfinite"] = True
         rows.append(row)
     return rows
 
@@ -120,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     """Handler of ``mechlens attribute``; returns the exit code."""
     import torch
 
+    from activation_store.jsonutil import dumps
     from mechlens.attribution import attribute, get_method, resolve_target, suggest_cam_layer
     from mechlens.evaluation.plots import plot_methods, plot_overlay, save_figure
     from mechlens.models import load_model
@@ -150,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
     results = {}
     for info in infos:
         started = time.perf_counter()
-        result = attribute(model, inputs, target, method=info.name, **_method_kwargs(info, args, layer))
+        result = attribute(model, inputs, target, method=info.name, allow_nonfinite=args.allow_nonfinite,
+                           **_method_kwargs(info, args, layer))
         seconds = time.perf_counter() - started
         results[info.name] = result
         entry = result.summary()
@@ -169,6 +180,13 @@ def run(args: argparse.Namespace) -> int:
 
         save_file({name: r.map.detach().float().cpu().contiguous() for name, r in results.items()}, str(out / "maps.safetensors"))
         summary["files"].append(str(out / "maps.safetensors"))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    nonfinite = {name: entry["nonfinite_samples"] for name, entry in summary["methods"].items()
+                 if entry.get("nonfinite_samples")}
+    summary["nonfinite_samples"] = nonfinite
+    (out / "summary.json").write_text(dumps(summary, indent=1))
     print(f"{len(infos)} method(s) x {len(stems)} image(s): wrote {len(summary['files'])} files and summary.json to {out}")
+    if nonfinite:
+        counts = ", ".join(f"{name} {count}" for name, count in nonfinite.items())
+        print(f"warning: non-finite model outputs or maps kept (--allow-nonfinite), images per method: {counts}",
+              file=sys.stderr)
     return 0

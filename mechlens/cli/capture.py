@@ -16,6 +16,7 @@ __all__ = ["register", "run"]
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``capture`` sub-command."""
+    from activation_store import CommitPolicy
     from mechlens.capture.job import SPATIAL_MODES
 
     parser = subparsers.add_parser(
@@ -43,9 +44,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
     parser.add_argument("--autocast", choices=("auto", "bf16", "fp16", "none"), default="auto",
                         help="mixed precision of the forward (auto: bf16 on CUDA, off on CPU)")
-    parser.add_argument("--resize", action="store_true", help="resize images that differ from the model's input size")
-    parser.add_argument("--on-unreadable", choices=("skip", "error"), default="skip",
+    parser.add_argument("--resize", action="store_true",
+                        help="resize images that differ from the model's input size (default: such images are an error)")
+    parser.add_argument("--on-unreadable", choices=("skip", "error"), default=None,
                         help="unreadable images: skip and count (default) or stop with an error")
+    parser.add_argument("--commit-every", default=str(CommitPolicy()), metavar="SPEC",
+                        help="commit (make rows durable for a resume) after this much work, whichever comes first: "
+                             "e.g. '5s', '2000rows', '256MB', '10s,512MiB' (default: %(default)s)")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="store rows holding NaN/Inf and count them (default: stop at the first such batch)")
     parser.add_argument("--max-images", type=int, default=None, help="capture only the first N images")
     parser.add_argument("--seed", type=int, default=0, help="seed of --spatial random")
     parser.add_argument("--backend", choices=("zarr", "hdf5"), default="zarr")
@@ -73,28 +80,34 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             loaded, args.data, args.out, layers=args.layers, spatial=args.spatial, k=args.k, dtype=args.dtype,
             batch_size=args.batch_size, num_workers=args.workers, device=args.device,
             autocast=None if args.autocast == "none" else args.autocast,
-            on_size_mismatch="resize" if args.resize else "error", on_unreadable=args.on_unreadable,
+            on_size_mismatch="resize" if args.resize else None, on_unreadable=args.on_unreadable,
             max_images=args.max_images, seed=args.seed, backend=args.backend, compression=args.compression,
-            progress=not args.no_progress,
+            progress=not args.no_progress, commit_every=args.commit_every,
+            nonfinite="count" if args.allow_nonfinite else "error",
         )
     finally:
         signal.signal(signal.SIGTERM, previous)
     summary = {
         "store": result.store, "rank": result.rank, "world_size": result.world_size,
         "images_assigned": result.images_assigned, "images_before": result.images_before,
-        "images_captured": result.images_captured, "rows": result.rows, "skipped": len(result.skipped),
+        "images_captured": result.images_captured, "rows": result.rows,
+        "skipped": len(result.skipped) + len(result.files_skipped), "files_resized": result.files_resized,
         "seconds": round(result.seconds, 3), "images_per_second": round(result.images_per_second, 1),
-        "megabytes": round(result.bytes_written / 1e6, 2),
+        "megabytes": round(result.bytes_written / 1e6, 2), "nonfinite_rows": result.nonfinite_rows,
     }
     if args.json:
         print(json.dumps(summary), file=out)
     else:
         print(
             f"rank {result.rank}/{result.world_size}: {result.images_captured} images captured "
-            f"({result.images_before} done before, {len(result.skipped)} skipped) in {result.seconds:.1f}s "
-            f"({result.images_per_second:.1f} images/s); rows {result.rows} -> {result.store}",
+            f"({result.images_before} done before, {summary['skipped']} skipped"
+            f"{f', {result.files_resized} resized' if result.files_resized else ''}) in {result.seconds:.1f}s "
+            f"({result.images_per_second:.1f} images/s); rows {result.rows} -> {result.store}"
+            f"{f'; rows with NaN/Inf kept: {result.nonfinite_rows}' if any(result.nonfinite_rows.values()) else ''}",
             file=out,
         )
+        for skipped_file in result.files_skipped[:10]:
+            print(f"  skipped file {skipped_file.path}: {skipped_file.reason}", file=out)
         for skipped in result.skipped[:10]:
             print(f"  skipped sample {skipped.sample_id}: {skipped.reason}", file=out)
     return 0

@@ -9,7 +9,6 @@ the photo before and after, the octave sizes, the number of tiles and the settin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -53,6 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Handler of ``mechlens dream``; returns the exit code."""
+    from activation_store.jsonutil import dumps as json_dumps
     import torch
 
     from mechlens.featvis import deepdream, load_image
@@ -76,9 +76,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     summary = {"model": args.model, "image": args.image, "objective": args.layer or args.feature, "out": str(path),
                **result.to_dict()}
     json_path = path.with_suffix(".json")
-    json_path.write_text(json.dumps(summary, indent=2))
+    json_path.write_text(json_dumps(summary, indent=2))
     if args.json:
-        print(json.dumps(summary), file=out)
+        print(json_dumps(summary), file=out)
     else:
         before, after = float(result.objective_before[0]), float(result.objective_after[0])
         print(f"{summary['objective']}: {before:.4g} -> {after:.4g} over {len(result.octave_sizes)} octaves "

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import TextIO
 
@@ -34,13 +33,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Handler of ``mechlens run``."""
+    from activation_store.jsonutil import dumps as json_dumps
     from mechlens.experiments import run_experiment
 
     result = run_experiment(args.experiment, args.out, config=args.config, quick=args.quick, overrides=args.set)
     if isinstance(result, dict) and "shortcut_found" in result:
         print(f"shortcut found: {result['shortcut_found']}; report: {args.out}/report.html", file=out or sys.stdout)
     elif isinstance(result, dict):
-        print(json.dumps(result, default=str)[:4000], file=out or sys.stdout)
+        print(json_dumps(result, default=str)[:4000], file=out or sys.stdout)
     return 0
 
 

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     train.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here")
-    train.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
-    train.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir if it holds a checkpoint")
+    train.add_argument("--checkpoint-every", type=int, default=1000,
+                       help="steps between checkpoints in --checkpoint-dir (default 1000; 0: only at the end)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from --checkpoint-dir if it holds a checkpoint (without it, an existing "
+                            "checkpoint is an error, never silently overwritten)")
     train.add_argument("--log", default=None, help="metrics log: .csv, or JSON lines for any other suffix")
     train.add_argument("--log-every", type=int, default=50)
     train.add_argument("--no-progress", action="store_true")
@@ -130,6 +132,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from activation_store.jsonutil import dumps as json_dumps
     from mechlens.sae import SAE, evaluate_store, plot_fvu_vs_l0, spliced_metrics
 
     if (args.model is None) != (args.data is None):
@@ -140,7 +143,7 @@ def _eval(args: argparse.Namespace) -> int:
         from mechlens.models import load_model
 
         model = load_model(args.model, pretrained=args.pretrained, weights=args.weights, device=args.device)
-        dataset = build_dataset(args.data, image_size=model.preprocessing.input_size[1])
+        dataset = build_dataset(args.data, image_size=model.preprocessing.image_size)
     report = []
     points = []
     for path in args.saes:
@@ -162,7 +165,7 @@ def _eval(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"plot: {args.plot}")
     if args.json:
-        print(json.dumps(report if len(report) > 1 else report[0]))
+        print(json_dumps(report if len(report) > 1 else report[0]))
     return 0
 
 

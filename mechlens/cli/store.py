@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,10 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from activation_store.jsonutil import dumps as json_dumps
     from activation_store import open_store
 
     info = open_store(args.path).info()
-    print(json.dumps(info.to_json(), indent=1) if args.json else info)
+    print(json_dumps(info.to_json(), indent=1) if args.json else info)
     return 0
 
 

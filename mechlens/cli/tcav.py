@@ -46,24 +46,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _concept_arg(text: str) -> tuple[str, str]:
+    from activation_store.manifest import check_name
+
     name, sep, folder = text.partition("=")
     if not sep or not name or not folder:
         raise ValueError(f"--concept expects NAME=DIR, got {text!r}")
+    try:  # the name becomes part of the CAV file names under --out
+        check_name(name, "concept")
+    except ValueError as error:
+        raise ValueError(f"--concept {name}=...: {error}") from None
     return name, folder
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Handler of ``mechlens tcav``; returns the exit code."""
+    from activation_store.manifest import check_name
     from mechlens.features import parse_feature
     from mechlens.models import load_model
-    from mechlens.probes import ConceptSet, random_concept_sets, run_tcav
+    from mechlens.probes import ConceptSet, cav_file_stem, random_concept_sets, run_tcav, save_cavs
 
     out = out or sys.stdout
+    # names that become file names are checked before any work (the model is not even loaded)
+    concept_args = [_concept_arg(text) for text in args.concept]
+    for layer in args.layer:
+        check_name(layer, "layer")
     loaded = load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=args.device)
     size = loaded.preprocessing.image_size
-    concepts = [ConceptSet.from_folder(name, folder, image_size=size) for name, folder in map(_concept_arg, args.concept)]
+    concepts = [ConceptSet.from_folder(name, folder, image_size=size) for name, folder in concept_args]
     if len(args.random) == 1:
-        for name, folder in map(_concept_arg, args.concept):
+        for name, folder in concept_args:
             if Path(folder).resolve() == Path(args.random[0]).resolve():
                 raise ValueError(f"concept {name!r} uses the random folder {folder}; a concept must differ from it")
         pool = ConceptSet.from_folder("random", args.random[0], image_size=size)
@@ -76,13 +87,15 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                       targets=targets, pooling=args.pooling, classifier=args.classifier, alpha=args.alpha,
                       score=args.score, min_accuracy=args.min_accuracy, seed=args.seed)
     target_dir = Path(args.out)
-    (target_dir / "cavs").mkdir(parents=True, exist_ok=True)
+    names = {c.name for c in concepts}
+    cavs = [cav for cav in report.cavs if cav.concept in names]
+    for cav in cavs:  # every CAV file name is checked before anything is written
+        cav_file_stem(cav)
+    target_dir.mkdir(parents=True, exist_ok=True)
     report.to_csv(target_dir / "tcav.csv")
     report.to_json(target_dir / "tcav.json")
     report.plot(target_dir / "tcav.png")
-    for cav in report.cavs:
-        if cav.concept in {c.name for c in concepts}:
-            cav.save(target_dir / "cavs" / f"{cav.concept}-{cav.layer}-vs-{cav.negative}")
+    save_cavs(cavs, target_dir / "cavs")
     for row in report.rows():
         mark = "significant" if row["significant"] else "not significant"
         print(f"{row['concept']:>16} @ {row['layer']:<12} {row['target']:<14} TCAV {row['tcav_mean']:.3f} ± "

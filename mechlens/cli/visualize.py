@@ -9,7 +9,6 @@ activation of its target, the loss curve; and the settings).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -61,6 +60,7 @@ def _device(name: str | None) -> str:
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Handler of ``mechlens visualize``; returns the exit code."""
+    from activation_store.jsonutil import dumps as json_dumps
     from mechlens.features import parse_feature
     from mechlens.featvis import Objective, Regularizers, render, save_png
     from mechlens.featvis.render import image_filename
@@ -100,9 +100,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         "steps": args.steps, "seed": args.seed, "features": entries, "settings": settings,
     }
     json_path = directory / "featvis.json"
-    json_path.write_text(json.dumps(report, indent=2))
+    json_path.write_text(json_dumps(report, indent=2))
     if args.json:
-        print(json.dumps({"out": str(directory), "json": str(json_path),
+        print(json_dumps({"out": str(directory), "json": str(json_path),
                           "features": [{k: e[k] for k in ("feature", "png", "activation")} for e in entries]}), file=out)
     else:
         for e in entries:

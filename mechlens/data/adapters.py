@@ -230,9 +230,9 @@ class ImageFolderDataset(Dataset):
     :attr:`skipped`; ``"error"`` raises :class:`UnreadableImageError` naming them all.
 
     Size policy (``image_size`` an int or ``(H, W)``; ``None``: the most common size in the
-    folder): ``on_size_mismatch="resize"`` resizes other sizes (recorded in :attr:`resized`),
-    ``"skip"`` leaves them out (recorded in :attr:`skipped`), ``"error"`` raises at build time
-    listing them. ``transform`` (a callable on a PIL image returning a tensor, e.g.
+    folder): ``"error"`` (default) raises at build time listing them, ``on_size_mismatch="resize"``
+    resizes other sizes (recorded in :attr:`resized`), ``"skip"`` leaves them out (recorded in
+    :attr:`skipped`). ``transform`` (a callable on a PIL image returning a tensor, e.g.
     ``Preprocessing.transform()``) replaces the size handling altogether.
     """
 
@@ -243,7 +243,7 @@ class ImageFolderDataset(Dataset):
         image_size: int | tuple[int, int] | None = None,
         channels: int = 3,
         on_unreadable: str = "skip",
-        on_size_mismatch: str = "resize",
+        on_size_mismatch: str = "error",
         transform: Callable[[Any], torch.Tensor] | None = None,
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
     ) -> None:
@@ -257,7 +257,8 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
+            shown = str(root) if str(root).isprintable() else ascii(str(root))  # one-line message
+            raise FileNotFoundError(f"image folder {shown} does not exist or is not a directory")
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not class_dirs:
             raise ValueError(
@@ -269,6 +270,7 @@ class ImageFolderDataset(Dataset):
         self.channels = channels
         self.transform = transform
         self.on_size_mismatch = on_size_mismatch
+        self.on_unreadable = on_unreadable
         self.skipped: list[SkippedFile] = []
         self.resized: list[str] = []
         candidates: list[tuple[Path, int, tuple[int, int]]] = []
@@ -375,9 +377,13 @@ def _parse_query(spec: str, query: str, allowed: dict[str, Any]) -> dict[str, st
     return params
 
 
-def build_dataset(spec: str, *, image_size: int | None = None, seed: int | None = None, split: str | None = None) -> Dataset:
+def build_dataset(spec: str, *, image_size: int | tuple[int, int] | None = None, seed: int | None = None,
+                  split: str | None = None, on_unreadable: str | None = None,
+                  on_size_mismatch: str | None = None) -> Dataset:
     """Build a dataset from a string spec. The keyword arguments fill in options that the spec
-    leaves out (the spec wins).
+    leaves out (the spec wins for ``image_size`` / ``seed`` / ``split``; a spec whose
+    ``on_unreadable`` / ``on_size_mismatch`` contradicts the keyword is refused). ``image_size``
+    may be ``(H, W)``; only image folders take a non-square size.
 
     * ``synthetic:shapes?n=512&size=64&seed=0&split=train&artefact_class=1&artefact_p=0.9``
       (also ``artefact_other_p``, ``artefact_corner``, ``classes=circle,square,triangle``;
@@ -389,6 +395,16 @@ def build_dataset(spec: str, *, image_size: int | None = None, seed: int | None 
     """
     head, _, query = spec.partition("?")
     kind, sep, arg = head.partition(":")
+    folder_size = image_size
+    if isinstance(image_size, (tuple, list)):
+        if len(image_size) != 2:
+            raise ValueError(f"image_size must be an int or (H, W), got {image_size!r}")
+        folder_size = (int(image_size[0]), int(image_size[1]))
+        image_size = folder_size[0] if folder_size[0] == folder_size[1] else None
+        is_folder = (kind == "folder" and sep) or Path(head).is_dir()
+        if image_size is None and not is_folder:
+            raise ValueError(f"the model expects non-square {folder_size[0]}x{folder_size[1]} (HxW) images, but "
+                             f"{spec!r} makes square images; pass a Dataset that yields {folder_size[0]}x{folder_size[1]} images")
     if head == "digits":
         params = _parse_query(spec, query, {"size": 1, "split": 1, "seed": 1, "channels": 1, "test_fraction": 1})
         return DigitsDataset(
@@ -428,14 +444,16 @@ def build_dataset(spec: str, *, image_size: int | None = None, seed: int | None 
     folder = arg if kind == "folder" and sep else head
     if (kind == "folder" and sep) or Path(head).is_dir():
         params = _parse_query(spec, query, {"size": 1, "on_unreadable": 1, "on_size_mismatch": 1, "channels": 1})
-        size = params.get("size", image_size)
-        return ImageFolderDataset(
-            folder,
-            image_size=int(size) if size is not None else None,
-            channels=int(params.get("channels", 3)),
-            on_unreadable=params.get("on_unreadable", "skip"),
-            on_size_mismatch=params.get("on_size_mismatch", "resize"),
-        )
+        policies = {}
+        for option, given, default in (("on_unreadable", on_unreadable, "skip"),
+                                       ("on_size_mismatch", on_size_mismatch, "error")):
+            said = params.get(option)
+            if said is not None and given is not None and said != given:
+                raise ValueError(f"dataset spec {spec!r} says {option}={said} but {option}={given!r} was also "
+                                 f"asked for (e.g. by a command-line flag); say it once")
+            policies[option] = said or given or default
+        size = int(params["size"]) if "size" in params else folder_size
+        return ImageFolderDataset(folder, image_size=size, channels=int(params.get("channels", 3)), **policies)
     raise ValueError(
         f"cannot understand dataset spec {spec!r} (and it is not an existing directory). Expected "
         "'synthetic:shapes?n=512&size=64', 'digits', 'skimage:astronaut,coffee', 'folder:PATH' or a directory."

@@ -40,7 +40,11 @@ def _class(rest: str, spec: str) -> Feature:
     parts = rest.split(":")
     if len(parts) > 2:
         raise ValueError(f"feature spec {spec!r}: expected class:INDEX[:log_softmax|softmax]")
-    return ClassLogit(_int(parts[0], "class index", spec), normalize=parts[1] if len(parts) == 2 else None)
+    normalize = parts[1] if len(parts) == 2 else None
+    if normalize not in (None, "log_softmax", "softmax"):
+        raise ValueError(f"feature spec {spec!r}: unknown normalization {normalize!r}; expected class:INDEX, "
+                         f"class:INDEX:log_softmax or class:INDEX:softmax")
+    return ClassLogit(_int(parts[0], "class index", spec), normalize=normalize)
 
 
 def _channel(rest: str, spec: str) -> Feature:
@@ -69,7 +73,12 @@ FEATURE_KINDS: tuple[str, ...] = (*_BUILTIN, *_LAZY)
 
 
 def parse_feature(spec: str) -> Feature:
-    """Parse a feature spec string (see the module docstring)."""
+    """Parse a feature spec string (see the module docstring). Errors are ``ValueError`` with a
+    one-line message."""
+    if not isinstance(spec, str):
+        raise ValueError(f"a feature spec is a string such as class:3, got {type(spec).__name__}")
+    if not spec.isprintable():  # a newline or NUL is never part of a layer name, index or path
+        raise ValueError(f"feature spec {spec!r} contains control characters; expected e.g. class:3 or channel:layer4:17")
     kind, sep, rest = spec.partition(":")
     if not sep:
         raise ValueError(f"feature spec {spec!r} has no kind; expected one of {', '.join(FEATURE_KINDS)} (e.g. class:3)")

@@ -15,7 +15,6 @@ model's weights are left alone). Hooks live for the whole call and are removed i
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from activation_store.jsonutil import dumps as json_dumps
 from mechlens.featvis._session import model_device, model_dtype, model_session, resolve_model
 from mechlens.featvis.objectives import Objective, as_objective, blur, l2, total_variation
 from mechlens.featvis.param import ImageParam, make_param
@@ -155,7 +155,7 @@ class RenderResult:
     def save_json(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
+        path.write_text(json_dumps(self.to_dict(), indent=2))
         return path
 
 

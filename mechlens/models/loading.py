@@ -322,6 +322,32 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "we
 _PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
+def _unreadable_weights_message(path: Path, error: BaseException) -> str:
+    """One line for a weights file ``torch.load(weights_only=True)`` refuses: a pickle holding
+    objects other than tensors is never unpickled here (that can run arbitrary code); the way
+    out is a one-time conversion to safetensors of a file the user trusts."""
+    import pickle
+    import re
+
+    target = str(path.with_suffix(".safetensors"))
+    convert = (
+        f"python -c \"import torch, safetensors.torch as st; o = torch.load({str(path)!r}, weights_only=False); "
+        "o = o.state_dict() if hasattr(o, 'state_dict') else o.get('state_dict', o); "
+        f"st.save_file({{k: v.detach().clone() for k, v in o.items()}}, {target!r})\""
+    )
+    text = " ".join(str(error).split())
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if isinstance(error, pickle.UnpicklingError) and found:
+        return (f"weights file {path} is a pickle holding Python objects ({found.group(1)}), which mechlens refuses "
+                f"to unpickle (that can run arbitrary code); if you trust the file, convert it once to safetensors "
+                f"with {convert} and pass --weights {target}")
+    # torch's own text suggests weights_only=False: keep only what it says is wrong with the file
+    reason = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
+    detail = reason.group(1).strip() if reason else re.split(r"(?<=\.) ", text, maxsplit=1)[0]
+    return (f"could not read weights file {path} as a state dict ({type(error).__name__}: {detail[:200]}); pass "
+            f"a .safetensors file, or a plain state dict saved with torch.save(model.state_dict(), path)")
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -330,12 +356,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - re-raised with the file name and what to do
-        raise ValueError(
-            f"could not read weights file {path} with torch.load(weights_only=True): {error}. "
-            "Only plain state dicts (tensors, numbers, strings, dicts) are accepted; pickled "
-            "modules are refused for safety. Re-save with torch.save(model.state_dict(), path) "
-            "or as .safetensors."
-        ) from error
+        raise ValueError(_unreadable_weights_message(path, error)) from None  # torch's text suggests unpickling
     for _ in range(2):  # unwrap {"state_dict": {...}} style checkpoints
         if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
             inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)

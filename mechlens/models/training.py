@@ -12,7 +12,6 @@ such as the training figures); ``load_model(DIRECTORY)`` or :func:`load_checkpoi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from activation_store.jsonutil import dumps as json_dumps
 from mechlens.data.adapters import check_nonempty
 
 __all__ = [
@@ -341,7 +341,7 @@ def save_checkpoint(
         "metadata": dict(metadata or {}),
     }
     tmp = directory / (CHECKPOINT_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    tmp.write_text(json_dumps(config, indent=2, sort_keys=True))
     tmp.replace(directory / CHECKPOINT_CONFIG)
     return directory
 

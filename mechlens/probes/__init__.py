@@ -1,5 +1,5 @@
 """Concept probes: CAVs, TCAV with statistical testing, linear probes on stored activations."""
-from mechlens.probes.cav import CAV, CAV_CLASSIFIERS, ConstantActivationsError, train_cav
+from mechlens.probes.cav import CAV, CAV_CLASSIFIERS, CAVNotFoundError, ConstantActivationsError, cav_file_stem, save_cavs, train_cav
 from mechlens.probes.concepts import CAV_POOLINGS, ConceptSet, concept_activations, pool_activation, random_concept_sets
 from mechlens.probes.linear import CAVAlignment, LinearProbe, cav_sae_alignment, probe_store
 from mechlens.probes.tcav import (
@@ -24,6 +24,7 @@ def feature_from_spec(rest: str):
 __all__ = [
     "CAV",
     "CAVAlignment",
+    "CAVNotFoundError",
     "CAV_CLASSIFIERS",
     "CAV_POOLINGS",
     "ConceptSet",
@@ -32,6 +33,7 @@ __all__ = [
     "RelativeTCAVResult",
     "TCAVReport",
     "TCAVResult",
+    "cav_file_stem",
     "cav_sae_alignment",
     "concept_activations",
     "directional_derivatives",
@@ -42,6 +44,7 @@ __all__ = [
     "random_concept_sets",
     "relative_tcav",
     "run_tcav",
+    "save_cavs",
     "target_gradients",
     "tcav_scores",
     "tcav_test",

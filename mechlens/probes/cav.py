@@ -17,9 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["CAV", "CAV_CLASSIFIERS", "ConstantActivationsError", "train_cav"]
+from activation_store.jsonutil import dumps as json_dumps
+
+__all__ = ["CAV", "CAVNotFoundError", "CAV_CLASSIFIERS", "ConstantActivationsError", "cav_file_stem", "save_cavs", "train_cav"]
 
 CAV_CLASSIFIERS = ("logistic", "linear_svm", "sgd")
+
+
+class CAVNotFoundError(FileNotFoundError, ValueError):
+    """No saved CAV at the given path (a ``FileNotFoundError`` that is also a ``ValueError``, so a bad
+    ``cav:PATH`` feature spec fails like every other bad spec)."""
 
 
 class ConstantActivationsError(ValueError):
@@ -69,7 +76,7 @@ class CAV:
         save_file({"vector": np.ascontiguousarray(self.vector, dtype=np.float32)}, str(base) + ".safetensors")
         meta = {k: v for k, v in asdict(self).items() if k != "vector"}
         meta["format"] = "mechlens.cav/1"
-        Path(str(base) + ".json").write_text(json.dumps(meta, indent=2))
+        Path(str(base) + ".json").write_text(json_dumps(meta, indent=2))
         return base
 
     @classmethod
@@ -81,12 +88,51 @@ class CAV:
         base = base.with_suffix("") if base.suffix in (".json", ".safetensors") else base
         meta_path = Path(str(base) + ".json")
         if not meta_path.is_file():
-            raise FileNotFoundError(f"no CAV at {base} (expected {meta_path} and {base}.safetensors)")
+            raise CAVNotFoundError(f"no CAV at {base} (expected {meta_path} and {base}.safetensors)")
         meta = json.loads(meta_path.read_text())
         if meta.pop("format", None) != "mechlens.cav/1":
             raise ValueError(f"{meta_path} is not a mechlens CAV")
         vector = load_file(str(base) + ".safetensors")["vector"]
         return cls(vector=vector, **meta)
+
+
+def cav_file_stem(cav: CAV) -> str:
+    """``{concept}-{layer}-vs-{negative}``: the file name (without suffix) :func:`save_cavs` uses.
+
+    Each part must pass :func:`activation_store.check_name` (letters, digits, ``_ . : -``; dotted
+    layer names such as ``layer1.0.conv1`` are fine); a name that could leave the folder
+    (``../x``, ``a/b``) raises ``ValueError`` instead of being rewritten.
+    """
+    from activation_store.manifest import check_name
+
+    stem = f"{check_name(cav.concept, 'concept')}-{check_name(cav.layer, 'layer')}-vs-{check_name(cav.negative, 'negative set')}"
+    check_name(stem, "CAV file")
+    if Path(stem).suffix in (".json", ".safetensors"):  # CAV.save would take it for a suffix and drop it
+        raise ValueError(f"CAV file name {stem!r} ends in {Path(stem).suffix!r}; rename the negative set {cav.negative!r}")
+    return stem
+
+
+def save_cavs(cavs, directory: str | os.PathLike) -> list[Path]:
+    """Save each CAV as ``directory/{concept}-{layer}-vs-{negative}`` (see :meth:`CAV.save`).
+
+    Every name is checked before anything is written, and two CAVs whose file names would
+    coincide are refused rather than one overwriting the other. Returns the paths (no suffix).
+    """
+    from activation_store.manifest import safe_join
+
+    directory = Path(directory)
+    cavs = list(cavs)
+    stems = [cav_file_stem(cav) for cav in cavs]
+    seen: dict[str, CAV] = {}
+    for cav, stem in zip(cavs, stems):
+        if stem in seen:
+            other = seen[stem]
+            raise ValueError(f"CAVs ({cav.concept!r}, {cav.layer!r}, {cav.negative!r}) and ({other.concept!r}, "
+                             f"{other.layer!r}, {other.negative!r}) would both be saved as {stem!r}; rename a concept")
+        seen[stem] = cav
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [safe_join(directory, stem, "CAV file") for stem in stems]  # also refuses a symlink leading out
+    return [cav.save(path) for cav, path in zip(cavs, paths)]
 
 
 def _make_classifier(kind: str, seed: int, alpha: float):

@@ -18,7 +18,6 @@ t-test compares them, and p-values are Bonferroni-corrected over concepts x laye
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from activation_store.jsonutil import dumps as json_dumps
 from mechlens.features.base import ClassLogit, Feature
 from mechlens.features.forward import feature_forward
 from mechlens.features.layout import as_position_rows, resolve_layout
@@ -236,7 +236,7 @@ class TCAVReport:
         path = Path(path)
         payload = {"alpha": self.alpha, "num_tests": self.num_tests, "correction": "bonferroni",
                    "results": [asdict(r) for r in self.results]}
-        path.write_text(json.dumps(payload, indent=2))
+        path.write_text(json_dumps(payload, indent=2))
         return path
 
     def plot(self, path: str | os.PathLike | None = None):

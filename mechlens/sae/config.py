@@ -269,7 +269,7 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None
     log_every: int = 50
-    checkpoint_every: int = 0
+    checkpoint_every: int = 1000  # with a checkpoint_dir; 0: only at the end (a kill then loses the run)
     shuffle_buffer_chunks: int = 8
     prefetch: int = 2
 

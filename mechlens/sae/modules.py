@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import nn
 
+from activation_store.jsonutil import dumps as json_dumps
 from mechlens.sae.config import (
     BatchTopKConfig,
     JumpReLUConfig,
@@ -224,7 +225,7 @@ class SAE(nn.Module):
         tmp.replace(path / WEIGHTS_FILE)
         record = {"format": FORMAT, "version": 1, "config": self.config.to_json(), "metadata": dict(metadata or {})}
         tmp = path / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+        tmp.write_text(json_dumps(record, indent=2, sort_keys=True))
         tmp.replace(path / CONFIG_FILE)
         return path
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from activation_store.jsonutil import dumps as json_dumps
 from mechlens.sae.data import RowBatch, check_finite
 from mechlens.sae.modules import SAE
 
@@ -83,7 +84,7 @@ class FeatureStatistics:
                 "rows": self.rows, "top_k": self.top_k, "distinct_samples": self.distinct_samples,
                 "width": self.width}
         tmp = directory / (STATS_JSON + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.write_text(json_dumps(meta, indent=2))
         tmp.replace(directory / STATS_JSON)
         return directory
 

@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from activation_store.jsonutil import dumps as json_dumps
 from mechlens.sae.config import SAEConfig, TopKConfig, TrainConfig
 from mechlens.sae.data import (
     BatchSource,
@@ -405,7 +406,7 @@ class SAETrainer:
                   "steps_in_window": [m.steps_in_window for m in self.members],
                   "log": self.log}
         tmp = directory / (TRAINER_FILE + ".tmp")
-        tmp.write_text(json.dumps(record))
+        tmp.write_text(json_dumps(record))
         tmp.replace(directory / TRAINER_FILE)  # the commit point
         for old in directory.glob("state-step*.safetensors"):
             if old.name != name:
@@ -420,6 +421,7 @@ class SAETrainer:
         ``train`` may change only ``device``, ``log_every``, ``checkpoint_every`` and ``prefetch``."""
         from safetensors.torch import load_file
 
+        from activation_store.manifest import safe_join
         from mechlens.sae.config import SAEConfig as _Config
 
         directory = Path(directory)
@@ -444,7 +446,11 @@ class SAETrainer:
         if device is not None:
             saved_train = saved_train.replace(device=str(device))
         trainer = cls(configs, saved_train)
-        state = load_file(str(directory / record["state_file"]), device="cpu")
+        try:  # a name from the checkpoint file: it must not lead outside the checkpoint directory
+            state_file = safe_join(directory, record["state_file"], "checkpoint state file")
+        except ValueError as error:
+            raise SAECheckpointError(f"{file} is damaged or was edited by hand: {error}") from None
+        state = load_file(str(state_file), device="cpu")
         shift = state.get("normalizer.shift")
         trainer.normalizer = Normalizer(float(record["normalizer"]["scale"]), shift).to(trainer.device)
         for index, config in enumerate(configs):
@@ -512,7 +518,7 @@ class _MetricsLog:
             if self.writer is not None:
                 self.writer.writerow({k: row.get(k) for k in LOG_COLUMNS})
             else:
-                self.handle.write(json.dumps(row) + "\n")
+                self.handle.write(json_dumps(row) + "\n")
         self.handle.flush()
 
     def close(self) -> None:
@@ -565,7 +571,12 @@ def train_sae(store: Any, layer: str, configs: SAEConfig | Sequence[SAEConfig], 
     configs = filled
     source = StoreSource(view, train.batch_size, seed=train.seed, shuffle_buffer_chunks=train.shuffle_buffer_chunks)
     trainer = None
-    if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / TRAINER_FILE).is_file():
+    has_checkpoint = checkpoint_dir is not None and (Path(checkpoint_dir) / TRAINER_FILE).is_file()
+    if has_checkpoint and not resume:
+        # never silently start over on top of a run that a kill interrupted (nor overwrite it)
+        raise SAECheckpointError(f"{checkpoint_dir} already holds a trainer checkpoint; pass resume=True (--resume) to "
+                                 "continue that run, or choose another checkpoint directory to start a new one")
+    if resume and has_checkpoint:
         trainer = SAETrainer.from_checkpoint(checkpoint_dir, expect=configs, train=train)
     normalizer = b_dec = None
     if trainer is None:
@@ -587,6 +598,8 @@ def train_sae(store: Any, layer: str, configs: SAEConfig | Sequence[SAEConfig], 
 def save_saes(result: TrainResult, out: str | os.PathLike, *, store: str | None = None,
               train: TrainConfig | None = None) -> list[Path]:
     """Save every SAE of ``result``: ``out`` for one, ``out/<name>`` for a sweep (names made unique)."""
+    from activation_store.manifest import safe_join
+
     out = Path(out)
     paths = []
     names: dict[str, int] = {}
@@ -596,7 +609,7 @@ def save_saes(result: TrainResult, out: str | os.PathLike, *, store: str | None 
         else:
             name = sae.config.name
             names[name] = names.get(name, 0) + 1
-            path = out / (name if names[name] == 1 else f"{name}-{names[name]}")
+            path = safe_join(out, name if names[name] == 1 else f"{name}-{names[name]}", "SAE")
         metadata = {"store": store, "steps": result.steps, "rows": result.rows,
                     "train_config": train.to_json() if train is not None else None,
                     "final_train_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}

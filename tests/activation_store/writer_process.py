@@ -39,7 +39,7 @@ def main() -> int:
     parser.add_argument("--sleep", type=float, default=0.005, help="pause per batch, so kills land mid-run")
     args = parser.parse_args()
     writer = StoreWriter(args.store, model="test-model", layers=LAYERS, backend=args.backend, shard=0,
-                         commit_interval=args.commit_interval)
+                         commit_every=args.commit_interval)
     start = 0 if writer.cursor is None else int(writer.cursor["next_batch"])
     print("ready", start, flush=True)
     for batch in range(start, args.batches):

@@ -152,16 +152,27 @@ def test_interrupted_job_resumes_to_the_same_rows(tmp_path, tiny, shapes):
     assert reference.rows == {"stage2": 40 * 64, "stage3": 40 * 16}
 
 
+def _committed_rows(out: Path, layer: str) -> int:
+    manifest = out / "shards" / "rank-00000" / "manifest.json"
+    try:
+        segments = json.loads(manifest.read_text())["segments"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return sum(seg["layers"].get(layer, {}).get("rows", 0) for seg in segments)
+
+
 def test_sigterm_then_rerun_of_the_cli_resumes(tmp_path):
     out = tmp_path / "s"
+    # --commit-every 512rows: a commit after every batch (32 images x 16 positions), whatever the
+    # machine's speed; the signal follows the first commit (an event), not a guessed delay
     command = [str(BIN / "mechlens"), "capture", "--model", "mechlens:small_cnn_tiny", "--layers", "stage3",
                "--data", "synthetic:shapes?n=3000&size=64", "--out", str(out), "--batch-size", "32",
-               "--workers", "0", "--no-progress", "--json"]
+               "--workers", "0", "--no-progress", "--json", "--commit-every", "512rows"]
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (out / "shards" / "rank-00000" / "manifest.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)
+    deadline = time.monotonic() + 120
+    while _committed_rows(out, "stage3") == 0 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert job.poll() is None, "the capture ended before its first commit was seen"
     job.send_signal(signal.SIGTERM)
     _, err = job.communicate(timeout=60)
     assert job.returncode == 130, err  # interrupted, not finished
@@ -264,11 +275,51 @@ def test_unreadable_images_are_skipped_and_counted_or_stop_the_job(tmp_path, tin
                               progress=False, batch_size=4)
     # the garbage file is left out when the folder is scanned; the truncated one when decoded
     assert [s.sample_id for s in result.skipped] == [2] and "truncated" in result.skipped[0].reason
+    assert [Path(f.path).name for f in result.files_skipped] == ["notes.jpg"]  # counted, not lost
     index = ActivationStore(tmp_path / "s")["stage3"].read_index()
     assert sorted(set(index.sample_id.tolist())) == [0, 1, 3, 4, 5]
-    with pytest.raises(OSError, match="truncated"):
+    # on_unreadable='error' reaches the folder scan too (it once only reached the decode step)
+    with pytest.raises(OSError, match="notes.jpg"):
         capture_to_store(tiny, f"folder:{root}", tmp_path / "s2", layers="stage3", num_workers=0,
                          progress=False, on_unreadable="error")
+    (root / next(iter(os.listdir(root))) / "notes.jpg").unlink()
+    with pytest.raises(OSError, match="truncated"):
+        capture_to_store(tiny, f"folder:{root}", tmp_path / "s3", layers="stage3", num_workers=0,
+                         progress=False, on_unreadable="error")
+    assert not (tmp_path / "s2").exists()
+
+
+def test_cli_image_folder_flags_reach_the_dataset(tmp_path, capsys):
+    """--on-unreadable error and the absence of --resize are honoured for image folders."""
+    from PIL import Image
+
+    from mechlens.cli import main
+
+    root = _image_folder(tmp_path / "imgs")
+    first_class = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    (first_class / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    common = ["capture", "--model", "mechlens:small_cnn_tiny", "--layers", "stage3", "--spatial", "mean",
+              "--workers", "0", "--no-progress", "--batch-size", "4"]
+    assert main(common + ["--data", str(root), "--out", str(tmp_path / "a"), "--on-unreadable", "error"]) == 2
+    assert "corrupt.jpg" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    # skipping is the default, and the skipped file is counted in the summary
+    assert main(common + ["--data", str(root), "--out", str(tmp_path / "b"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["skipped"] == 1 and summary["rows"] == {"stage3": 6}
+    (first_class / "corrupt.jpg").unlink()
+    # mixed sizes: the small_cnn_tiny input is 64 px; an 80 px image is an error without --resize
+    Image.new("RGB", (80, 80), (10, 200, 10)).save(first_class / "big.jpg")
+    assert main(common + ["--data", str(root), "--out", str(tmp_path / "c")]) == 2
+    assert "big.jpg is 80x80" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    assert main(common + ["--data", str(root), "--out", str(tmp_path / "d"), "--resize", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["files_resized"] == 1 and summary["rows"] == {"stage3": 7}
+    # a spec that contradicts a flag is refused rather than one of them silently winning
+    assert main(common + ["--data", f"folder:{root}?on_size_mismatch=skip", "--out", str(tmp_path / "e"),
+                          "--resize"]) == 2
+    assert "say it once" in capsys.readouterr().err
 
 
 def test_cli_capture_with_workers(tmp_path):

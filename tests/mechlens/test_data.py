@@ -209,7 +209,7 @@ def image_folder(tmp_path: Path) -> Path:
 
 
 def test_image_folder_skips_and_counts_unreadable_files(image_folder: Path):
-    ds = ImageFolderDataset(image_folder)
+    ds = ImageFolderDataset(image_folder, on_size_mismatch="resize")
     assert ds.class_names == ["cats", "dogs"]
     assert len(ds) == 7 and ds.num_skipped == 1
     assert ds.skipped[0].path.endswith("broken.png") and "unreadable" in ds.skipped[0].reason
@@ -224,10 +224,10 @@ def test_image_folder_skips_and_counts_unreadable_files(image_folder: Path):
 
 def test_image_folder_size_policies(image_folder: Path):
     with pytest.raises(ValueError, match=r"big.png is 40x30"):
-        ImageFolderDataset(image_folder, on_size_mismatch="error")
+        ImageFolderDataset(image_folder)  # the default: another size is an error, never a silent resize
     skipping = ImageFolderDataset(image_folder, on_size_mismatch="skip")
     assert len(skipping) == 6 and skipping.num_skipped == 2
-    resized = ImageFolderDataset(image_folder, image_size=16)
+    resized = ImageFolderDataset(image_folder, image_size=16, on_size_mismatch="resize")
     assert resized[0][0].shape == (3, 16, 16)
 
 
@@ -250,8 +250,17 @@ def test_build_dataset_specs(image_folder: Path):
     assert build_dataset("synthetic:shapes?classes=circle,square&n=4").class_names == ["circle", "square"]
     assert len(build_dataset("digits?split=test&size=12")) == len(DigitsDataset(split="test"))
     assert build_dataset("skimage:coffee,chelsea?size=32")[0][0].shape == (3, 32, 32)
-    assert len(build_dataset(str(image_folder))) == 7
+    assert len(build_dataset(str(image_folder), on_size_mismatch="resize")) == 7
     assert len(build_dataset(f"folder:{image_folder}?on_size_mismatch=skip")) == 6
+    with pytest.raises(ValueError, match="big.png is 40x30"):
+        build_dataset(str(image_folder))
+    with pytest.raises(ValueError, match="say it once"):
+        build_dataset(f"folder:{image_folder}?on_size_mismatch=skip", on_size_mismatch="error")
+    with pytest.raises(UnreadableImageError, match="broken.png"):
+        build_dataset(str(image_folder), on_unreadable="error", on_size_mismatch="resize")
+    assert build_dataset(str(image_folder), image_size=(20, 24), on_size_mismatch="skip").image_size == (20, 24)
+    with pytest.raises(ValueError, match="non-square"):
+        build_dataset("digits", image_size=(20, 24))
     with pytest.raises(ValueError, match="allowed: .*artefact_p"):
         build_dataset("synthetic:shapes?artefact_prob=0.5")
     with pytest.raises(ValueError, match="cannot understand"):

@@ -327,6 +327,9 @@ def test_resume_gives_the_same_result_as_uninterrupted_training(small_store, tmp
     first = train_sae(small_store, "l", configs, train, progress=False, checkpoint_dir=tmp_path / "ck",
                       until_step=27)  # between two logs
     assert first.steps == 27 and (tmp_path / "ck" / "trainer.json").is_file()
+    # rerunning without resume must not silently start over on top of the interrupted run
+    with pytest.raises(SAECheckpointError, match=r"already holds a trainer checkpoint; pass resume=True \(--resume\)"):
+        train_sae(small_store, "l", configs, train, progress=False, checkpoint_dir=tmp_path / "ck")
     resumed = train_sae(small_store, "l", configs, train, progress=False, checkpoint_dir=tmp_path / "ck", resume=True)
     assert resumed.steps == 50 and resumed.rows == whole.rows
     for a, b in zip(whole.saes, resumed.saes):

@@ -88,3 +88,23 @@ def test_cli_errors_are_one_readable_line(tiny_store, tmp_path, capsys):
     assert "k=32 is larger than the width 16" in capsys.readouterr().err
     assert main(["sae", "eval", str(tmp_path / "nothing"), "--store", store]) == 2
     assert "is not a saved SAE" in capsys.readouterr().err
+
+
+def test_cli_rerun_after_a_kill_needs_resume_and_resumes(tiny_store, tmp_path, capsys):
+    """The README's recipe: a killed `sae train` is rerun with --resume; without it the rerun is refused
+    (it once restarted from scratch, silently). Checkpoints are written every 1000 steps by default."""
+    from mechlens.sae import TopKConfig, TrainConfig, train_sae
+
+    store, ckpt = str(tiny_store / "store"), tmp_path / "ck"
+    assert TrainConfig().checkpoint_every == 1000
+    # the state a kill at step 7 leaves behind
+    train_sae(store, "stage1", TopKConfig(width=32, k=2), TrainConfig(steps=12, batch_size=256, lr=3e-3, device="cpu",
+                                                                       checkpoint_every=1000),
+              checkpoint_dir=ckpt, until_step=7, progress=False)
+    args = ["sae", "train", "--store", store, "--layer", "stage1", "--arch", "topk", "--width", "32", "--k", "2",
+            "--steps", "12", "--batch-size", "256", "--lr", "3e-3", "--out", str(tmp_path / "sae"), "--no-progress",
+            "--device", "cpu", "--checkpoint-dir", str(ckpt)]
+    assert main(args) == 2
+    assert "pass resume=True (--resume)" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    assert "for 12 steps" in capsys.readouterr().out
