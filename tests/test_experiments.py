@@ -36,7 +36,7 @@ def test_clever_hans_report_finds_the_shortcut_from_computed_figures(clever_hans
     acc = f["accuracy"]
     assert acc["square_with_ruler"] - acc["square_without_ruler"] >= 0.2
     best_tcav = min(f["tcav"], key=lambda r: r["p_adjusted"])
-    assert best_tcav["significant"] and best_tcav["p_adjusted"] < 0.01 and best_tcav["tcav_mean"] > 0.9
+    assert best_tcav["significant"] and best_tcav["p_adjusted"] < 0.05 and best_tcav["tcav_mean"] > 0.9
     assert f["sae"]["ruler_latents"] and f["sae"]["best_latent_ruler_fraction"] >= 0.75
     assert f["pointing_game"]["integrated_gradients / class square"] >= 0.5 > 10 * f["pointing_chance"] - 0.5
     assert f["shortcut_found"] and all(f["checks"].values())

@@ -137,7 +137,7 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
                                   exclude=np.concatenate([concept_ids, np.flatnonzero(test.labels == square)]))
     examples = ConceptSet.from_dataset("square", clean, np.flatnonzero(test.labels == square)[: int(tcfg.get("examples", 50))])
     report = run_tcav(loaded, layers=tcav_layers, concepts=[ruler], random_sets=randoms, examples=examples,
-                      targets=[square], alpha=0.01, seed=seed)
+                      targets=[square], alpha=0.05, seed=seed)
     report.to_csv(out / "tcav.csv")
     report.plot(out / "tcav.png")
     tcav_best = min(report.results, key=lambda r: r.p_adjusted)
@@ -239,7 +239,7 @@ def _write_report(out: Path, f: dict[str, Any], square: str, layer: str, tcav_be
 ## 2. Concept probe: TCAV of "ruler" for class {square}
 - Best layer {tcav_best.layer}: TCAV score {tcav_best.mean:.3f} vs random {tcav_best.random_mean:.3f},
   p = {tcav_best.p_value:.2g}, Bonferroni-corrected p = {tcav_best.p_adjusted:.2g}
-  ({'significant' if checks['tcav'] else 'not significant'} at 0.01; {tcav_best.row()['n_random']} random sets). Table: `tcav.csv`, plot: `tcav.png`.
+  ({'significant' if checks['tcav'] else 'not significant'} at 0.05, exchangeable test; {tcav_best.row()['n_random']} random sets). Table: `tcav.csv`, plot: `tcav.png`.
 
 ## 3. Discovered features: SAE on {layer} ({spatial[0]}x{spatial[1]} positions per image)
 - TopK SAE of width {sae['width']}: FVU {sae['fvu']:.3f}, mean L0 {sae['l0']:.1f}, dead {100 * sae['dead_fraction']:.1f}%.

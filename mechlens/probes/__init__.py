@@ -3,11 +3,16 @@ from mechlens.probes.cav import CAV, CAV_CLASSIFIERS, CAVNotFoundError, Constant
 from mechlens.probes.concepts import CAV_POOLINGS, ConceptSet, concept_activations, pool_activation, random_concept_sets
 from mechlens.probes.linear import CAVAlignment, LinearProbe, cav_sae_alignment, probe_store
 from mechlens.probes.tcav import (
+    TCAV_TESTS,
+    ExchangeableTest,
+    PairScores,
     RelativeTCAVResult,
     TCAVReport,
     TCAVResult,
     directional_derivatives,
+    exchangeable_test,
     finite_difference_derivative,
+    pair_scores,
     relative_tcav,
     run_tcav,
     target_gradients,
@@ -22,6 +27,11 @@ def feature_from_spec(rest: str):
 
 
 __all__ = [
+    "TCAV_TESTS",
+    "ExchangeableTest",
+    "PairScores",
+    "exchangeable_test",
+    "pair_scores",
     "CAV",
     "CAVAlignment",
     "CAVNotFoundError",

@@ -100,7 +100,7 @@ def test_shift_images_moves_content() -> None:
 
 
 # ---------------------------------------------------------------------------- randomization check
-def test_randomization_check_separates_methods_as_the_literature_says(shapes) -> None:
+def test_randomization_check_separates_methods_as_the_literature_says(shapes, record_figures) -> None:
     """Adebayo et al.: after re-initialising the top layers, the gradient's and Grad-CAM's maps
     decorrelate from the trained model's, Guided Backprop's do not."""
     model, data = shapes
@@ -114,12 +114,18 @@ def test_randomization_check_separates_methods_as_the_literature_says(shapes) ->
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())  # the model itself is untouched
     assert grad.spearman.shape == (3, 8) and grad.maps.shape == (3, 8, 64, 64)
     rho_grad, rho_cam, rho_guided = grad.mean_spearman(), cam.mean_spearman(), guided.mean_spearman()
-    assert (rho_grad.abs() < 0.35).all(), rho_grad         # measured: |rho| <= 0.21
-    assert (rho_cam < 0.4).all(), rho_cam                    # measured: <= 0.26
-    assert (rho_guided > 0.75).all(), rho_guided             # measured: >= 0.87 (it fails the check)
+    record_figures(rho_grad=rho_grad, rho_cam=rho_cam, rho_guided=rho_guided, ssim_guided=guided.mean_ssim(),
+                   ssim_cam=cam.mean_ssim(), rho_guided_cam=guided_cam.mean_spearman())
+    # Thresholds from 7 trained models (training seeds 0-4 at 1 thread, seeds 0-1 at 2 threads;
+    # benchmarks/validity_spread.py): |rho_grad| <= 0.31; rho_cam per layer <= 0.59 (after
+    # re-initialising only the head it can stay high), its mean over the 3 layers <= 0.33;
+    # rho_guided >= 0.86; guided Grad-CAM's mean exceeds Grad-CAM's by >= 0.35.
+    assert (rho_grad.abs() < 0.45).all(), rho_grad
+    assert (rho_cam < 0.75).all() and float(rho_cam.mean()) < 0.5, rho_cam
+    assert (rho_guided > 0.75).all(), rho_guided             # Guided Backprop fails the check
     assert (rho_guided - rho_grad > 0.5).all()
     assert (guided.mean_ssim() > cam.mean_ssim()).all()
-    assert (guided_cam.mean_spearman() > rho_cam + 0.3).all()  # measured 0.65-0.73: inherits the failure
+    assert float(guided_cam.mean_spearman().mean()) > float(rho_cam.mean()) + 0.15  # inherits the failure
     fig = plot_randomization(guided, image=x[0])
     assert len(fig.axes) == len(layers) + 2
 
@@ -143,7 +149,7 @@ def test_independent_randomization_on_a_copy() -> None:
 
 
 # ---------------------------------------------------------------------------- localisation, faithfulness
-def test_gradcam_of_square_points_at_the_ruler(shapes) -> None:
+def test_gradcam_of_square_points_at_the_ruler(shapes, record_figures) -> None:
     model, data = shapes
     idx = np.nonzero(data.has_artefact & (data.labels == SQUARE))[0][:64]
     assert len(idx) >= 32
@@ -151,17 +157,27 @@ def test_gradcam_of_square_points_at_the_ruler(shapes) -> None:
     ruler = data.artefact_masks(idx)
     cam = gradcam(model, x, SQUARE, layer="stage3")
     result = pointing_game(cam, ruler, tolerance=4)  # 4 px = a quarter of a stage3 cell
-    assert result.rate > 3 * result.chance_rate, (result.rate, result.chance_rate)  # measured 0.48 vs 0.09
-    # counterfactual twins: the same images with the ruler removed; the map no longer goes there
     clean = data.with_artefact(False).render(idx)
-    assert torch.equal(clean[~ruler.unsqueeze(1).expand_as(clean)], x[~ruler.unsqueeze(1).expand_as(x)])
     without = pointing_game(gradcam(model, clean, SQUARE, layer="stage3"), ruler, tolerance=4)
-    assert without.rate < result.rate / 2, (without.rate, result.rate)  # measured 0.02
-    assert localization_iou(cam, ruler).mean() > localization_iou(random_maps((len(idx), 64, 64)), ruler).mean()
-    assert pointing_game(saliency(model, x, SQUARE), ruler).rate > 0.7  # full-resolution map: measured 0.9
+    iou_cam = localization_iou(cam, ruler).mean()
+    iou_random = localization_iou(random_maps((len(idx), 64, 64)), ruler).mean()
+    saliency_rate = pointing_game(saliency(model, x, SQUARE), ruler).rate
+    record_figures(rate=result.rate, chance=result.chance_rate, without=without.rate, iou_cam=iou_cam,
+                   iou_random=iou_random, saliency_rate=saliency_rate)
+    # Over 7 trained models (training seeds 0-4, 1 and 2 threads) Grad-CAM at stage3 hits the ruler
+    # on 6%-80% of these images (chance 9%): how much of the square evidence it puts on the ruler
+    # varies with the training run, so a hit rate is not asserted. What held on every model:
+    # counterfactual twins (the same images with the ruler removed) get fewer hits (0-3%), the
+    # CAM overlaps the ruler more than random maps do (IoU 0.025-0.26 vs 0.018), and the
+    # full-resolution gradient points at the ruler on 64%-91% of the images.
+    assert torch.equal(clean[~ruler.unsqueeze(1).expand_as(clean)], x[~ruler.unsqueeze(1).expand_as(x)])
+    assert without.rate < result.rate, (without.rate, result.rate)
+    assert without.rate <= result.chance_rate, (without.rate, result.chance_rate)
+    assert iou_cam > iou_random
+    assert saliency_rate > 4 * result.chance_rate, (saliency_rate, result.chance_rate)  # 0.38 = 4x chance
 
 
-def test_deletion_auc_beats_a_random_map(shapes) -> None:
+def test_deletion_auc_beats_a_random_map(shapes, record_figures) -> None:
     model, data = shapes
     x = data.render(np.arange(12))
     with torch.no_grad():
@@ -171,7 +187,11 @@ def test_deletion_auc_beats_a_random_map(shapes) -> None:
     ig = integrated_gradients(model, x, predicted, n_steps=24)
     grad_auc = deletion_curve(model, x, predicted, grad, steps=10).mean_auc
     ig_auc = deletion_curve(model, x, predicted, ig, steps=10, baseline="zeros").mean_auc
-    assert grad_auc < random_auc and ig_auc < random_auc, (grad_auc, ig_auc, random_auc)
+    record_figures(grad_auc=grad_auc, ig_auc=ig_auc, random_auc=random_auc)
+    # Over 7 trained models (training seeds 0-4, 1 and 2 threads) IG's deletion AUC was below the
+    # random map's on every one (by 0.12-1.4) and below the raw gradient's (by 0.13-1.25); the raw
+    # gradient itself beat the random map on only 3 of 7, so it is not asserted.
+    assert ig_auc < random_auc and ig_auc < grad_auc, (grad_auc, ig_auc, random_auc)
     blur = deletion_curve(model, x[:4], predicted[:4], grad.heatmap()[:4], steps=4, baseline="blur")
     assert blur.baseline == "blur" and blur.scores.shape == (4, 5)
     assert plot_curves({"saliency": blur}).axes

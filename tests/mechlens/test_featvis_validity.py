@@ -78,34 +78,39 @@ def study(trained_shapes_model) -> Study:
     return Study(trained_shapes_model)
 
 
-def test_visualizations_beat_noise_and_the_mean_image(study: Study) -> None:
+def test_visualizations_beat_noise_and_the_mean_image(study: Study, record_figures) -> None:
     noise = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     target = study.result.target_values
     # the render reports the same values a fresh forward pass reads
     assert torch.allclose(target, study.values(study.result.images, study.features).diagonal(), atol=1e-4)
     over_noise = target / study.values(noise, study.features).amax(dim=0).clamp_min(1e-3)
     over_mean = target / study.values(study.mean_image, study.features)[0].clamp_min(1e-3)
-    # measured (seed 0): over the best of 8 noise images 2.4x-56x; over the mean image median
-    # ~20x, but 1.35x and 1.02x for two circle-like detectors that the blob-shaped mean image
-    # already excites at their class-mean level
-    assert bool((over_noise > 2.0).all()), over_noise
+    record_figures(over_noise=over_noise, over_mean=over_mean)
+    # Over 7 trained models (training seeds 0-4, 1 and 2 threads): the median channel's render
+    # beats the best of 8 noise images by 1.34x-31x, at least 15 of the 16 beat it at all (one
+    # channel of one model is dead: 0), the median beats the mean image by 4.8x-1000x and at least
+    # 14 of 16 by 1.5x (circle-like detectors are excited by the blob-shaped mean image already).
+    assert float(over_noise.median()) > 1.15, over_noise
+    assert int((over_noise > 1.0).sum()) >= len(target) - 2, over_noise
     assert float(over_mean.median()) > 3.0, over_mean
-    assert int((over_mean > 1.5).sum()) >= len(target) - 2, over_mean
-    assert float(over_mean.min()) > 0.9, over_mean
+    assert int((over_mean > 1.5).sum()) >= len(target) - 3, over_mean
 
 
-def test_batched_features_are_diagonal_dominant(study: Study) -> None:
+def test_batched_features_are_diagonal_dominant(study: Study, record_figures) -> None:
     k = len(study.selective)
     matrix = study.values(study.result.images[:k], study.features[:k])  # [image, feature]
+    record_figures(matrix=matrix)
     diagonal = matrix.diagonal()
     off = matrix.clone().fill_diagonal_(float("-inf"))
     assert bool((diagonal > off.amax(dim=0)).all()), matrix   # image i is the batch's best for feature i
     assert bool((diagonal > off.amax(dim=1)).all()), matrix   # feature i is image i's strongest
 
 
-def test_class_selective_channel_is_classified_as_its_class(study: Study) -> None:
+def test_class_selective_channel_is_classified_as_its_class(study: Study, record_figures) -> None:
     k = len(study.selective)
     probs = study.predict(study.result.images[:k])
+    record_figures(probs=probs, classes=study.preferred[study.selective],
+                   strongest=int(study.selectivity[study.selective].argmax()))
     predicted = probs.argmax(dim=1)
     classes = study.preferred[study.selective]
     assert torch.equal(classes, torch.arange(k))
@@ -114,13 +119,17 @@ def test_class_selective_channel_is_classified_as_its_class(study: Study) -> Non
     assert int((predicted == classes).sum()) >= k - 1, probs  # measured: all 5, confidences 0.9-1.0
 
 
-def test_negated_objective_suppresses_the_feature(study: Study) -> None:
+def test_negated_objective_suppresses_the_feature(study: Study, record_figures) -> None:
     k = len(study.selective)
     suppressed = render(study.loaded, -Objective.per_image(study.features[:k]), size=64, steps=32,
                         transforms=SMALL_TRANSFORMS, seed=0)
     assert suppressed.names[0].startswith("-channel:")
     values = suppressed.target_values
-    assert bool((values < 0.1 * study.result.target_values[:k]).all()), values
+    record_figures(suppressed=values, rendered=study.result.target_values[:k],
+                   dataset_mean=study.dataset_mean[study.selective])
+    # over 7 trained models (seeds 0-4, 1 and 2 threads) the suppressed value was at most 0.17x
+    # the rendered one and 0.53x the test set's mean
+    assert bool((values < 0.3 * study.result.target_values[:k]).all()), values
     assert bool((values < study.dataset_mean[study.selective]).all()), values  # below an average test image
     assert float(suppressed.losses[-1].sum()) < float(suppressed.losses[0].sum())
 
