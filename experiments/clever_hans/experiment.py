@@ -162,13 +162,12 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
     ids = np.flatnonzero(test.labels == square)[: int(acfg.get("images", 32))]
     images = with_ruler.render(ids)
     masks = with_ruler.artefact_masks(ids)
-    x = loaded.preprocessing.normalize(images)
     targets = {"class square": ClassLogit(square), f"SAE latent {best_latent}": SAELatent(layer, sae, best_latent, pooling=pooling)}
     pointing: dict[str, float] = {}
     maps_for_plot = {}
     for target_name, target in targets.items():
         for method, kwargs in (("gradcam", {"layer": layer}), ("integrated_gradients", {"n_steps": 32})):
-            maps = attribute(loaded.model, x, target, method=method, **kwargs)
+            maps = attribute(loaded, images, target, method=method, **kwargs)  # pixels in, black IG baseline
             pointing[f"{method} / {target_name}"] = float(pointing_game(maps, masks).rate)
             maps_for_plot[f"{method}\n{target_name}"] = maps
     fig = plot_methods(images, maps_for_plot, index=0)

@@ -31,12 +31,12 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
     loaded = classifier.loaded
     test = classifier.test_dataset()
     images = test.render(range(int(config.get("images", 8))))
-    x = loaded.preprocessing.normalize(images)
     results = {}
     for method in methods:
         kwargs = dict(config.get("method_kwargs", {}).get(method, {}))
-        check = randomization_check(loaded.model, x, None, method, mode="cascading",
-                                    layers=config.get("layers"), seed=int(config.get("seed", 0)), **kwargs)
+        # pixels in, the loaded model normalizes; the method's own keywords (its seed too) apart
+        check = randomization_check(loaded, images, None, method, mode="cascading",
+                                    layers=config.get("layers"), seed=int(config.get("seed", 0)), method_kwargs=kwargs)
         results[method] = check.to_dict()
         fig = plot_randomization(check, image=images, index=0)
         fig.savefig(figures[method], dpi=100)

@@ -32,16 +32,16 @@ def sae_visualizer(model: LoadedModel, sae: Any, *, size: int = 48, steps: int =
 
 def sae_attributor(model: LoadedModel, sae: Any, *, methods: dict[str, dict[str, Any]] | None = None
                    ) -> Callable[[int, torch.Tensor], dict[str, torch.Tensor]]:
-    """Attribution maps of an SAE latent on images in ``[0, 1]`` (normalised with the model's
-    preprocessing). ``methods``: display name -> ``(method, kwargs)``; default Grad-CAM at the
-    SAE's own layer."""
+    """Attribution maps of an SAE latent on images in ``[0, 1]`` (the loaded model normalizes them,
+    so maps and baselines are in pixel space). ``methods``: display name -> ``(method, kwargs)``;
+    default Grad-CAM at the SAE's own layer."""
     from mechlens.attribution import attribute
 
     chosen = methods or {"Grad-CAM": {"method": "gradcam", "layer": sae.config.layer}}
 
     def attribute_latent(latent: int, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = model.preprocessing.normalize(images.to(model.device))
-        return {name: attribute(model.model, x, _latent(sae, latent), **kwargs).heatmap()
+        x = images.to(model.device)
+        return {name: attribute(model, x, _latent(sae, latent), **kwargs).heatmap()
                 for name, kwargs in chosen.items()}
 
     return attribute_latent

@@ -187,7 +187,8 @@ def _layercam_weights(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (g.clamp(min=0) * a).sum(dim=1)
 
 
-@register_method("gradcam", kind="layer", family="cam", needs_layer=True, aliases=("grad_cam",))
+@register_method("gradcam", kind="layer", family="cam", needs_layer=True, aliases=("grad_cam",),
+                 randomization="mixed: maps keep rho 0.2-0.6 after re-initialising the head, by trained model")
 def gradcam(
     model: Any, inputs: torch.Tensor, target: Any = None, *, layer: str, relu: bool = True,
     internal_batch_size: int | None = None, layout: str = "auto", num_prefix_tokens: int | None = None,
@@ -198,7 +199,8 @@ def gradcam(
                          layout=layout, num_prefix_tokens=num_prefix_tokens, grid=grid)
 
 
-@register_method("gradcam_plusplus", kind="layer", family="cam", needs_layer=True, aliases=("gradcam++", "gradcampp"))
+@register_method("gradcam_plusplus", kind="layer", family="cam", needs_layer=True, aliases=("gradcam++", "gradcampp"),
+                 randomization="fails")
 def gradcam_plusplus(
     model: Any, inputs: torch.Tensor, target: Any = None, *, layer: str, relu: bool = True,
     internal_batch_size: int | None = None, layout: str = "auto", num_prefix_tokens: int | None = None,
@@ -209,7 +211,7 @@ def gradcam_plusplus(
                          layout=layout, num_prefix_tokens=num_prefix_tokens, grid=grid)
 
 
-@register_method("layercam", kind="layer", family="cam", needs_layer=True, aliases=("layer_cam",))
+@register_method("layercam", kind="layer", family="cam", needs_layer=True, aliases=("layer_cam",), randomization="fails")
 def layercam(
     model: Any, inputs: torch.Tensor, target: Any = None, *, layer: str, relu: bool = True,
     internal_batch_size: int | None = None, layout: str = "auto", num_prefix_tokens: int | None = None,
@@ -220,7 +222,8 @@ def layercam(
                          layout=layout, num_prefix_tokens=num_prefix_tokens, grid=grid)
 
 
-@register_method("scorecam", kind="layer", family="cam", needs_layer=True, multiplies_batch=True, aliases=("score_cam",))
+@register_method("scorecam", kind="layer", family="cam", needs_layer=True, multiplies_batch=True, aliases=("score_cam",),
+                 randomization="fails")
 def scorecam(
     model: Any, inputs: torch.Tensor, target: Any = None, *, layer: str, relu: bool = True,
     internal_batch_size: int | None = 64, layout: str = "auto", num_prefix_tokens: int | None = None,

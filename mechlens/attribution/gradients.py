@@ -50,7 +50,8 @@ def _result(name: str, amap: torch.Tensor, target: Target, values: torch.Tensor,
     )
 
 
-@register_method("saliency", kind="input", family="gradient", aliases=("gradient", "vanilla_gradient"))
+@register_method("saliency", kind="input", family="gradient", aliases=("gradient", "vanilla_gradient"),
+                 randomization="fails with abs=True (the default); passes with abs=False")
 def saliency(
     model: Any, inputs: torch.Tensor, target: Any = None, *, abs: bool = True, internal_batch_size: int | None = None,
 ) -> Attribution:

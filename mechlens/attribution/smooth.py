@@ -110,19 +110,21 @@ def noise_tunnel(
     )
 
 
-@register_method("smoothgrad", kind="input", family="smoothing", multiplies_batch=True, aliases=("noise_tunnel",))
+@register_method("smoothgrad", kind="input", family="smoothing", multiplies_batch=True, aliases=("noise_tunnel",),
+                 randomization="fails over saliency with abs=True (the default); passes with abs=False")
 def smoothgrad(model: Any, inputs: torch.Tensor, target: Any = None, *, base: str = "saliency", **kwargs: Any) -> Attribution:
     """SmoothGrad (Smilkov et al.): the base method's map averaged over noisy copies of the input."""
     return noise_tunnel(model, inputs, target, base=base, kind="smoothgrad", **kwargs)
 
 
-@register_method("smoothgrad_sq", kind="input", family="smoothing", multiplies_batch=True, aliases=("smoothgrad2",))
+@register_method("smoothgrad_sq", kind="input", family="smoothing", multiplies_batch=True, aliases=("smoothgrad2",),
+                 randomization="fails")
 def smoothgrad_sq(model: Any, inputs: torch.Tensor, target: Any = None, *, base: str = "saliency", **kwargs: Any) -> Attribution:
     """SmoothGrad²: the mean of the squared maps over noisy copies."""
     return noise_tunnel(model, inputs, target, base=base, kind="smoothgrad_sq", **kwargs)
 
 
-@register_method("vargrad", kind="input", family="smoothing", multiplies_batch=True)
+@register_method("vargrad", kind="input", family="smoothing", multiplies_batch=True, randomization="fails")
 def vargrad(model: Any, inputs: torch.Tensor, target: Any = None, *, base: str = "saliency", **kwargs: Any) -> Attribution:
     """VarGrad (Adebayo et al.): the variance of the maps over noisy copies."""
     return noise_tunnel(model, inputs, target, base=base, kind="vargrad", **kwargs)

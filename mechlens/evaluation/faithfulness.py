@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from mechlens.attribution.base import Attribution, chunk_ranges, eval_mode, resolve_target, unwrap_model
+from mechlens.attribution.base import Attribution, chunk_ranges, eval_mode, resolve_target, takes_pixels, unwrap_model
 from mechlens.attribution.baselines import make_baseline
 
 __all__ = [
@@ -86,6 +86,7 @@ class PerturbationCurve:
         }
 
 
+@takes_pixels
 def perturbation_curve(
     model: Any,
     inputs: torch.Tensor,
@@ -143,11 +144,13 @@ def perturbation_curve(
     return PerturbationCurve(mode=mode, baseline=name, fractions=fractions.cpu(), scores=scores.cpu(), auc=auc.cpu())
 
 
+@takes_pixels
 def deletion_curve(model: Any, inputs: torch.Tensor, target: Any, saliency: Attribution | torch.Tensor, **kwargs: Any) -> PerturbationCurve:
     """:func:`perturbation_curve` with ``mode="deletion"`` (lower AUC = more faithful)."""
     return perturbation_curve(model, inputs, target, saliency, mode="deletion", **kwargs)
 
 
+@takes_pixels
 def insertion_curve(model: Any, inputs: torch.Tensor, target: Any, saliency: Attribution | torch.Tensor, **kwargs: Any) -> PerturbationCurve:
     """:func:`perturbation_curve` with ``mode="insertion"`` (higher AUC = more faithful)."""
     return perturbation_curve(model, inputs, target, saliency, mode="insertion", **kwargs)
@@ -185,15 +188,25 @@ def _dilate(masks: torch.Tensor, tolerance: int) -> torch.Tensor:
     return grown.squeeze(1) > 0
 
 
+POINTING_TIES = ("fraction", "any", "first")
+
+
 @dataclass
 class PointingResult:
-    """``hits`` ``[B]``: the map's maximum fell inside the (dilated) mask; ``points`` ``[B, 2]``
-    the ``(y, x)`` of each maximum; ``chance`` ``[B]`` the hit probability of a uniformly random
-    point (the dilated mask's area fraction)."""
+    """``hits`` ``[B]`` (float): how much of the map's maximum fell inside the (dilated) mask —
+    with ``ties="fraction"`` the share of the tied maximal pixels inside it (the hit probability of
+    a maximum picked at random among the ties), else 0 or 1; ``points`` ``[B, 2]`` the ``(y, x)``
+    of the first maximum in raster order; ``ties`` ``[B]`` how many pixels share the maximum;
+    ``chance`` ``[B]`` the hit probability of a uniformly random point (the dilated mask's area
+    fraction). ``control_hits`` / ``control_rate``: the same game for the ``control`` maps (e.g. the
+    same images with the artefact removed), when given."""
 
     hits: torch.Tensor
     points: torch.Tensor
     chance: torch.Tensor
+    ties: torch.Tensor | None = None
+    control_hits: torch.Tensor | None = None
+    tie_rule: str = "fraction"
 
     @property
     def rate(self) -> float:
@@ -203,24 +216,59 @@ class PointingResult:
     def chance_rate(self) -> float:
         return float(self.chance.mean())
 
+    @property
+    def control_rate(self) -> float | None:
+        return None if self.control_hits is None else float(self.control_hits.float().mean())
 
-def pointing_game(saliency: Attribution | torch.Tensor, masks: Any, *, tolerance: int = 0) -> PointingResult:
+
+def pointing_game(saliency: Attribution | torch.Tensor, masks: Any, *, tolerance: int = 0, ties: str = "fraction",
+                  control: Attribution | torch.Tensor | None = None, tie_rtol: float = 1e-6) -> PointingResult:
     """Pointing game of maps against ground-truth ``masks`` ``[B, H, W]`` (maps resized to the
-    masks' size). A constant map has no maximum and counts as a miss."""
+    masks' size). A constant map has no maximum and counts as a miss.
+
+    ``ties``: the maxima of an upsampled CAM are plateaus, and taking the first one in raster
+    order favours the top-left of the image (a held-out study measured 48% hits against 23%
+    chance on images *without* the artefact). ``"fraction"`` (default) scores the share of the
+    tied maximal pixels (within ``tie_rtol`` of the maximum) inside the mask; ``"any"`` scores a
+    hit when any of them is inside (lenient: large plateaus hit more often); ``"first"`` is the
+    raster-order rule, kept for comparison. ``control``: maps of counterfactual images (the same
+    images without the evidence), scored against the same masks and reported beside the hits.
+    """
+    if ties not in POINTING_TIES:
+        raise ValueError(f"ties must be one of {', '.join(POINTING_TIES)}, got {ties!r}")
     masks_t = torch.as_tensor(masks)
     size = tuple(masks_t.shape[-2:])
     batch = saliency.map.shape[0] if isinstance(saliency, Attribution) else torch.as_tensor(saliency).shape[0]
     masks_t = _masks(masks_t, batch)
-    heat = _heatmap(saliency, size).cpu().float()
-    flat = heat.flatten(1)
+    grown = _dilate(masks_t.cpu(), tolerance)
+    hits, points, tied = _point(saliency, grown, size, ties, tie_rtol)
+    control_hits = None
+    if control is not None:
+        control_batch = control.map.shape[0] if isinstance(control, Attribution) else torch.as_tensor(control).shape[0]
+        if control_batch != batch:
+            raise ValueError(f"control has {control_batch} maps for {batch} maps: give one control per image")
+        control_hits, _, _ = _point(control, grown, size, ties, tie_rtol)
+    chance = grown.flatten(1).float().mean(dim=1)
+    return PointingResult(hits=hits, points=points, chance=chance, ties=tied, control_hits=control_hits,
+                          tie_rule=ties)
+
+
+def _point(saliency: Attribution | torch.Tensor, grown: torch.Tensor, size: tuple[int, int], ties: str,
+           tie_rtol: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    flat = _heatmap(saliency, size).cpu().float().flatten(1)
+    top = flat.amax(dim=1, keepdim=True)
+    maximal = flat >= top - tie_rtol * top.abs().clamp_min(1e-30)
     arg = flat.argmax(dim=1)
     points = torch.stack([arg // size[1], arg % size[1]], dim=1)
-    grown = _dilate(masks_t.cpu(), tolerance)
-    hits = grown.flatten(1).gather(1, arg.unsqueeze(1)).squeeze(1)
+    inside = grown.flatten(1)
+    if ties == "first":
+        hits = inside.gather(1, arg.unsqueeze(1)).squeeze(1).float()
+    elif ties == "any":
+        hits = (maximal & inside).any(dim=1).float()
+    else:
+        hits = (maximal & inside).sum(dim=1).float() / maximal.sum(dim=1).float()
     constant = flat.amax(dim=1) == flat.amin(dim=1)
-    hits = hits & ~constant
-    chance = grown.flatten(1).float().mean(dim=1)
-    return PointingResult(hits=hits, points=points, chance=chance)
+    return hits.masked_fill(constant, 0.0), points, maximal.sum(dim=1)
 
 
 def localization_iou(saliency: Attribution | torch.Tensor, masks: Any, *, fraction: float | None = None) -> torch.Tensor:

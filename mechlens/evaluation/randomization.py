@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from mechlens.attribution.base import Attribution, get_method, resolve_target, unwrap_model
+from mechlens.attribution.base import Attribution, get_method, resolve_target, takes_pixels, unwrap_model
 from mechlens.evaluation.similarity import spearman, ssim
 from mechlens.models.layers import get_module, resolve_layers
 
@@ -101,8 +101,15 @@ class RandomizationResult:
     absolute: bool = True
     extras: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def constant_maps(self) -> torch.Tensor:
+        """``[L]``: how many samples' maps were constant (before or after randomizing) at each step.
+        Their similarity is undefined, so the means leave them out; this says how many."""
+        return self.spearman.isnan().sum(dim=1)
+
     def mean_spearman(self) -> torch.Tensor:
-        """``[L]`` mean over samples (NaN where all maps were constant)."""
+        """``[L]`` mean over the samples whose maps are not constant (see :attr:`constant_maps`;
+        NaN where all were)."""
         return self.spearman.nanmean(dim=1)
 
     def mean_ssim(self) -> torch.Tensor:
@@ -113,9 +120,11 @@ class RandomizationResult:
             "method": self.method, "mode": self.mode, "absolute": self.absolute, "layers": list(self.layers),
             "spearman": [float(v) for v in self.mean_spearman()],
             "ssim": [float(v) for v in self.mean_ssim()],
+            "constant_maps": [int(v) for v in self.constant_maps], "samples": int(self.spearman.shape[1]),
         }
 
 
+@takes_pixels
 def randomization_check(
     model: Any,
     inputs: torch.Tensor,
@@ -127,14 +136,22 @@ def randomization_check(
     absolute: bool = False,
     seed: int = 0,
     keep_maps: bool = True,
-    **method_kwargs: Any,
+    method_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> RandomizationResult:
     """Run the model-parameter randomization test for ``method`` (see the module docstring).
     ``layers``: names / glob patterns, in the order to randomize (default
-    :func:`randomization_layers`, top first). ``method_kwargs`` go to the method (``layer=`` for
-    CAMs; a CAM's layer is looked up by name in each randomized copy)."""
+    :func:`randomization_layers`, top first). ``seed`` seeds the re-initialisation. Keyword
+    arguments of the method (``layer=`` for CAMs, looked up by name in each randomized copy) go in
+    ``method_kwargs`` or as extra keywords; a method's own ``seed`` (SmoothGrad's noise) only in
+    ``method_kwargs``. Samples whose maps are constant are counted in
+    :attr:`RandomizationResult.constant_maps`, not silently averaged away."""
     if mode not in ("cascading", "independent"):
         raise ValueError(f"mode must be 'cascading' or 'independent', got {mode!r}")
+    clash = set(kwargs) & set(method_kwargs or {})
+    if clash:
+        raise ValueError(f"{sorted(clash)} given both as keywords and in method_kwargs; give each once")
+    method_kwargs = {**kwargs, **(method_kwargs or {})}
     model = unwrap_model(model)
     info = get_method(method)
     order = randomization_layers(model) if layers is None else resolve_layers(model, layers)

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from mechlens.attribution.base import get_method, resolve_target, unwrap_model
+from mechlens.attribution.base import get_method, resolve_target, takes_pixels, unwrap_model
 from mechlens.evaluation.similarity import spearman
 
 __all__ = ["StabilityResult", "attribution_stability", "shift_images"]
@@ -53,6 +53,7 @@ class StabilityResult:
         }
 
 
+@takes_pixels
 def attribution_stability(
     model: Any,
     inputs: torch.Tensor,

@@ -78,9 +78,26 @@ def test_integrated_gradients_matches_captum(model, images, integration) -> None
     )
     ours = integrated_gradients(model, images, target, baseline=baseline, n_steps=24, integration=integration,
                                 internal_batch_size=20)
+    if integration == "riemann_trapezoid":
+        # Captum's trapezoid weights are 1/n (they sum to (n-1)/n); ours are 1/(n-1) and sum to 1
+        theirs = theirs * 24 / 23
+        delta = (theirs.sum(dim=(1, 2, 3)) - (ours.values - ours.extras["baseline_values"]).to(theirs.dtype))
     assert _rel(ours.map, theirs) < 1e-5
     # same convergence delta (sum of attributions minus f(x) - f(baseline))
     assert torch.allclose(ours.extras["convergence_delta"], delta.float(), atol=1e-4 * ours.values.abs().max().item())
+
+
+@pytest.mark.parametrize("integration", ["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right",
+                                         "riemann_middle"])
+def test_quadrature_weights_sum_to_one_so_linear_models_are_complete(integration) -> None:
+    from mechlens.attribution.base import quadrature
+
+    steps, alphas = quadrature(integration, 7)
+    assert abs(sum(steps) - 1.0) < 1e-12 and len(alphas) == 7
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2)).double()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    result = integrated_gradients(linear, x, 1, n_steps=7, integration=integration)
+    assert float(result.extras["completeness_error"].max()) < 1e-9  # trapezoid was off by 1/7
 
 
 def test_gradient_shap_matches_captum_with_the_same_draws(model, images) -> None:

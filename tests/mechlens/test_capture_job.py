@@ -345,3 +345,41 @@ def test_capture_overhead_benchmark_quick_prints_its_json_line():
     assert line["benchmark"] == "capture_overhead"
     assert line["figures"]["rows"] == {"layer3": 8 * 16, "layer4": 8 * 4}
     assert line["ratios"]["capture_vs_plain_time"] > 0
+
+
+def test_a_slow_machine_writes_the_same_store_and_trains_the_same_sae(tmp_path, tiny, shapes, monkeypatch):
+    """Segment boundaries come from the rows, not the clock: a capture on a machine whose clock runs
+    100 s per writer call (a very slow machine) writes the same bytes, so the same seed trains the
+    same SAE. (With the old 10 s time trigger the slow run committed after every batch.)"""
+    import activation_store.writer as writer_module
+    from mechlens.sae import TopKConfig, TrainConfig, train_sae
+
+    kwargs = dict(layers="stage2", spatial="all", dtype="float32", num_workers=0, progress=False, batch_size=4,
+                  chunk_bytes=4096, commit_every=writer_module.CommitPolicy(bytes=40_000))
+    capture_to_store(tiny, shapes, tmp_path / "fast", **kwargs)
+    clock = iter(range(0, 10**9, 100))
+    monkeypatch.setattr(writer_module.time, "monotonic", lambda: float(next(clock)))
+    capture_to_store(tiny, shapes, tmp_path / "slow", **kwargs)
+    monkeypatch.undo()
+
+    def contents(root: Path) -> dict[str, object]:
+        files = {}
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            relative = str(path.relative_to(root))
+            if path.name in ("store.json", "manifest.json"):  # equal but for their timestamps
+                data = json.loads(path.read_text())
+                data.pop("created", None), data.pop("updated", None)
+                files[relative] = data
+            else:
+                files[relative] = path.read_bytes()
+        return files
+
+    fast, slow = contents(tmp_path / "fast"), contents(tmp_path / "slow")
+    assert fast.keys() == slow.keys() and fast == slow
+    assert len(ActivationStore(tmp_path / "fast").info().shards[0].rows) and \
+        ActivationStore(tmp_path / "fast").info().shards[0].segments > 1  # several commits, at the same rows
+    train = TrainConfig(steps=20, batch_size=64, lr=3e-3, device="cpu", seed=3)
+    a, b = (train_sae(tmp_path / name, "stage2", TopKConfig(width=32, k=4), train, progress=False).sae
+            for name in ("fast", "slow"))
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
