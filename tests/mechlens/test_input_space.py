@@ -83,3 +83,15 @@ def test_capture_tcav_and_featvis_read_the_same_activations(setup, tmp_path):
     with torch.no_grad():
         again = feature_forward(reference, [Channel("net.stage2", 0)], result.images, grads=False).values[:, 0]
     torch.testing.assert_close(result.target_values, again, rtol=1e-4, atol=1e-5)
+
+
+def test_atlas_logit_effects_read_the_loaded_model_on_pixels(setup):
+    from mechlens.atlas.build import logit_effects
+
+    loaded, reference, x = setup
+    directions = torch.eye(16)[:3]  # three channels of stage1 (the gradient there depends on the input)
+    ours = logit_effects(loaded, "stage1", x, directions)
+    expected = logit_effects(reference, "net.stage1", x, directions)
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
+    bare = logit_effects(loaded.model, "stage1", x, directions)
+    assert not np.allclose(bare, ours)
