@@ -14,8 +14,26 @@ __all__ = ["ConfigKeyError", "config_schema", "experiments_root", "find_experime
 
 
 def experiments_root() -> Path:
-    """The ``experiments/`` directory of the mechlens checkout (next to the package)."""
-    return Path(__file__).resolve().parents[1] / "experiments"
+    """Where the bundled experiments live: the checkout's ``experiments/`` (next to the package,
+    an editable install), else the data files a wheel installs under
+    ``<prefix>/share/mechlens/experiments`` (see pyproject.toml)."""
+    checkout = Path(__file__).resolve().parents[1] / "experiments"
+    if checkout.is_dir():
+        return checkout
+    for base in _data_prefixes():
+        installed = base / "share" / "mechlens" / "experiments"
+        if installed.is_dir():
+            return installed
+    return checkout
+
+
+def _data_prefixes() -> list[Path]:
+    import site
+    import sys
+    import sysconfig
+
+    prefixes = [sysconfig.get_path("data"), sys.prefix, getattr(site, "getuserbase", lambda: None)()]
+    return [Path(p) for p in dict.fromkeys(p for p in prefixes if p)]
 
 
 def find_experiment(name: str | os.PathLike) -> Path:
@@ -28,7 +46,8 @@ def find_experiment(name: str | os.PathLike) -> Path:
     root = experiments_root()
     available = sorted(p.parent.name for p in root.glob("*/experiment.py")) if root.is_dir() else []
     raise FileNotFoundError(
-        f"no experiment at {name} (a directory with experiment.py); available: {', '.join(available) or 'none found'}"
+        f"no experiment at {name} (a directory with experiment.py); available in {root}: "
+        f"{', '.join(available) or 'none found'}"
     )
 
 

@@ -82,3 +82,29 @@ def test_config_overrides_and_unknown_experiments(tmp_path):
     from mechlens.cli import main
 
     assert main(["run", "no_such_experiment", "--out", str(tmp_path)]) == 2
+
+
+def test_every_experiment_ships_in_the_wheel_and_is_found_after_a_plain_install(tmp_path, monkeypatch):
+    """`pip install mechlens` (not editable) has no checkout: the experiments come as data files
+    (pyproject.toml [tool.setuptools.data-files]) and experiments_root() finds them there."""
+    import shutil
+    import tomllib
+
+    from mechlens import experiments as module
+
+    repo = Path(__file__).resolve().parents[1]
+    shipped = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    for directory in sorted(p.parent for p in (repo / "experiments").glob("*/experiment.py")):
+        patterns = shipped.get(f"share/mechlens/experiments/{directory.name}", [])
+        assert f"experiments/{directory.name}/*.py" in patterns and f"experiments/{directory.name}/*.json" in patterns
+    # an installed layout: no experiments/ next to the package, the data files under the prefix
+    fake_package = tmp_path / "site-packages" / "mechlens" / "experiments.py"
+    fake_package.parent.mkdir(parents=True)
+    prefix = tmp_path / "prefix"
+    shutil.copytree(repo / "experiments" / "sanity_cascade", prefix / "share" / "mechlens" / "experiments" / "sanity_cascade")
+    monkeypatch.setattr(module, "__file__", str(fake_package))
+    monkeypatch.setattr(module, "_data_prefixes", lambda: [prefix])
+    assert module.find_experiment("sanity_cascade") == prefix / "share" / "mechlens" / "experiments" / "sanity_cascade"
+    monkeypatch.setattr(module, "_data_prefixes", lambda: [tmp_path / "nowhere"])
+    with pytest.raises(FileNotFoundError, match="none found"):
+        module.find_experiment("sanity_cascade")
