@@ -46,8 +46,8 @@ def find_experiment(name: str | os.PathLike) -> Path:
     root = experiments_root()
     available = sorted(p.parent.name for p in root.glob("*/experiment.py")) if root.is_dir() else []
     raise FileNotFoundError(
-        f"no experiment at {name} (a directory with experiment.py); available in {root}: "
-        f"{', '.join(available) or 'none found'}"
+        f"no experiment at {name} (a directory with experiment.py); available: "
+        f"{', '.join(available) or 'none found'} (in {root})"
     )
 
 
