@@ -76,7 +76,7 @@ def capture_rows(path: Path, model: torch.nn.Module, dataset: SyntheticShapes, *
             images = dataset.render(ids)
             with torch.no_grad(), capture(model, [LAYER]) as cap:
                 model(images)
-            rows, spatial = as_position_rows(cap[LAYER])
+            rows, spatial = as_position_rows(cap[LAYER], "nchw")  # a conv stage of the shapes CNN
             b, p, c = rows.shape
             if writer is None:
                 meta = {"spatial": "all", "layout": "nchw", "spatial_shape": list(spatial)}

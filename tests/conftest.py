@@ -13,6 +13,7 @@ import json
 import os
 
 import pytest
+import torch
 
 # Validity thresholds must hold for any machine, not only for the model trained on the machine
 # the test was written on. CPUs differ in float results, and so do the trained weights; the
@@ -20,6 +21,16 @@ import pytest
 #   MECHLENS_TEST_SHAPES_SEED=3 MECHLENS_RECORD_FIGURES=figures.jsonl python -m pytest -p no:cacheprovider ...
 # (benchmarks/validity_spread.py runs that over several seeds and thread counts and prints the table).
 SHAPES_SEED = int(os.environ.get("MECHLENS_TEST_SHAPES_SEED", "0"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests: CI and dev machines are shared, and torch's
+    threads spin badly under contention (use ``pytestmark = pytest.mark.usefixtures(...)``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from torch import nn
 
 from activation_store.jsonutil import dumps as json_dumps
 from mechlens.capture.hooks import capture
-from mechlens.features.layout import as_position_rows
+from mechlens.features.layout import as_position_rows, infer_layouts
 from mechlens.models.loading import LoadedModel, Preprocessing
 
 __all__ = ["AtlasResult", "build_atlas", "logit_effects"]
@@ -79,13 +79,14 @@ def logit_effects(model: LoadedModel | nn.Module, layer: str, images: torch.Tens
     net.eval()
     try:
         x = _prepare(images, preprocessing, device)
+        layout = infer_layouts(net, [layer], x)[layer].layout
         with capture(net, layer, grads=True) as cap:
             logits = net(x)
         activation = cap[layer]
         grads = []
         for cls in range(logits.shape[1]):
             (g,) = torch.autograd.grad(logits[:, cls].sum(), activation, retain_graph=cls + 1 < logits.shape[1])
-            rows, _ = as_position_rows(g)
+            rows, _ = as_position_rows(g, layout)
             grads.append(rows.sum(dim=1).mean(dim=0))  # broadcast over positions, mean over images
         gradient = torch.stack(grads)  # [classes, C]
     finally:
@@ -271,12 +272,16 @@ def build_atlas(
     latent_index = torch.as_tensor(latents, device=device)
     images_u8: dict[int, np.ndarray] = {}
     bar = tqdm(total=len(wanted), desc="atlas exemplars", unit="img", disable=not progress)
+    recorded_layout = (view.spec.meta or {}).get("layout") or "auto"  # what the capture knew
     with capture(net, layer) as cap, torch.no_grad():
         for start in range(0, len(wanted), batch_size):
             ids = wanted[start:start + batch_size]
             images = _images(dataset, ids)
-            net(_prepare(images, preprocessing, device))
-            rows, spatial = as_position_rows(cap[layer].float())
+            x = _prepare(images, preprocessing, device)
+            if recorded_layout == "auto":
+                recorded_layout = infer_layouts(net, [layer], x)[layer].layout
+            net(x)
+            rows, spatial = as_position_rows(cap[layer].float(), recorded_layout)
             b, p, c = rows.shape
             z = sae.encode(rows.reshape(b * p, c))[:, latent_index].reshape(b, p, -1)
             for sid, zi, img in zip(ids, z.cpu().numpy(), images):

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mechlens.features import ClassLogit, Feature, FeatureForward, feature_forward, parse_feature
+from mechlens.features import ClassLogit, Feature, FeatureForward, as_feature, feature_forward
 
 __all__ = [
     "Attribution",
@@ -187,21 +187,6 @@ class Target:
         return self.pick(fwd.values), fwd
 
 
-def _as_feature(item: Any) -> Feature:
-    if isinstance(item, str):
-        return parse_feature(item)
-    if isinstance(item, bool):
-        raise TypeError("a target cannot be a bool")
-    if isinstance(item, int):
-        return ClassLogit(int(item))
-    if isinstance(item, Feature):
-        return item
-    raise TypeError(
-        f"cannot use {type(item).__name__} {item!r} as a target: expected a Feature, a feature spec "
-        "string such as 'class:3' or 'channel:stage3:5', or a class index"
-    )
-
-
 def resolve_target(model: nn.Module, inputs: torch.Tensor, target: Any = None) -> Target:
     """Turn any accepted ``target`` (see the module docstring) into a :class:`Target` for the
     ``B = inputs.shape[0]`` samples. ``None`` runs the model once to take each sample's argmax
@@ -238,14 +223,14 @@ def resolve_target(model: nn.Module, inputs: torch.Tensor, target: Any = None) -
         keys: dict[Any, int] = {}
         index = []
         for item in target:
-            feature = _as_feature(item)
+            feature = as_feature(item)
             key = ("class", feature.index, feature.normalize) if isinstance(feature, ClassLogit) else id(feature)
             if key not in keys:
                 keys[key] = len(features)
                 features.append(feature)
             index.append(keys[key])
         return Target(tuple(features), torch.tensor(index, dtype=torch.long))
-    feature = _as_feature(target)
+    feature = as_feature(target)
     return Target((feature,), torch.zeros(batch, dtype=torch.long))
 
 
@@ -624,6 +609,33 @@ def make_generator(device: torch.device, seed: int | None, generator: torch.Gene
     gen = torch.Generator(device=device)
     gen.manual_seed(0 if seed is None else int(seed))
     return gen
+
+
+def token_grid(model: nn.Module, what: str, tokens: int, prefix: int | None, grid: Any,
+                image_hw: tuple[int, int]) -> tuple[int, tuple[int, int]]:
+    """Prefix count and patch grid of a token layer: as given, else from the model, else the one
+    grid of ``tokens - prefix`` cells with the input's aspect ratio; never a guess."""
+    if prefix is None:
+        raise ValueError(
+            f"{what} is a token map of {tokens} tokens, but the model does not say how many of them are "
+            "CLS/register tokens; pass num_prefix_tokens= (0 when every token is a patch)"
+        )
+    patches = tokens - prefix
+    if grid is None:
+        size = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        if size is not None and int(size[0]) * int(size[1]) == patches:
+            grid = (int(size[0]), int(size[1]))
+    if grid is None:
+        height, width = image_hw
+        h = round((patches * height / width) ** 0.5) if patches > 0 else 0
+        if h > 0 and patches % h == 0 and h * width == (patches // h) * height:
+            grid = (h, patches // h)
+    if grid is None:
+        raise ValueError(
+            f"the {patches} patch tokens of {what} do not tile a {image_hw[0]}x{image_hw[1]} input; "
+            "pass grid=(h, w)"
+        )
+    return prefix, grid
 
 
 def isqrt_grid(tokens: int) -> tuple[int, int]:

@@ -29,12 +29,13 @@ from mechlens.attribution.base import (
     check_images,
     chunk_ranges,
     isqrt_grid,
+    token_grid,
     register_method,
     resolve_target,
     unwrap_model,
 )
 from mechlens.attribution.execution import inference_model, prefer_channels_last
-from mechlens.features.layout import resolve_layout
+from mechlens.features.layout import infer_layouts, resolve_layout
 
 __all__ = [
     "LayerMaps",
@@ -78,19 +79,6 @@ def to_grid(
     )
 
 
-def _token_defaults(model: nn.Module, activation: torch.Tensor, num_prefix_tokens: int | None, grid: Any) -> tuple[int, Any]:
-    if activation.dim() != 3:
-        return 0, grid
-    if num_prefix_tokens is None:
-        num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
-    if grid is None:
-        patch_embed = getattr(model, "patch_embed", None)
-        size = getattr(patch_embed, "grid_size", None)
-        if size is not None and int(size[0]) * int(size[1]) == activation.shape[1] - num_prefix_tokens:
-            grid = (int(size[0]), int(size[1]))
-    return num_prefix_tokens, grid
-
-
 class LayerMaps:
     """Activations ``A`` and gradients ``G`` (``[B, K, h, w]``) of the explained values at a layer,
     plus the values themselves."""
@@ -132,8 +120,11 @@ def layer_activations_and_gradients(
                     f"{layer!r} (a feature read before that layer, or a token layer after which only CLS reaches "
                     "the head): choose a layer between the input and the feature"
                 )
-    prefix, grid = _token_defaults(model, act, num_prefix_tokens, grid)
-    if grad is not None and act.dim() == 3 and prefix > 0 and not grad[:, prefix:].any() and grad[:, :prefix].any():
+    known = infer_layouts(model, [layer], inputs, layout=layout, num_prefix_tokens=num_prefix_tokens)[layer]
+    layout, prefix = known.layout, 0
+    if layout == "nlc":
+        prefix, grid = token_grid(model, f"layer {layer!r}", act.shape[1], known.num_prefix_tokens, grid, tuple(inputs.shape[-2:]))
+    if grad is not None and layout == "nlc" and prefix > 0 and not grad[:, prefix:].any() and grad[:, :prefix].any():
         raise ValueError(
             f"the gradient reaches only the prefix (CLS) tokens of layer {layer!r}, none of its patch tokens, so "
             "every CAM would be empty: after the last attention block only the CLS token feeds the head. Use an "

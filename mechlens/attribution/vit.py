@@ -24,7 +24,7 @@ from mechlens.attribution.base import (
     Attribution,
     check_images,
     eval_mode,
-    isqrt_grid,
+    token_grid,
     register_method,
     resolve_target,
     unwrap_model,
@@ -125,9 +125,9 @@ def attention_maps(model: Any, inputs: torch.Tensor, *, layers: str | Sequence[s
         )
     attentions = torch.stack([store[n] for n, _ in modules], dim=1)
     tokens = attentions.shape[-1]
-    prefix = int(getattr(model, "num_prefix_tokens", 0))
-    size = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    grid = (int(size[0]), int(size[1])) if size is not None and int(size[0]) * int(size[1]) == tokens - prefix else isqrt_grid(tokens - prefix)
+    declared = getattr(model, "num_prefix_tokens", None)
+    prefix, grid = token_grid(model, "the attention maps", tokens, declared if isinstance(declared, int) else None,
+                              None, tuple(inputs.shape[-2:]))
     return AttentionMaps([n for n, _ in modules], attentions, prefix, grid)
 
 

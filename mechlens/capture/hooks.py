@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from mechlens._context import inferring_layouts
 from mechlens.models.layers import get_module, resolve_layers
 
 __all__ = ["Capture", "LayerNotFiredError", "capture"]
@@ -67,6 +68,8 @@ class _OutputHook:
         self.name = name
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        if inferring_layouts():  # the layout probe's forward is not one of the user's
+            return None
         return self.capture._record(self.name, output)
 
 
@@ -77,7 +80,8 @@ class _ForwardStart:
         self.capture = capture
 
     def __call__(self, module: nn.Module, args: Any) -> None:
-        self.capture._new_forward()
+        if not inferring_layouts():
+            self.capture._new_forward()
 
 
 class Capture(Mapping[str, Any]):

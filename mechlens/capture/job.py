@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from activation_store import CommitPolicy, LayerSpec, Rows, StoreWriter
 from activation_store.errors import IncompatibleStoreError
 from mechlens.capture.hooks import LayerNotFiredError
 from mechlens.data.adapters import UnreadableImageError, build_dataset, check_nonempty
-from mechlens.features.layout import POOLINGS, as_position_rows, resolve_layout
+from mechlens.features.layout import POOLINGS, as_position_rows, check_cls_token, infer_layouts
 from mechlens.models.layers import get_module, resolve_layers
 from mechlens.models.loading import LoadedModel, Preprocessing
 
@@ -399,6 +399,8 @@ def capture_to_store(
     world_size: int | None = None,
     progress: bool = True,
     commit_every: CommitPolicy | str | float = CommitPolicy(),
+    layout: str | Mapping[str, str] | None = None,
+    num_prefix_tokens: int | None = None,
 ) -> CaptureResult:
     """Capture ``layers`` of ``model`` over ``data`` into the store at ``out`` (created or resumed).
 
@@ -415,7 +417,11 @@ def capture_to_store(
     ``"2000rows"``): a kill loses at most the rows since the last commit. ``nonfinite``:
     ``"error"`` (default) stops at a batch whose rows hold NaN or Inf in the stored dtype
     (earlier batches stay committed); ``"count"`` stores them and counts them in
-    ``result.nonfinite_rows`` (and the store's ``info()``).
+    ``result.nonfinite_rows`` (and the store's ``info()``). ``layout``: each layer's layout is
+    taken from the model (see :func:`mechlens.features.layout.infer_layouts`); pass ``"nchw"``,
+    ``"nhwc"``, ``"nlc"``, ... (or a per-layer mapping) where it cannot be, and
+    ``num_prefix_tokens`` for a token model that does not declare its CLS/register tokens. The
+    store records each layer's layout, prefix-token count and where the layout came from.
     """
     started = time.perf_counter()
     if spatial not in SPATIAL_MODES:
@@ -515,12 +521,13 @@ def capture_to_store(
                            files_resized=len(getattr(data, "resized", []) or []))
     writer: StoreWriter | None = None
     try:
+        probe = _collate([_IndexedSamples(data, [block.start if len(block) else 0], False)[0]])
+        known = infer_layouts(net, layer_names, prepare(probe.images), layout=layout, num_prefix_tokens=num_prefix_tokens)
         with taps:
             # A dry forward on one real sample: output shapes (the store's row widths), layers that
             # never fire, wrong input sizes, and whether the forward can be cut short.
-            probe = _collate([_IndexedSamples(data, [block.start if len(block) else 0], False)[0]])
             outputs = forward(probe.images)
-            layouts = {name: resolve_layout(out_) for name, out_ in outputs.items()}
+            layouts = {name: known[name].layout for name in outputs}
             taps.stop_early = all(count == 1 for count in taps.calls.values())
             result.early_stop = taps.stop_early
             specs = {}
@@ -528,9 +535,10 @@ def capture_to_store(
                 rows, shape = as_position_rows(activation, layouts[name])
                 if spatial == "random" and k > rows.shape[1]:
                     raise ValueError(f"k={k} random positions per image, but layer {name!r} has only {rows.shape[1]} positions")
-                if spatial == "cls" and layouts[name] != "nlc":
-                    raise ValueError(f"spatial='cls' needs token maps [B, T, D]; layer {name!r} has layout {layouts[name]}")
-                meta = {"spatial": spatial, "layout": layouts[name], "spatial_shape": list(shape)}
+                if spatial == "cls":
+                    check_cls_token(name, known[name])
+                meta = {"spatial": spatial, "layout": layouts[name], "spatial_shape": list(shape),
+                        "num_prefix_tokens": known[name].num_prefix_tokens, "layout_source": known[name].source}
                 if spatial == "random":
                     meta.update(k=int(k), seed=int(seed))
                 specs[name] = LayerSpec(dim=int(rows.shape[-1]), dtype=dtype, meta=meta)

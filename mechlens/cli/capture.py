@@ -53,6 +53,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "e.g. '5s', '2000rows', '256MB', '10s,512MiB' (default: %(default)s)")
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="store rows holding NaN/Inf and count them (default: stop at the first such batch)")
+    parser.add_argument("--layout", default=None, metavar="LAYOUT[,LAYER=LAYOUT...]",
+                        help="layout of layers the model does not describe (see `mechlens layers`: layout '?'): "
+                             "nchw, nhwc, nlc, ncl or nc, for all layers or per layer, e.g. 'blocks.3=nhwc'")
+    parser.add_argument("--num-prefix-tokens", type=int, default=None, metavar="N",
+                        help="CLS/register tokens at the start of token maps, for a model that does not declare them")
     parser.add_argument("--max-images", type=int, default=None, help="capture only the first N images")
     parser.add_argument("--seed", type=int, default=0, help="seed of --spatial random")
     parser.add_argument("--backend", choices=("zarr", "hdf5"), default="zarr")
@@ -70,6 +75,7 @@ def _terminate(signum: int, frame: Any) -> None:
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Handler of ``mechlens capture``; returns the exit code."""
     from mechlens.capture.job import capture_to_store
+    from mechlens.features.layout import parse_layout_option
     from mechlens.models import load_model
 
     out = out or sys.stdout
@@ -84,6 +90,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             max_images=args.max_images, seed=args.seed, backend=args.backend, compression=args.compression,
             progress=not args.no_progress, commit_every=args.commit_every,
             nonfinite="count" if args.allow_nonfinite else "error",
+            layout=parse_layout_option(args.layout), num_prefix_tokens=args.num_prefix_tokens,
         )
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -66,16 +66,26 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         f"{list(input_size)}, preprocessing: {loaded.preprocessing.source})",
         file=out,
     )
-    rows = [("name", "type", "output shape", "params")]
+    rows = [("name", "type", "output shape", "layout", "params")]
+    unknown = 0
     for info in infos:
         shape = format_shape(info.output_shape) if info.calls else "(did not run)"
         if info.calls > 1:
             shape += f"  x{info.calls} calls (last shown)"
-        rows.append((info.name, info.type, shape, f"{info.num_params:,}"))
-    widths = [max(len(r[k]) for r in rows) for k in range(3)]
+        layout = info.layout or ("?" if info.calls and isinstance(info.output_shape, tuple) else "")
+        unknown += layout == "?"
+        if info.layout == "nlc" and info.num_prefix_tokens:
+            layout += f"+{info.num_prefix_tokens}"  # CLS/register tokens first
+        rows.append((info.name, info.type, shape, layout, f"{info.num_params:,}"))
+    widths = [max(len(r[k]) for r in rows) for k in range(4)]
     for k, row in enumerate(rows):
-        print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]:>10}".rstrip(), file=out)
+        print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]:<{widths[3]}}  "
+              f"{row[4]:>10}".rstrip(), file=out)
         if k == 0:
-            print("-" * (sum(widths) + 16), file=out)
-    print(f"{len(infos)} layers (output shapes per sample, batch dimension omitted)", file=out)
+            print("-" * (sum(widths) + 18), file=out)
+    print(f"{len(infos)} layers (output shapes per sample, batch dimension omitted; layout nlc+N: N prefix tokens)",
+          file=out)
+    if unknown:
+        print(f"{unknown} layer(s) with layout '?': the model does not say it; pass --layout when you capture one",
+              file=out)
     return 0

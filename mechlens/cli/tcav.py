@@ -67,7 +67,7 @@ def _concept_arg(text: str) -> tuple[str, str]:
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Handler of ``mechlens tcav``; returns the exit code."""
     from activation_store.manifest import check_name
-    from mechlens.features import parse_feature
+    from mechlens.features import as_features
     from mechlens.models import load_model
     from mechlens.probes import ConceptSet, cav_file_stem, random_concept_sets, run_tcav, save_cavs
 
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     else:
         randoms = [ConceptSet.from_folder(f"random{i}", folder, image_size=size) for i, folder in enumerate(args.random)]
     examples = ConceptSet.from_folder("examples", args.examples, image_size=size)
-    targets = [parse_feature(spec) for spec in args.target]
+    targets = as_features(args.target)
     report = run_tcav(loaded, layers=args.layer, concepts=concepts, random_sets=randoms, examples=examples,
                       targets=targets, pooling=args.pooling, classifier=args.classifier, alpha=args.alpha,
                       score=args.score, min_accuracy=args.min_accuracy, seed=args.seed, test=args.test)

@@ -61,7 +61,7 @@ def _device(name: str | None) -> str:
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Handler of ``mechlens visualize``; returns the exit code."""
     from activation_store.jsonutil import dumps as json_dumps
-    from mechlens.features import parse_feature
+    from mechlens.features import as_features
     from mechlens.featvis import Objective, Regularizers, render, save_png
     from mechlens.featvis.render import image_filename
     from mechlens.models import load_model
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
-    features = [parse_feature(spec) for spec in args.feature]
+    features = as_features(args.feature)
     loaded = load_model(args.model, pretrained=args.pretrained, weights=args.weights, num_classes=args.num_classes,
                         device=_device(args.device))
     directory = Path(args.out)

@@ -1,7 +1,8 @@
 """Features: scalar readouts of a model's internals, the one idea every mechlens tool speaks.
 
 See :mod:`mechlens.features.base` for the protocol and kinds, :func:`feature_forward` for the
-shared forward pass, :func:`parse_feature` for spec strings and :mod:`mechlens.features.layout`
+shared forward pass, :func:`parse_feature` for spec strings (:func:`as_feature`: a spec string,
+a Feature or a class index -> a Feature, what every entry point applies) and :mod:`mechlens.features.layout`
 for how activations map onto ``[B, positions, channels]`` rows.
 """
 from mechlens.features.base import (
@@ -19,7 +20,7 @@ from mechlens.features.base import (
 )
 from mechlens.features.forward import FeatureForward, feature_forward
 from mechlens.features.layout import as_position_rows, pool_positions, positions_to_map, resolve_layout
-from mechlens.features.parse import FEATURE_KINDS, parse_feature, register_feature_kind
+from mechlens.features.parse import FEATURE_KINDS, SPEC_FORMS, as_feature, as_features, parse_feature, register_feature_kind
 
 __all__ = [
     "FEATURE_KINDS",
@@ -33,6 +34,9 @@ __all__ = [
     "LayerEnergy",
     "Neuron",
     "SAELatent",
+    "SPEC_FORMS",
+    "as_feature",
+    "as_features",
     "as_position_rows",
     "feature_forward",
     "feature_layers",

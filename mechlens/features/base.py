@@ -136,7 +136,7 @@ class Channel(_FeatureBase):
         return f"channel:{self.layer}:{self.index}"
 
     def readout(self, activation: torch.Tensor) -> torch.Tensor:
-        rows, spatial = as_position_rows(activation, self.layout)
+        rows, spatial = as_position_rows(activation, self.layout, layer=self.layer)
         _check_index(self.index, rows.shape[-1], "channel", self.layer)
         return positions_to_map(rows[..., self.index], spatial)
 
@@ -156,7 +156,7 @@ class Neuron(_FeatureBase):
         return f"neuron:{self.layer}:{self.index}:{','.join(map(str, self.position))}"
 
     def readout(self, activation: torch.Tensor) -> torch.Tensor:
-        rows, spatial = as_position_rows(activation, self.layout)
+        rows, spatial = as_position_rows(activation, self.layout, layer=self.layer)
         _check_index(self.index, rows.shape[-1], "channel", self.layer)
         if len(self.position) != len(spatial):
             raise ValueError(
@@ -190,13 +190,13 @@ class Direction(_FeatureBase):
         return f"{self.label}:{self.layer}"
 
     def readout(self, activation: torch.Tensor) -> torch.Tensor:
-        rows, spatial = as_position_rows(activation, self.layout)
+        rows, spatial = as_position_rows(activation, self.layout, layer=self.layer)
         vector = torch.as_tensor(self.vector).reshape(-1)
         if vector.numel() != rows.shape[-1]:
             raise ValueError(
                 f"direction has {vector.numel()} dimensions but layer {self.layer!r} has {rows.shape[-1]} channels"
             )
-        rows = pool_positions(rows, self.pooling)
+        rows = pool_positions(rows, self.pooling, layer=self.layer)
         projected = rows @ vector.to(device=rows.device, dtype=rows.dtype)
         return positions_to_map(projected, spatial if self.pooling == "all" else ())
 
@@ -229,8 +229,8 @@ class SAELatent(_FeatureBase):
         return f"sae:{self.source or self.layer}:{self.index}"
 
     def readout(self, activation: torch.Tensor) -> torch.Tensor:
-        rows, spatial = as_position_rows(activation, self.layout)
-        rows = pool_positions(rows, self.pooling)
+        rows, spatial = as_position_rows(activation, self.layout, layer=self.layer)
+        rows = pool_positions(rows, self.pooling, layer=self.layer)
         b, p, d = rows.shape
         latents = self.sae.encode(rows.reshape(b * p, d))
         _check_index(self.index, latents.shape[-1], "latent", self.layer)
@@ -250,7 +250,7 @@ class LayerEnergy(_FeatureBase):
         return f"layer:{self.layer}"
 
     def readout(self, activation: torch.Tensor) -> torch.Tensor:
-        rows, spatial = as_position_rows(activation, self.layout)
+        rows, spatial = as_position_rows(activation, self.layout, layer=self.layer)
         return positions_to_map(rows.pow(2).mean(dim=-1), spatial)
 
 

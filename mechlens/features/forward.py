@@ -9,6 +9,8 @@ from torch import nn
 
 from mechlens.capture.hooks import capture
 from mechlens.features.base import OUTPUT, Feature, _FeatureBase, feature_layers, reduce_map
+from mechlens.features.layout import infer_layouts, layout_scope
+from mechlens.features.parse import as_features
 from mechlens.models.layers import get_module
 
 __all__ = ["FeatureForward", "feature_forward"]
@@ -48,7 +50,7 @@ class FeatureForward:
 
 def feature_forward(
     model: nn.Module,
-    features: Feature | Sequence[Feature],
+    features: Feature | str | Sequence[Feature | str],
     inputs: torch.Tensor,
     *,
     grads: bool = True,
@@ -56,6 +58,7 @@ def feature_forward(
     stop_early: bool = False,
 ) -> FeatureForward:
     """Run ``model(inputs)`` and read ``features`` (and keep ``keep_layers``' activations).
+    ``features``: one or a list of Features, spec strings or class indices (:func:`as_feature`).
 
     ``grads=True`` keeps the activations on the autograd graph, so gradients of the feature
     values w.r.t. the input or any kept layer can be taken. ``stop_early=True`` aborts the forward
@@ -64,11 +67,24 @@ def feature_forward(
     """
     if not isinstance(model, nn.Module):
         model = getattr(model, "model", model)
-    feature_list = [features] if not isinstance(features, Sequence) else list(features)
+    feature_list = as_features(features)
     if not feature_list:
         raise ValueError("feature_forward needs at least one feature")
     layers = feature_layers(feature_list)
     hooked = [name for name in dict.fromkeys([*layers, *keep_layers]) if name != OUTPUT]
+    # Layouts from the model, never from the rank: features left at layout="auto" must have one
+    # (an ambiguous layer is an error here); kept layers get theirs where the model says it.
+    read_auto = [f.layer for f in feature_list if getattr(f, "layout", None) == "auto" and f.layer != OUTPUT]
+    known = infer_layouts(model, read_auto, inputs) if read_auto else {}
+    others = [name for name in hooked if name not in known]  # read by the caller, maybe not at all
+    if others:
+        known.update(infer_layouts(model, others, inputs, strict=False))
+    with layout_scope(known):
+        return _feature_forward(model, feature_list, inputs, layers, hooked, grads=grads, stop_early=stop_early)
+
+
+def _feature_forward(model: nn.Module, feature_list: list[Feature], inputs: torch.Tensor, layers: list[str],
+                     hooked: list[str], *, grads: bool, stop_early: bool) -> FeatureForward:
     stopper = None
     handles = []
     output = None

@@ -8,16 +8,22 @@
     sae:PATH:123                 latent 123 of the SAE saved at PATH (mechlens.sae)
     cav:PATH                     the CAV saved at PATH as a Direction (mechlens.probes)
 
+:func:`as_feature` is the one reader every entry point (attribution, TCAV, feature
+visualisation, evaluation, the CLI) applies to a feature or target argument: a Feature as it
+is, a spec string through :func:`parse_feature`, an ``int`` as a class logit. :func:`as_features`
+does the same for "one feature or a list of them".
+
 Kinds provided by other subpackages are imported lazily, so ``mechlens.features`` stays light.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+import numbers
+from typing import Any, Callable
 
 from mechlens.features.base import Channel, ClassLogit, Feature, LayerEnergy, Neuron
 
-__all__ = ["FEATURE_KINDS", "parse_feature", "register_feature_kind"]
+__all__ = ["FEATURE_KINDS", "SPEC_FORMS", "as_feature", "as_features", "parse_feature", "register_feature_kind"]
 
 _PARSERS: dict[str, Callable[[str], Feature]] = {}
 # kind -> "module:function" taking the text after "kind:"; imported on first use.
@@ -29,11 +35,11 @@ def register_feature_kind(kind: str, parser: Callable[[str], Feature]) -> None:
     _PARSERS[kind] = parser
 
 
-def _int(text: str, what: str, spec: str) -> int:
+def _int(text: str, what: str, spec: str, form: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"feature spec {spec!r}: {what} must be an integer, got {text!r}") from None
+        raise ValueError(f"feature spec {spec!r}: {what} must be an integer, got {text!r}; expected {form}") from None
 
 
 def _class(rest: str, spec: str) -> Feature:
@@ -44,22 +50,22 @@ def _class(rest: str, spec: str) -> Feature:
     if normalize not in (None, "log_softmax", "softmax"):
         raise ValueError(f"feature spec {spec!r}: unknown normalization {normalize!r}; expected class:INDEX, "
                          f"class:INDEX:log_softmax or class:INDEX:softmax")
-    return ClassLogit(_int(parts[0], "class index", spec), normalize=normalize)
+    return ClassLogit(_int(parts[0], "class index", spec, "class:INDEX"), normalize=normalize)
 
 
 def _channel(rest: str, spec: str) -> Feature:
     layer, sep, index = rest.rpartition(":")
     if not sep or not layer:
         raise ValueError(f"feature spec {spec!r}: expected channel:LAYER:INDEX")
-    return Channel(layer, _int(index, "channel index", spec))
+    return Channel(layer, _int(index, "channel index", spec, "channel:LAYER:INDEX"))
 
 
 def _neuron(rest: str, spec: str) -> Feature:
     parts = rest.split(":")
     if len(parts) != 3:
         raise ValueError(f"feature spec {spec!r}: expected neuron:LAYER:CHANNEL:Y,X (or :T for tokens)")
-    position = tuple(_int(p, "position", spec) for p in parts[2].split(","))
-    return Neuron(parts[0], _int(parts[1], "channel index", spec), position)
+    position = tuple(_int(p, "position", spec, "neuron:LAYER:CHANNEL:Y,X") for p in parts[2].split(","))
+    return Neuron(parts[0], _int(parts[1], "channel index", spec, "neuron:LAYER:CHANNEL:Y,X"), position)
 
 
 def _layer(rest: str, spec: str) -> Feature:
@@ -70,6 +76,8 @@ def _layer(rest: str, spec: str) -> Feature:
 
 _BUILTIN = {"class": _class, "channel": _channel, "neuron": _neuron, "layer": _layer}
 FEATURE_KINDS: tuple[str, ...] = (*_BUILTIN, *_LAZY)
+# the accepted forms, for error messages
+SPEC_FORMS = "class:INDEX, channel:LAYER:INDEX, neuron:LAYER:CHANNEL:Y,X, layer:LAYER, sae:PATH:INDEX, cav:PATH"
 
 
 def parse_feature(spec: str) -> Feature:
@@ -81,7 +89,7 @@ def parse_feature(spec: str) -> Feature:
         raise ValueError(f"feature spec {spec!r} contains control characters; expected e.g. class:3 or channel:layer4:17")
     kind, sep, rest = spec.partition(":")
     if not sep:
-        raise ValueError(f"feature spec {spec!r} has no kind; expected one of {', '.join(FEATURE_KINDS)} (e.g. class:3)")
+        raise ValueError(f"feature spec {spec!r} has no kind; expected one of {SPEC_FORMS}")
     if kind in _BUILTIN:
         return _BUILTIN[kind](rest, spec)
     if kind not in _PARSERS and kind in _LAZY:
@@ -93,4 +101,30 @@ def parse_feature(spec: str) -> Feature:
         _PARSERS[kind] = getattr(module, func)
     if kind in _PARSERS:
         return _PARSERS[kind](rest)
-    raise ValueError(f"unknown feature kind {kind!r} in {spec!r}; expected one of {', '.join(sorted({*FEATURE_KINDS, *_PARSERS}))}")
+    extra = "".join(f", {k}:..." for k in sorted(set(_PARSERS) - set(FEATURE_KINDS)))
+    raise ValueError(f"unknown feature kind {kind!r} in {spec!r}; expected one of {SPEC_FORMS}{extra}")
+
+
+def as_feature(spec: Any) -> Feature:
+    """The feature an entry point's ``feature`` / ``target`` argument names: a :class:`Feature`
+    as it is, a spec string (``"class:4"``, ``"channel:layer4:17"``, ...) through
+    :func:`parse_feature`, an integer as ``ClassLogit(index)``. A bad spec is a one-line
+    ``ValueError``; anything else a ``TypeError``."""
+    if isinstance(spec, str):
+        return parse_feature(spec)
+    if isinstance(spec, bool):
+        raise TypeError("a feature cannot be a bool; expected a Feature, a class index or a spec such as 'class:3'")
+    if isinstance(spec, numbers.Integral):  # int and numpy integers
+        return ClassLogit(int(spec))
+    if isinstance(spec, Feature):
+        return spec
+    raise TypeError(f"cannot use {type(spec).__name__} {spec!r} as a feature: expected a Feature, a class index "
+                    f"or a spec string ({SPEC_FORMS})")
+
+
+def as_features(specs: Any) -> list[Feature]:
+    """One feature (anything :func:`as_feature` takes) or a list / tuple of them -> a list of
+    Features, so ``"class:1"``, ``["class:1", "channel:layer4:3"]`` and Feature objects mix."""
+    if isinstance(specs, (list, tuple)):
+        return [as_feature(s) for s in specs]
+    return [as_feature(specs)]

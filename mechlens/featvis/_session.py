@@ -19,6 +19,7 @@ from torch import nn
 
 from mechlens.capture.hooks import capture
 from mechlens.features.base import OUTPUT
+from mechlens.features.layout import LayerLayout, infer_layouts, inferring_layouts, layout_scope
 from mechlens.models.layers import get_module
 
 __all__ = ["ModelSession", "model_device", "model_session", "resolve_model"]
@@ -95,7 +96,7 @@ class _StopHook:
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         stopper = self.stopper
-        if stopper.armed:
+        if stopper.armed and not inferring_layouts():
             stopper.fired.add(self.name)
             if stopper.fired >= stopper.needed:
                 raise _StopForward
@@ -113,10 +114,13 @@ class ModelSession:
         self.stopper = stopper
         self.auto = auto
         self.forwards = 0
+        self.layouts: dict[str, LayerLayout] = {}  # filled on the first forward; the session's layout scope
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.hooked and not self.needs_output:
             return {}  # the objective reads no activation (image penalties only): skip the model
+        if self.hooked and not self.layouts:
+            self.layouts.update(infer_layouts(self.module, self.hooked, x.detach(), strict=False))
         stopper = self.stopper
         if stopper is not None:
             stopper.reset()
@@ -167,7 +171,9 @@ def model_session(module: nn.Module, layers: Sequence[str], *, stop_early: bool 
             if stopper is not None:
                 for name in hooked:
                     handles.append(get_module(module, name).register_forward_hook(_StopHook(stopper, name)))
-            yield ModelSession(module, cap, hooked, needs_output, stopper, auto=stop_early is None)
+            session = ModelSession(module, cap, hooked, needs_output, stopper, auto=stop_early is None)
+            with layout_scope(session.layouts):
+                yield session
     finally:
         for handle in handles:
             handle.remove()

@@ -44,7 +44,7 @@ from mechlens.features.base import (
     reduce_map,
 )
 from mechlens.features.layout import as_position_rows, pool_positions, positions_to_map, resolve_layout
-from mechlens.features.parse import parse_feature
+from mechlens.features.parse import as_feature
 
 __all__ = [
     "BlurPenalty",
@@ -97,10 +97,8 @@ class Term:
 class FeatureTerm(Term):
     """Feature ``f`` on every image (``index=None``) or on image ``index`` only (others score 0)."""
 
-    def __init__(self, feature: Feature, index: int | None = None) -> None:
-        if not isinstance(feature, Feature):
-            raise TypeError(f"expected a mechlens Feature, got {type(feature).__name__}")
-        self.feature = feature
+    def __init__(self, feature: Feature | str, index: int | None = None) -> None:
+        self.feature = feature = as_feature(feature)
         self.index = None if index is None else int(index)
         if self.index is not None and self.index < 0:
             raise ValueError(f"batch index must be >= 0, got {index}")
@@ -129,13 +127,10 @@ class FeatureTerm(Term):
 class PerImageTerm(Term):
     """Image ``i`` scores ``features[i]``: the batched objective (see :func:`diagonal_values`)."""
 
-    def __init__(self, features: Sequence[Feature]) -> None:
-        self.features = [parse_feature(f) if isinstance(f, str) else f for f in features]
+    def __init__(self, features: Sequence[Feature | str]) -> None:
+        self.features = [as_feature(f) for f in features]
         if not self.features:
             raise ValueError("per_image needs at least one feature")
-        for f in self.features:
-            if not isinstance(f, Feature):
-                raise TypeError(f"expected mechlens Features, got {type(f).__name__}")
         self.layers = tuple(dict.fromkeys(f.layer for f in self.features))
         self.batch_size = len(self.features)
         self.min_batch = len(self.features)
@@ -168,7 +163,7 @@ class Diversity(Term):
         return f"diversity:{self.layer}"
 
     def __call__(self, activations: Mapping[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-        rows, _ = as_position_rows(activations[self.layer], self.layout)  # [B, P, C]
+        rows, _ = as_position_rows(activations[self.layer], self.layout, layer=self.layer)  # [B, P, C]
         b = rows.shape[0]
         grams = torch.matmul(rows.transpose(1, 2), rows).reshape(b, -1)  # [B, C*C]
         grams = F.normalize(grams, dim=1)
@@ -329,7 +324,7 @@ def _group_values(group: _Group, features: Sequence[Feature], act: torch.Tensor,
         return logits[ar, member_index()]
     if group.kind == "energy":
         return first.value(act[image_index] if subset else act)
-    layout = resolve_layout(act, first.layout)
+    layout = resolve_layout(act, first.layout, layer=group.layer)
     if group.kind == "channel" and layout == "nchw":
         _check_channels([f.index for f in members], act.shape[1], "channel", group.layer)
         maps = act[image_index, member_index()]  # [G, H, W]: a gather, no copy of the activation
@@ -343,7 +338,7 @@ def _group_values(group: _Group, features: Sequence[Feature], act: torch.Tensor,
         _check_channels([f.index for f in members], rows.shape[-1], "channel", group.layer)
         flat = group.indices(f"position{spatial}", lambda: [_flat_position(f, spatial) for f in members], device)
         return rows[image_index, flat, member_index()]
-    rows = pool_positions(rows[image_index] if subset else rows, first.pooling)  # [G, P', C]
+    rows = pool_positions(rows[image_index] if subset else rows, first.pooling, layer=group.layer)  # [G, P', C]
     out_spatial = spatial if first.pooling == "all" else ()
     if group.kind == "direction":
         key = ("vectors", device, rows.dtype)
@@ -383,7 +378,7 @@ class Objective:
         if terms is None:
             self.terms: tuple[tuple[float, Term], ...] = ()
         elif isinstance(terms, str):
-            self.terms = ((1.0, FeatureTerm(parse_feature(terms))),)
+            self.terms = ((1.0, FeatureTerm(terms)),)
         elif isinstance(terms, Term):
             self.terms = ((1.0, terms),)
         elif isinstance(terms, Feature):
@@ -540,7 +535,6 @@ def as_objective(obj: Any) -> Objective:
 
 
 def feature_objective(f: Feature | str, batch: int | None = None) -> Objective:
-    f = parse_feature(f) if isinstance(f, str) else f
     return Objective(FeatureTerm(f, batch))
 
 

@@ -146,13 +146,15 @@ def output_shape(output: Any) -> Shape:
 class LayerInfo:
     """One layer of a model: its name, module type, output shape during the dry forward (with the
     batch dimension; ``None`` if it never ran), how often it ran, and its parameter count
-    (including submodules)."""
+    (including submodules), and its layout as :func:`mechlens.features.infer_layouts` knows it."""
 
     name: str
     type: str
     output_shape: Shape
     calls: int
     num_params: int
+    layout: str = ""  # "nchw", "nhwc", "nlc", ... as the model states it; "" when it does not
+    num_prefix_tokens: int | None = None  # CLS/register tokens of a token map, where known
 
 
 def layer_shapes(
@@ -204,6 +206,10 @@ def layer_shapes(
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    from mechlens.features.layout import infer_layouts  # here: the features package imports this module
+
+    tensors = [name for name in names if isinstance(shapes.get(name), tuple) and all(isinstance(v, int) for v in shapes[name])]
+    known = infer_layouts(model, tensors, x, strict=False) if tensors else {}
     return [
         LayerInfo(
             name=name,
@@ -211,6 +217,8 @@ def layer_shapes(
             output_shape=shapes.get(name),
             calls=calls[name],
             num_params=sum(p.numel() for p in modules[name].parameters()),
+            layout=known[name].layout if name in known else "",
+            num_prefix_tokens=known[name].num_prefix_tokens if name in known else None,
         )
         for name in names
     ]

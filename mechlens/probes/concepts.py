@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from mechlens.capture.hooks import capture
 from mechlens.data.adapters import IMAGE_EXTENSIONS, ImageFolderDataset, _resize_batch, _to_chw_float
-from mechlens.features.layout import as_position_rows
+from mechlens.features.layout import as_position_rows, infer_layouts, layout_scope
 from mechlens.models.loading import LoadedModel, Preprocessing
 
 __all__ = ["CAV_POOLINGS", "ConceptSet", "concept_activations", "pool_activation", "random_concept_sets"]
@@ -144,11 +144,12 @@ class ConceptSet:
         return cls(name, activations=rows, pooling=pooling, layer=layer, source=source, _ids=("acts", digest))
 
 
-def pool_activation(activation: torch.Tensor, pooling: str) -> torch.Tensor:
-    """``[B, ...]`` layer output -> ``[B, d]`` vectors as a CAV sees them."""
+def pool_activation(activation: torch.Tensor, pooling: str, *, layer: str | None = None, layout: str = "auto") -> torch.Tensor:
+    """``[B, ...]`` layer output -> ``[B, d]`` vectors as a CAV sees them (the layout: as given,
+    else the one known for ``layer``; see :mod:`mechlens.features.layout`)."""
     if pooling == "flatten":
         return activation.reshape(activation.shape[0], -1)
-    rows, _ = as_position_rows(activation)
+    rows, _ = as_position_rows(activation, layout, layer=layer)
     if pooling == "mean":
         return rows.mean(dim=1)
     if pooling == "max":
@@ -201,10 +202,14 @@ def concept_activations(model: LoadedModel | nn.Module, concept: ConceptSet, lay
     net.eval()
     try:
         with capture(net, layers) as cap, torch.no_grad():
+            known: dict = {}
             for images in _batches(concept.dataset, batch_size):  # type: ignore[arg-type]
-                net(prepare_images(images, preprocessing, device))
-                for name in layers:
-                    out[name].append(pool_activation(cap[name].float(), pooling).cpu().numpy())
+                x = prepare_images(images, preprocessing, device)
+                known = known or (infer_layouts(net, layers, x) if pooling != "flatten" else {})
+                net(x)
+                with layout_scope(known):
+                    for name in layers:
+                        out[name].append(pool_activation(cap[name].float(), pooling, layer=name).cpu().numpy())
     finally:
         net.train(was_training)
     merged = {name: np.concatenate(parts) for name, parts in out.items()}

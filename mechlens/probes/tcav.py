@@ -42,9 +42,10 @@ import torch
 from torch import nn
 
 from activation_store.jsonutil import dumps as json_dumps
-from mechlens.features.base import ClassLogit, Feature
+from mechlens.features.base import Feature
 from mechlens.features.forward import feature_forward
-from mechlens.features.layout import as_position_rows, resolve_layout
+from mechlens.features.parse import as_feature, as_features
+from mechlens.features.layout import as_position_rows, infer_layouts, inferring_layouts, layout_scope, resolve_layout
 from mechlens.models.layers import get_module, resolve_layers
 from mechlens.models.loading import LoadedModel, Preprocessing
 from mechlens.probes.cav import CAV, train_cav
@@ -72,33 +73,21 @@ TCAV_TESTS = ("exchangeable", "rank", "ttest")
 CHANCE_LEVEL = 0.05  # one-sided binomial test of a CAV's held-out accuracy against 1/2
 
 
-def _as_feature(target: Feature | int | str) -> Feature:
-    if isinstance(target, str):  # the spec strings attribute() and the CLI take: "class:4", "channel:L:3"
-        from mechlens.features import parse_feature
-
-        return parse_feature(target)
-    if isinstance(target, (int, np.integer)):
-        return ClassLogit(int(target))
-    if not isinstance(target, Feature):
-        raise TypeError(f"a TCAV target is a Feature, a class index or a feature spec string, got {type(target).__name__}")
-    return target
-
-
 def _unwrap(model: LoadedModel | nn.Module, preprocessing: Preprocessing | None) -> tuple[nn.Module, Preprocessing | None]:
     if isinstance(model, LoadedModel):
         return model.model, preprocessing or model.preprocessing
     return model, preprocessing
 
 
-def _reduce_gradient(grad: torch.Tensor, pooling: str) -> torch.Tensor:
+def _reduce_gradient(grad: torch.Tensor, pooling: str, layer: str) -> torch.Tensor:
     if pooling == "flatten":
         return grad.reshape(grad.shape[0], -1)
-    rows, _ = as_position_rows(grad)
+    rows, _ = as_position_rows(grad, layer=layer)
     return rows.sum(dim=1)  # the CAV is added at every position
 
 
 def target_gradients(model: LoadedModel | nn.Module, layer: str | Sequence[str], examples: ConceptSet | torch.Tensor,
-                     target: Feature | int = 0, *, pooling: str = "mean", batch_size: int = 32,
+                     target: Feature | int | str = 0, *, pooling: str = "mean", batch_size: int = 32,
                      preprocessing: Preprocessing | None = None) -> np.ndarray | dict[str, np.ndarray]:
     """``[N, d]``: the gradient of ``target`` w.r.t. ``layer``'s activation for every example,
     reduced to the CAV's space (summed over positions, or flattened for ``pooling="flatten"``).
@@ -106,7 +95,7 @@ def target_gradients(model: LoadedModel | nn.Module, layer: str | Sequence[str],
     layers: a dict, from one backward pass per batch."""
     net, preprocessing = _unwrap(model, preprocessing)
     layers = [layer] if isinstance(layer, str) else list(layer)
-    feature = _as_feature(target)
+    feature = as_feature(target)
     device = next(net.parameters()).device
     if isinstance(examples, ConceptSet) and examples.dataset is None:
         raise ValueError(f"examples {examples.name!r} hold only activations; gradients need the images")
@@ -119,8 +108,9 @@ def target_gradients(model: LoadedModel | nn.Module, layer: str | Sequence[str],
             x = prepare_images(images, preprocessing, device).requires_grad_(True)
             result = feature_forward(net, feature, x, grads=True, keep_layers=layers)
             grads = torch.autograd.grad(result.values[:, 0].sum(), [result.activations[n] for n in layers])
-            for name, grad in zip(layers, grads):
-                out[name].append(_reduce_gradient(grad.float(), pooling).cpu().numpy())
+            with layout_scope(infer_layouts(net, layers, x) if pooling != "flatten" else {}):
+                for name, grad in zip(layers, grads):
+                    out[name].append(_reduce_gradient(grad.float(), pooling, name).cpu().numpy())
     finally:
         net.train(was_training)
     merged = {name: np.concatenate(parts) for name, parts in out.items()}
@@ -151,33 +141,38 @@ def tcav_scores(derivatives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class _AddDirection:
     """Forward hook adding ``scale * vector`` to a layer's output (at every position)."""
 
-    def __init__(self, vector: torch.Tensor, pooling: str) -> None:
+    def __init__(self, vector: torch.Tensor, pooling: str, layout: str = "auto") -> None:
         self.vector = vector
         self.pooling = pooling
+        self.layout = layout
         self.scale = 0.0
 
     def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if inferring_layouts():
+            return output
         v = self.vector.to(output.device, output.dtype)
         if self.pooling == "flatten":
             return output + self.scale * v.reshape(output.shape[1:])
-        layout = resolve_layout(output)
-        shape = {"nchw": (1, -1, 1, 1), "nhwc": (1, 1, 1, -1), "nlc": (1, 1, -1), "nc": (1, -1)}[layout]
+        layout = resolve_layout(output, self.layout)
+        shape = {"nchw": (1, -1, 1, 1), "nhwc": (1, 1, 1, -1), "nlc": (1, 1, -1), "ncl": (1, -1, 1), "nc": (1, -1)}[layout]
         return output + self.scale * v.reshape(shape)
 
 
 def finite_difference_derivative(model: LoadedModel | nn.Module, layer: str, images: torch.Tensor,
-                                 target: Feature | int, vector: np.ndarray | torch.Tensor, *, pooling: str = "mean",
+                                 target: Feature | int | str, vector: np.ndarray | torch.Tensor, *, pooling: str = "mean",
                                  eps: float = 1e-3, preprocessing: Preprocessing | None = None) -> np.ndarray:
     """``(f(a + eps v) - f(a - eps v)) / 2 eps`` per example: the check of :func:`target_gradients`."""
     net, preprocessing = _unwrap(model, preprocessing)
-    feature = _as_feature(target)
+    feature = as_feature(target)
     device = next(net.parameters()).device
-    hook = _AddDirection(torch.as_tensor(np.asarray(vector), dtype=torch.float64), pooling)
-    handle = get_module(net, resolve_layers(net, [layer])[0]).register_forward_hook(hook)
+    name = resolve_layers(net, [layer])[0]
+    x = prepare_images(images, preprocessing, device)
+    layout = infer_layouts(net, [name], x)[name].layout if pooling != "flatten" else "auto"
+    hook = _AddDirection(torch.as_tensor(np.asarray(vector), dtype=torch.float64), pooling, layout)
+    handle = get_module(net, name).register_forward_hook(hook)
     values = []
     try:
         with torch.no_grad():
-            x = prepare_images(images, preprocessing, device)
             for scale in (eps, -eps):
                 hook.scale = scale
                 values.append(feature_forward(net, feature, x, grads=False).values[:, 0].double())
@@ -560,7 +555,7 @@ def _pool_result(pool: PairScores, name: str, *, layer: str, target: str, score:
 
 
 def run_tcav(model: LoadedModel | nn.Module, *, layers: str | Sequence[str], concepts: Sequence[ConceptSet],
-             random_sets: Sequence[ConceptSet], examples: ConceptSet, targets: Sequence[Feature | int] | Feature | int = 0,
+             random_sets: Sequence[ConceptSet], examples: ConceptSet, targets: Sequence[Feature | int | str] | Feature | int | str = 0,
              pooling: str = "mean", classifier: str = "logistic", alpha: float = 0.05, score: str = "sign",
              min_accuracy: float = 0.7, cav_alpha: float = 0.01, batch_size: int = 32, seed: int = 0,
              baseline: str = "pairs", test: str = "exchangeable",
@@ -592,8 +587,7 @@ def run_tcav(model: LoadedModel | nn.Module, *, layers: str | Sequence[str], con
     layer_names = [layers] if isinstance(layers, str) else list(layers)
     for layer in layer_names:
         resolve_layers(net, [layer])  # an unknown layer fails here, with close names
-    target_list = [targets] if not isinstance(targets, (list, tuple)) else list(targets)
-    features = [_as_feature(t) for t in target_list]
+    features = as_features(targets)
     counterpart = random_sets[0] if baseline == "counterpart" else None
     randoms = list(random_sets[1:]) if baseline == "counterpart" else list(random_sets)
     num_tests = len(concepts) * len(layer_names) * len(features)
@@ -660,7 +654,7 @@ class RelativeTCAVResult:
 
 
 def relative_tcav(model: LoadedModel | nn.Module, *, layer: str, concept: ConceptSet, other: ConceptSet,
-                  examples: ConceptSet, target: Feature | int = 0, runs: int = 10, subsample: float = 0.8,
+                  examples: ConceptSet, target: Feature | int | str = 0, runs: int = 10, subsample: float = 0.8,
                   pooling: str = "mean", classifier: str = "logistic", batch_size: int = 32, seed: int = 0,
                   preprocessing: Preprocessing | None = None) -> RelativeTCAVResult:
     """Relative TCAV: ``runs`` CAVs of ``concept`` vs ``other`` on seeded subsamples of both sets."""
@@ -677,7 +671,7 @@ def relative_tcav(model: LoadedModel | nn.Module, *, layer: str, concept: Concep
         pick_b = rng.choice(len(b), max(2, int(len(b) * subsample)), replace=False)
         cavs.append(train_cav(a[pick_a], b[pick_b], concept=concept.name, negative=other.name, layer=layer,
                               pooling=pooling, classifier=classifier, seed=seed + run))
-    feature = _as_feature(target)
+    feature = as_feature(target)
     grads = target_gradients(net, layer, examples, feature, pooling=pooling, batch_size=batch_size,
                              preprocessing=preprocessing)
     sign, _ = tcav_scores(directional_derivatives(grads, cavs))

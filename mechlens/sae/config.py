@@ -28,7 +28,7 @@ __all__ = [
 
 B_DEC_INITS: tuple[str, ...] = ("mean", "geometric_median", "zeros")
 _POOLINGS = ("all", "mean", "max", "cls")
-_LAYOUTS = ("auto", "nchw", "nhwc", "nlc", "nc")
+_LAYOUTS = ("auto", "nchw", "nhwc", "nlc", "ncl", "nc")
 
 # arch name -> config class, filled by the subclasses below (and by register_sae for new ones)
 _CONFIG_CLASSES: dict[str, type["SAEConfig"]] = {}

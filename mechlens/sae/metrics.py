@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mechlens.features.layout import as_position_rows, resolve_layout
+from mechlens.features.layout import as_position_rows, current_layouts, infer_layouts, inferring_layouts, resolve_layout
 from mechlens.sae.data import as_row_batch, check_finite
 from mechlens.sae.modules import SAE
 
@@ -174,6 +174,8 @@ def _rows_back(rows: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Ten
     """Inverse of :func:`as_position_rows`: ``[B, P, C]`` rows to the layer's own layout, in the
     memory format of ``like`` (a channels-last view handed to the next conv would make it take
     another kernel, and the spliced run would differ from the clean one by round-off)."""
+    if layout == "ncl":
+        return rows.transpose(1, 2).reshape(like.shape)
     if layout != "nchw":
         return rows.reshape(like.shape)
     b, c, h, w = like.shape
@@ -188,14 +190,32 @@ def _rows_back(rows: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Ten
 class _SpliceHook:
     """Forward hook replacing a layer's output by ``replace(rows)`` position by position."""
 
-    def __init__(self, replace: Callable[[torch.Tensor], torch.Tensor], layout: str, pooling: str, layer: str):
+    def __init__(self, replace: Callable[[torch.Tensor], torch.Tensor], layout: str, pooling: str, layer: str,
+                 model: nn.Module | None = None):
         self.replace, self.layout, self.pooling, self.layer = replace, layout, pooling, layer
+        self.model = model
+        self.inputs: torch.Tensor | None = None  # the model's latest input (for the layout probe)
         self.calls = 0
+
+    def remember_inputs(self, module: nn.Module, args: Any) -> None:
+        if not inferring_layouts() and args and isinstance(args[0], torch.Tensor):
+            self.inputs = args[0]
+
+    def _layout_of(self, output: torch.Tensor) -> str:
+        """The recorded layout, else the one known in scope, else the model's (probed once)."""
+        if self.layout != "auto" or output.dim() == 2 or self.layer in current_layouts():
+            return resolve_layout(output, self.layout, layer=self.layer)
+        if self.model is None or self.inputs is None:
+            return resolve_layout(output, self.layout, layer=self.layer)  # raises: nothing to ask
+        self.layout = infer_layouts(self.model, [self.layer], self.inputs.detach())[self.layer].layout
+        return resolve_layout(output, self.layout, layer=self.layer)
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> torch.Tensor:
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"layer {self.layer!r} returns a {type(output).__name__}; splicing needs a tensor output")
-        layout = resolve_layout(output, self.layout)
+        if inferring_layouts():  # mechlens' layout probe: the layer's own output tells its layout
+            return output
+        layout = self._layout_of(output)
         rows, spatial = as_position_rows(output, layout)
         b, p, c = rows.shape
         if self.pooling != "all" and p > 1:
@@ -226,18 +246,20 @@ class splice_sae:
         if not self.layer:
             raise ValueError("the SAE does not record the layer it was trained on; pass layer=")
         self.module = get_module(model, self.layer)
+        self.model = model
         self.hook = _SpliceHook(replace or sae.reconstruct, layout or sae.config.layout, pooling or sae.config.pooling,
-                                self.layer)
-        self.handle = None
+                                self.layer, model)
+        self.handles: list[Any] = []
 
     def __enter__(self) -> "_SpliceHook":
-        self.handle = self.module.register_forward_hook(self.hook)
+        self.handles = [self.model.register_forward_pre_hook(self.hook.remember_inputs),
+                        self.module.register_forward_hook(self.hook)]
         return self.hook
 
     def __exit__(self, *exc: Any) -> bool:
-        if self.handle is not None:
-            self.handle.remove()
-            self.handle = None
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
         return False
 
 

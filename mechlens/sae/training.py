@@ -538,7 +538,7 @@ def _layer_context(view: Any) -> dict[str, str]:
     spatial = meta.get("spatial")
     if spatial in _POOLING_OF_SPATIAL:
         context["pooling"] = _POOLING_OF_SPATIAL[spatial]
-    if meta.get("layout") in ("nchw", "nhwc", "nlc", "nc"):
+    if meta.get("layout") in ("nchw", "nhwc", "nlc", "ncl", "nc"):
         context["layout"] = meta["layout"]
     return context
 

@@ -17,6 +17,7 @@ from mechlens.features import (
     feature_forward,
     parse_feature,
 )
+from mechlens.features.layout import AmbiguousLayoutError
 from mechlens.models import small_cnn
 
 
@@ -28,7 +29,9 @@ def model() -> nn.Module:
 
 def test_layouts_agree_on_rows() -> None:
     act = torch.randn(2, 3, 4, 5)
-    rows, spatial = as_position_rows(act)
+    with pytest.raises(AmbiguousLayoutError, match="layout='nchw'"):
+        as_position_rows(act)  # a 4-d tensor alone does not say where its channels are
+    rows, spatial = as_position_rows(act, "nchw")
     assert spatial == (4, 5) and rows.shape == (2, 20, 3)
     # position y*W+x holds the channel vector at (y, x)
     assert torch.equal(rows[1, 2 * 5 + 3], act[1, :, 2, 3])
@@ -40,19 +43,19 @@ def test_layouts_agree_on_rows() -> None:
 
 def test_kinds_read_the_right_numbers() -> None:
     act = torch.randn(2, 6, 3, 3)
-    assert torch.equal(Channel("l", 4).readout(act), act[:, 4])
-    assert torch.allclose(Channel("l", 4).value(act), act[:, 4].mean(dim=(1, 2)))
-    assert torch.equal(Neuron("l", 4, (1, 2)).value(act), act[:, 4, 1, 2])
+    assert torch.equal(Channel("l", 4, layout="nchw").readout(act), act[:, 4])
+    assert torch.allclose(Channel("l", 4, layout="nchw").value(act), act[:, 4].mean(dim=(1, 2)))
+    assert torch.equal(Neuron("l", 4, (1, 2), layout="nchw").value(act), act[:, 4, 1, 2])
     v = torch.randn(6)
-    assert torch.allclose(Direction("l", v).readout(act), torch.einsum("bchw,c->bhw", act, v), atol=1e-6)
-    assert torch.allclose(LayerEnergy("l").value(act), act.pow(2).mean(dim=(1, 2, 3)), atol=1e-6)
+    assert torch.allclose(Direction("l", v, layout="nchw").readout(act), torch.einsum("bchw,c->bhw", act, v), atol=1e-6)
+    assert torch.allclose(LayerEnergy("l", layout="nchw").value(act), act.pow(2).mean(dim=(1, 2, 3)), atol=1e-6)
     logits = torch.randn(3, 5)
     assert torch.equal(ClassLogit(2).value(logits), logits[:, 2])
     assert torch.allclose(ClassLogit(2, "log_softmax").value(logits), logits.log_softmax(1)[:, 2])
     with pytest.raises(IndexError, match="class index 7 is out of range"):
         ClassLogit(7).value(logits)
     with pytest.raises(IndexError, match="channel index 6"):
-        Channel("l", 6).readout(act)
+        Channel("l", 6, layout="nchw").readout(act)
 
 
 class _LinearEncoder:
@@ -66,10 +69,10 @@ class _LinearEncoder:
 def test_sae_latent_encodes_every_position() -> None:
     act = torch.randn(2, 6, 3, 3)
     weight = torch.randn(6, 10)
-    latent = SAELatent("l", _LinearEncoder(weight), 7)
+    latent = SAELatent("l", _LinearEncoder(weight), 7, layout="nchw")
     expected = torch.relu(torch.einsum("bchw,ck->bhwk", act, weight))[..., 7]
     assert torch.allclose(latent.readout(act), expected, atol=1e-5)
-    pooled = SAELatent("l", _LinearEncoder(weight), 7, pooling="mean")
+    pooled = SAELatent("l", _LinearEncoder(weight), 7, pooling="mean", layout="nchw")
     assert torch.allclose(pooled.value(act), torch.relu(act.mean(dim=(2, 3)) @ weight)[:, 7], atol=1e-5)
     assert isinstance(latent, Feature)
 

@@ -38,16 +38,19 @@ from mechlens.featvis import (
     total_variation,
 )
 from mechlens.featvis.objectives import blur
+from mechlens.features.layout import LayerLayout, layout_scope
+
+
+@pytest.fixture(autouse=True)
+def _synthetic_layers_are_conv_maps():
+    """Tests that evaluate objectives on hand-made activation dicts (layers "l", "a", "b") say
+    what an entry point with the model would know: those maps are [B, C, H, W] ("t": tokens)."""
+    with layout_scope({**{name: LayerLayout("nchw") for name in ("l", "a", "b")}, "t": LayerLayout("nlc", 0)}):
+        yield
 from mechlens.models import load_model, small_cnn
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machines are shared: torch's intra-op threads spin badly under contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

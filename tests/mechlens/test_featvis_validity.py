@@ -30,12 +30,7 @@ from mechlens.featvis.deepdream import _Tiler, tile_positions
 SMALL_TRANSFORMS = [Pad(4), Jitter(4), RandomScale([0.9, 0.95, 1.0, 1.05, 1.1]), RandomRotate(range(-10, 11)), Jitter(2)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Study:

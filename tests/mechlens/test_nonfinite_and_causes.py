@@ -26,12 +26,7 @@ from mechlens.data import SyntheticShapes
 from mechlens.models import load_model, save_weights
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def strict_loads(text: str):

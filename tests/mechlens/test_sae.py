@@ -481,7 +481,7 @@ def test_spliced_sae_trained_on_the_layer_recovers_most_of_the_loss(trained_shap
     ids = np.arange(600)
     with torch.no_grad(), capture(model, ["stage3"]) as cap:
         model(images.render(ids))
-    rows, _ = as_position_rows(cap["stage3"])
+    rows, _ = as_position_rows(cap["stage3"], "nchw")
     b, p, c = rows.shape
     store = write_store(tmp_path / "s", rows.reshape(b * p, c).numpy(), layer="stage3", rows_per_sample=p,
                         meta={"spatial": "all", "layout": "nchw", "spatial_shape": [4, 4]})

@@ -38,7 +38,7 @@ def tiny_store(tmp_path_factory):
     data = SyntheticShapes(SyntheticShapesConfig(num_samples=48, image_size=32, seed=0))
     with torch.no_grad(), capture(model, ["stage1"]) as cap:
         model(data.render(np.arange(48)))
-    rows, spatial = as_position_rows(cap["stage1"])
+    rows, spatial = as_position_rows(cap["stage1"], "nchw")
     b, p, c = rows.shape
     meta = {"spatial": "all", "layout": "nchw", "spatial_shape": list(spatial)}
     with StoreWriter(root / "store", model="mechlens:small_cnn", layers={"stage1": LayerSpec(c, "float16", meta=meta)}) as w:

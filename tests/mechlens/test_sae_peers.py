@@ -53,7 +53,7 @@ def cnn_store(tmp_path_factory):
     images = SyntheticShapes(SyntheticShapesConfig(num_samples=300, image_size=64, seed=0))
     with torch.no_grad(), capture(model, ["stage2"]) as cap:
         model(images.render(np.arange(300)))
-    rows, _ = as_position_rows(cap["stage2"])
+    rows, _ = as_position_rows(cap["stage2"], "nchw")
     b, p, c = rows.shape
     path = tmp_path_factory.mktemp("peers") / "store"
     with StoreWriter(path, model="mechlens:small_cnn", layers={"stage2": LayerSpec(c, "float32", chunk_rows=2048)}) as w:
