@@ -19,10 +19,20 @@ from mechlens.features.base import (
     reduce_map,
 )
 from mechlens.features.forward import FeatureForward, feature_forward
-from mechlens.features.layout import as_position_rows, pool_positions, positions_to_map, resolve_layout
+from mechlens.features.layout import (
+    AmbiguousLayoutError,
+    LayerLayout,
+    as_position_rows,
+    infer_layouts,
+    layout_scope,
+    pool_positions,
+    positions_to_map,
+    resolve_layout,
+)
 from mechlens.features.parse import FEATURE_KINDS, SPEC_FORMS, as_feature, as_features, parse_feature, register_feature_kind
 
 __all__ = [
+    "AmbiguousLayoutError",
     "FEATURE_KINDS",
     "OUTPUT",
     "Channel",
@@ -31,6 +41,7 @@ __all__ = [
     "Feature",
     "FeatureForward",
     "LatentEncoder",
+    "LayerLayout",
     "LayerEnergy",
     "Neuron",
     "SAELatent",
@@ -40,6 +51,8 @@ __all__ = [
     "as_position_rows",
     "feature_forward",
     "feature_layers",
+    "infer_layouts",
+    "layout_scope",
     "parse_feature",
     "pool_positions",
     "positions_to_map",

@@ -108,7 +108,8 @@ def _feature_forward(model: nn.Module, feature_list: list[Feature], inputs: torc
         if not isinstance(output, torch.Tensor):
             raise TypeError(
                 f"the model output is a {type(output).__name__}, not a logits tensor; a feature on the "
-                "output needs model(x) to return [B, classes]"
+                "output needs model(x) to return [B, classes]: say which output that is with "
+                    "mechlens.models.select_output(model, 'logits' | KEY | INDEX)"
             )
         activations[OUTPUT] = output
     readouts = [feature.readout(activations[feature.layer]) for feature in feature_list]

@@ -22,7 +22,18 @@ from mechlens.features.base import OUTPUT
 from mechlens.features.layout import LayerLayout, infer_layouts, inferring_layouts, layout_scope
 from mechlens.models.layers import get_module
 
-__all__ = ["ModelSession", "model_device", "model_session", "resolve_model"]
+__all__ = ["ModelSession", "declared_input_size", "model_device", "model_session", "resolve_model"]
+
+
+def declared_input_size(module: nn.Module) -> tuple[int, int] | None:
+    """The one input size ``(H, W)`` a model says it takes, or ``None`` when it does not say."""
+    embed = getattr(module, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if size is not None and getattr(embed, "strict_img_size", False) and not getattr(module, "dynamic_img_size", False):
+        return (int(size[0]), int(size[1])) if not isinstance(size, int) else (size, size)
+    if type(module).__name__ == "VisionTransformer" and isinstance(getattr(module, "image_size", None), int):
+        return (module.image_size, module.image_size)  # torchvision's ViT asserts this size
+    return None
 
 Normalize = Callable[[torch.Tensor], torch.Tensor]
 
@@ -140,7 +151,8 @@ class ModelSession:
             if not isinstance(output, torch.Tensor):
                 raise TypeError(
                     f"the model output is a {type(output).__name__}, not a logits tensor; a feature on the "
-                    "output needs model(x) to return [B, classes]"
+                    "output needs model(x) to return [B, classes]: say which output that is with "
+                    "mechlens.models.select_output(model, 'logits' | KEY | INDEX)"
                 )
             activations[OUTPUT] = output
         return activations

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from activation_store.jsonutil import dumps as json_dumps
-from mechlens.featvis._session import model_device, model_dtype, model_session, resolve_model
+from mechlens.featvis._session import declared_input_size, model_device, model_dtype, model_session, resolve_model
 from mechlens.featvis.objectives import Objective, as_objective, blur, l2, total_variation
 from mechlens.featvis.param import ImageParam, make_param
 from mechlens.featvis.transforms import as_transform
@@ -176,6 +176,7 @@ def render(
     thresholds: Sequence[int] = (),
     callback: Callback | None = None,
     stop_early: bool | None = None,
+    input_size: tuple[int, int] | None = None,
 ) -> RenderResult:
     """Maximize ``objective`` over images (see the module docstring).
 
@@ -189,7 +190,10 @@ def render(
     ``thresholds``: steps at which to keep a copy of the images (``result.snapshots``).
     ``callback(step, images, scores)`` runs after every step (raise to stop; hooks are still
     released). ``stop_early``: stop the forward after the last needed layer (``None``: auto).
-    Deterministic for a given ``seed`` on a given device.
+    ``input_size``: ``(H, W)`` the model takes; the transformed images are resized to it before
+    each forward (default: the size a fixed-size model declares — a timm ``patch_embed`` with a
+    strict image size, torchvision's ``VisionTransformer.image_size`` —, else none: the model sees
+    the padded and rescaled images as they are). Deterministic for a given ``seed`` on a given device.
     """
     module, normalize = resolve_model(model, preprocessing)
     obj = as_objective(objective)
@@ -214,6 +218,13 @@ def render(
                                  generator=generator, device=device)
     obj.check_batch(batch)
     transform = as_transform(transforms)
+    fixed = tuple(input_size) if input_size is not None else declared_input_size(module)
+
+    def to_model(x: torch.Tensor) -> torch.Tensor:
+        if fixed is not None and tuple(x.shape[-2:]) != fixed:
+            x = torch.nn.functional.interpolate(x, size=fixed, mode="bilinear", align_corners=False)
+        return x.to(dtype) if x.dtype != dtype else x
+
     params = [p for p in image_param.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     scores = torch.zeros(steps, batch, device=device)
@@ -225,7 +236,15 @@ def render(
             optimizer.zero_grad(set_to_none=True)
             images = image_param()
             x = normalize(transform(images, generator))
-            activations = session.forward(x.to(dtype) if x.dtype != dtype else x)
+            try:
+                activations = session.forward(to_model(x))
+            except (AssertionError, RuntimeError, ValueError) as error:
+                if step or fixed is not None or tuple(x.shape[-2:]) == (image_param.height, image_param.width):
+                    raise
+                raise ValueError(
+                    f"the model refused a {x.shape[-2]}x{x.shape[-1]} input ({error}); the transforms pad and "
+                    "rescale the image: pass input_size=(H, W), the size the model takes, to resize to it"
+                ) from error
             score = obj(activations, images)
             (-score.sum()).backward(inputs=params)
             optimizer.step()
@@ -238,7 +257,7 @@ def render(
         with torch.no_grad():
             images = image_param()
             x = normalize(images)
-            final, values = obj.evaluate(session.forward(x.to(dtype) if x.dtype != dtype else x), images)
+            final, values = obj.evaluate(session.forward(to_model(x)), images)
         stopped_early = session.stops_early
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -24,6 +24,7 @@ from mechlens.models.loading import (
     load_state_dict_file,
     register_model,
 )
+from mechlens.models.outputs import select_output
 from mechlens.models.shapes import (
     ArtefactReliance,
     ShapesClassifier,
@@ -47,6 +48,7 @@ from mechlens.models.training import (
 )
 
 __all__ = [
+    "select_output",
     "IMAGENET_MEAN", "IMAGENET_STD", "LoadedModel", "ModelEntry", "Preprocessing",
     "PretrainedWeightsUnavailableError", "get_model_entry", "list_models", "load_model",
     "load_state_dict_file", "register_model",
