@@ -144,8 +144,9 @@ def test_randomization_check_separates_methods_as_the_literature_says(shapes, re
     record_figures(rho_grad=rho_grad, rho_cam=rho_cam, rho_guided=rho_guided, ssim_guided=guided.mean_ssim(),
                    ssim_cam=cam.mean_ssim(), rho_guided_cam=guided_cam.mean_spearman())
     # Thresholds from 7 trained models (training seeds 0-4 at 1 thread, seeds 0-1 at 2 threads;
-    # benchmarks/validity_spread.py): |rho_grad| <= 0.31; rho_cam per layer <= 0.59 (after
-    # re-initialising only the head it can stay high), its mean over the 3 layers <= 0.33;
+    # each run's figures read with the record_figures fixture): |rho_grad| <= 0.31; rho_cam per
+    # layer <= 0.59 (after re-initialising only the head it can stay high), its mean over the 3
+    # layers <= 0.33;
     # rho_guided >= 0.86; guided Grad-CAM's mean exceeds Grad-CAM's by >= 0.35.
     assert (rho_grad.abs() < 0.45).all(), rho_grad
     assert (rho_cam < 0.75).all() and float(rho_cam.mean()) < 0.5, rho_cam
