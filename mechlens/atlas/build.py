@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from activation_store.jsonutil import dumps as json_dumps
-from mechlens.capture.hooks import capture
+from mechlens.engine import capture, eval_mode, unwrap_with_preprocessing
 from mechlens.features.layout import as_position_rows, infer_layouts
 from mechlens.models.loading import LoadedModel, Preprocessing
 
@@ -41,10 +41,6 @@ class AtlasResult:
     seconds: float
     map_method: str
     data: dict[str, Any] = field(repr=False, default_factory=dict)
-
-
-def _unwrap(model: LoadedModel | nn.Module) -> tuple[nn.Module, Preprocessing | None]:
-    return (model.model, model.preprocessing) if isinstance(model, LoadedModel) else (model, None)
 
 
 def _device(net: nn.Module) -> torch.device:
@@ -73,11 +69,9 @@ def _prepare(images: torch.Tensor, preprocessing: Preprocessing | None, device: 
 def logit_effects(model: LoadedModel | nn.Module, layer: str, images: torch.Tensor, directions: torch.Tensor) -> np.ndarray:
     """``[num_classes, F]``: the first-order change of each class logit (mean over ``images``)
     when ``directions`` ``[F, C]`` are added at every position of ``layer``."""
-    net, preprocessing = _unwrap(model)
+    net, preprocessing = unwrap_with_preprocessing(model)
     device = _device(net)
-    was_training = net.training
-    net.eval()
-    try:
+    with eval_mode(net):
         x = _prepare(images, preprocessing, device)
         layout = infer_layouts(net, [layer], x)[layer].layout
         with capture(net, layer, grads=True) as cap:
@@ -89,8 +83,6 @@ def logit_effects(model: LoadedModel | nn.Module, layer: str, images: torch.Tens
             rows, _ = as_position_rows(g, layout)
             grads.append(rows.sum(dim=1).mean(dim=0))  # broadcast over positions, mean over images
         gradient = torch.stack(grads)  # [classes, C]
-    finally:
-        net.train(was_training)
     return (gradient @ directions.to(gradient).T).detach().cpu().numpy()
 
 
@@ -229,7 +221,7 @@ def build_atlas(
     if layer is None or layer not in store.layers:
         raise ValueError(f"the SAE's layer {layer!r} is not in the store (layers: {', '.join(store.layers)})")
     view = store[layer]
-    net, preprocessing = _unwrap(model)
+    net, preprocessing = unwrap_with_preprocessing(model)
     device = _device(net)
     sae = sae.to(device).eval()
     if stats is None:

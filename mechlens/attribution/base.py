@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mechlens.engine import HookSet, eval_mode, unwrap
 from mechlens.features import ClassLogit, Feature, FeatureForward, as_feature, feature_forward
 
 __all__ = [
@@ -51,7 +52,6 @@ __all__ = [
     "list_methods",
     "register_method",
     "resolve_target",
-    "unwrap_model",
 ]
 
 
@@ -72,11 +72,9 @@ def pixel_space(model: Any) -> Iterator[Any]:
     def normalize(module: nn.Module, args: tuple) -> tuple:
         return (preprocessing.normalize(args[0]), *args[1:]) if args else args
 
-    handle = net.register_forward_pre_hook(normalize)
-    try:
+    with HookSet() as hooks:
+        hooks.pre(net, normalize)
         yield net
-    finally:
-        handle.remove()
 
 
 def takes_pixels(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -88,29 +86,6 @@ def takes_pixels(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(net, *args, **kwargs)
 
     return wrapper
-
-
-def unwrap_model(model: Any) -> nn.Module:
-    """``model`` itself, or the ``.model`` of a :class:`~mechlens.models.LoadedModel`."""
-    if isinstance(model, nn.Module):
-        return model
-    inner = getattr(model, "model", None)
-    if isinstance(inner, nn.Module):
-        return inner
-    raise TypeError(f"attribution needs an nn.Module (or a LoadedModel), got {type(model).__name__}")
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module in eval mode (so samples of a batch are independent: BatchNorm uses its
-    running statistics, dropout is off) and restore each module's own flag afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        yield model
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def chunk_ranges(total: int, size: int | None) -> Iterator[tuple[int, int]]:
@@ -197,7 +172,7 @@ def resolve_target(model: nn.Module, inputs: torch.Tensor, target: Any = None) -
             raise ValueError(f"the target is for {target.batch_size} samples but inputs has {batch}")
         return target
     if target is None:
-        model = unwrap_model(model)
+        model = unwrap(model)
         with torch.no_grad(), eval_mode(model):
             output = model(inputs)
         if not isinstance(output, torch.Tensor) or output.dim() != 2:

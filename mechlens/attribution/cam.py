@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mechlens.engine import unwrap
 from mechlens.attribution.base import (
     Attribution,
     Target,
@@ -32,7 +33,6 @@ from mechlens.attribution.base import (
     token_grid,
     register_method,
     resolve_target,
-    unwrap_model,
 )
 from mechlens.attribution.execution import inference_model, prefer_channels_last
 from mechlens.features.layout import infer_layouts, resolve_layout
@@ -146,7 +146,7 @@ def _gradient_cam(
     name: str, weigh: Any, model: Any, inputs: torch.Tensor, target: Any, layer: str, relu: bool,
     internal_batch_size: int | None, **layout_kw: Any,
 ) -> Attribution:
-    model = unwrap_model(model)
+    model = unwrap(model)
     inputs = check_images(inputs)
     target = resolve_target(model, inputs, target)
     cams, values = [], []
@@ -225,7 +225,7 @@ def scorecam(
     the input and min-max scaled). All ``B * K`` masked inputs run batched,
     ``internal_batch_size`` at a time; channels whose map is constant (dead channels: their mask
     is all zeros) share one forward pass of the zero image instead of one each."""
-    model = unwrap_model(model)
+    model = unwrap(model)
     inputs = check_images(inputs).detach()
     target = resolve_target(model, inputs, target)
     batch = inputs.shape[0]
@@ -280,7 +280,7 @@ def guided_gradcam(
     Guided Backprop's failure of the model-parameter randomization check (Adebayo et al.)."""
     from mechlens.attribution.gradients import guided_backprop
 
-    model = unwrap_model(model)
+    model = unwrap(model)
     inputs = check_images(inputs)
     target = resolve_target(model, inputs, target)
     cam = gradcam(model, inputs, target, layer=layer, internal_batch_size=internal_batch_size,
@@ -297,7 +297,7 @@ def guided_gradcam(
 def vit_cam_layer(model: nn.Module) -> str:
     """A timm ViT's usual Grad-CAM layer: the first norm of the last block (its patch tokens still
     reach the output through the last attention)."""
-    model = unwrap_model(model)
+    model = unwrap(model)
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) == 0 or not hasattr(blocks[-1], "norm1"):
         raise ValueError(f"{type(model).__name__} has no timm-style blocks[-1].norm1; pass layer= explicitly")
@@ -307,9 +307,9 @@ def vit_cam_layer(model: nn.Module) -> str:
 def suggest_cam_layer(model: nn.Module, input_size: tuple[int, ...]) -> str:
     """The last top-level module whose output is a spatial map (conv stage, or ViT tokens via
     :func:`vit_cam_layer`): a reasonable default ``layer=`` for CAMs."""
-    from mechlens.models.layers import layer_shapes
+    from mechlens.features.shapes import layer_shapes
 
-    model = unwrap_model(model)
+    model = unwrap(model)
     if hasattr(model, "blocks") and hasattr(model, "patch_embed"):
         return vit_cam_layer(model)
     top = [name for name, _ in model.named_children()]

@@ -42,7 +42,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from mechlens.attribution.base import eval_mode
+from mechlens.engine import HookSet, eval_mode
 
 __all__ = ["can_fold", "exact_execution", "fold_batchnorm_pairs", "fold_into", "has_hooks", "inference_copy", "inference_model", "optimizing", "prefer_channels_last"]
 
@@ -260,15 +260,11 @@ def inference_model(
     optimize = _OPTIMIZE_DEFAULT[0] if optimize is None else optimize
     with eval_mode(model):
         if not gradients:
-            handle = None
             first = next(iter(model.parameters()), None)
-            if optimize and first is not None and first.device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
-                handle = model.register_forward_pre_hook(_channels_last_input)
-            try:
+            with HookSet() as hooks:
+                if optimize and first is not None and first.device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+                    hooks.pre(model, _channels_last_input)
                 yield model
-            finally:
-                if handle is not None:
-                    handle.remove()
             return
         folded = getattr(model, "_mechlens_folded", frozenset())
         observed = [name for name in keep if name and any(_covers([name], conv) for conv in folded)]

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from mechlens.engine import HookSet, unwrap
 from mechlens.attribution.base import (
     Attribution,
     Target,
@@ -28,7 +29,6 @@ from mechlens.attribution.base import (
     quadrature,
     register_method,
     resolve_target,
-    unwrap_model,
 )
 from mechlens.attribution.execution import inference_model
 from mechlens.attribution.baselines import constant_baseline_value, make_baseline
@@ -57,7 +57,7 @@ def saliency(
 ) -> Attribution:
     """Vanilla gradient of the feature w.r.t. the input (Simonyan et al.); ``abs=True`` (Captum's
     default) returns its magnitude."""
-    model = unwrap_model(model)
+    model = unwrap(model)
     inputs = check_images(inputs)
     target = resolve_target(model, inputs, target)
     with inference_model(model, keep=target.layers) as model:
@@ -70,7 +70,7 @@ def input_x_gradient(
     model: Any, inputs: torch.Tensor, target: Any = None, *, internal_batch_size: int | None = None,
 ) -> Attribution:
     """Input times gradient (IG with a zero baseline and a single step)."""
-    model = unwrap_model(model)
+    model = unwrap(model)
     inputs = check_images(inputs)
     target = resolve_target(model, inputs, target)
     with inference_model(model, keep=target.layers) as model:
@@ -101,7 +101,7 @@ def integrated_gradients(
     ``extras["completeness_error"]`` = ``|delta| / |f(x) - f(baseline)|`` per sample. The
     ``n_steps * B`` interpolated inputs run ``internal_batch_size`` rows at a time.
     """
-    model = unwrap_model(model)
+    model = unwrap(model)
     inputs = check_images(inputs).detach()
     target = resolve_target(model, inputs, target)
     gen = make_generator(inputs.device, seed, generator)
@@ -169,7 +169,7 @@ def gradient_shap(
     ``extras["completeness_error"]`` compares ``sum(map)`` with ``f(x) - E[f(b)]`` (exact only in
     expectation).
     """
-    model = unwrap_model(model)
+    model = unwrap(model)
     inputs = check_images(inputs).detach()
     target = resolve_target(model, inputs, target)
     batch = inputs.shape[0]
@@ -248,14 +248,10 @@ def guided_relus(model: nn.Module) -> Iterator[int]:
             f"{type(model).__name__} has none (activations applied functionally or GELU/SiLU); "
             "use saliency or integrated_gradients instead"
         )
-    handles = []
-    try:
+    with HookSet() as hooks:
         for relu in relus:
-            handles.append(relu.register_forward_hook(_GuidedHook()))
+            hooks.forward(relu, _GuidedHook())  # its tensor hook is the method's documented backward rule
         yield len(relus)
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @register_method("guided_backprop", kind="input", family="gradient", randomization="fails", aliases=("guided_backpropagation",))
@@ -266,7 +262,7 @@ def guided_backprop(
     every ReLU on the way back. Known to FAIL the model-parameter randomization check (Adebayo et
     al. 2018): its maps stay nearly unchanged when the weights are randomized, because it mostly
     reconstructs the input's edges rather than reflecting what the model computes."""
-    model = unwrap_model(model)
+    model = unwrap(model)
     inputs = check_images(inputs)
     target = resolve_target(model, inputs, target)
     with eval_mode(model), guided_relus(model):

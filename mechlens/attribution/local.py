@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from mechlens.engine import HookSet
 from mechlens.attribution.execution import can_fold, fold_into, optimizing
 
 __all__ = ["MIN_SAVED_FRACTION", "LocalSplit", "local_split"]
@@ -386,11 +387,9 @@ def _whole_work(gm: fx.GraphModule, modules: dict[str, nn.Module], example: torc
     def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         work[0] += module.weight.numel() * output.shape[-1] * output.shape[-2]
 
-    handles = [m.register_forward_hook(count) for m in modules.values() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            gm(example[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
+    with HookSet() as hooks, torch.no_grad():
+        for m in modules.values():
+            if isinstance(m, nn.Conv2d):
+                hooks.forward(m, count)
+        gm(example[:1])
     return work[0]

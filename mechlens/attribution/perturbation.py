@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from mechlens.engine import unwrap
 from mechlens.attribution.base import (
     Attribution,
     Target,
@@ -29,7 +30,6 @@ from mechlens.attribution.base import (
     make_generator,
     register_method,
     resolve_target,
-    unwrap_model,
 )
 from mechlens.attribution.execution import has_hooks, inference_model, optimizing, prefer_channels_last
 from mechlens.attribution.local import LocalSplit, local_split
@@ -90,7 +90,7 @@ def occlusion(
     rows per forward pass (windows x images; the local path runs windows of one image at a
     time). 64 was the fastest of 8-256 for resnet18 at 224 px on one CPU thread, at 0.6x the
     peak memory of Captum's fastest setting."""
-    model = unwrap_model(model)
+    model = unwrap(model)
     inputs = check_images(inputs).detach()
     target = resolve_target(model, inputs, target)
     batch = inputs.shape[0]
@@ -414,7 +414,7 @@ def lime(
     regression (``alpha``) of the feature value on the patterns, weighted by LIME's image kernel
     ``sqrt(exp(-d^2 / kernel_width^2))`` of the cosine distance ``d`` to the unperturbed
     pattern. ``segments`` ``[B, H, W]`` overrides SLIC."""
-    model = unwrap_model(model)
+    model = unwrap(model)
     inputs = check_images(inputs).detach()
     target = resolve_target(model, inputs, target)
     gen = make_generator(inputs.device, seed, generator)
@@ -459,7 +459,7 @@ def kernel_shap(
     ``f(baseline)`` and the sum to ``f(x)``); the per-superpixel Shapley values are the
     coefficients of the weighted least-squares fit. ``extras["completeness_error"]`` is the
     efficiency error ``|sum(phi) - (f(x) - f(baseline))| / |f(x) - f(baseline)|``."""
-    model = unwrap_model(model)
+    model = unwrap(model)
     inputs = check_images(inputs).detach()
     target = resolve_target(model, inputs, target)
     if n_samples < 3:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mechlens.engine import unwrap
 from mechlens.attribution.base import (
     Attribution,
     check_images,
@@ -24,7 +25,6 @@ from mechlens.attribution.base import (
     make_generator,
     register_method,
     resolve_target,
-    unwrap_model,
 )
 from mechlens.attribution.execution import inference_model
 
@@ -58,7 +58,7 @@ def noise_tunnel(
         raise ValueError(f"base={base!r} is itself a noise wrapper; pass the underlying method (e.g. 'saliency')")
     if n_samples < 1:
         raise ValueError("n_samples must be at least 1")
-    model = unwrap_model(model)
+    model = unwrap(model)
     inputs = check_images(inputs).detach()
     target = resolve_target(model, inputs, target)
     batch = inputs.shape[0]

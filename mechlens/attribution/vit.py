@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from mechlens.engine import HookSet, unwrap
 from mechlens.attribution.base import (
     Attribution,
     check_images,
@@ -27,7 +28,6 @@ from mechlens.attribution.base import (
     token_grid,
     register_method,
     resolve_target,
-    unwrap_model,
 )
 from mechlens.models.layers import match_layer_pattern
 
@@ -98,7 +98,7 @@ class AttentionMaps:
 def attention_maps(model: Any, inputs: torch.Tensor, *, layers: str | Sequence[str] | None = None) -> AttentionMaps:
     """Run ``model`` once and return the attention probabilities of its attention modules (all
     of them, or those matching the names / glob patterns in ``layers``)."""
-    model = unwrap_model(model)
+    model = unwrap(model)
     inputs = check_images(inputs)
     modules = attention_modules(model)
     if layers is not None:
@@ -108,15 +108,10 @@ def attention_maps(model: Any, inputs: torch.Tensor, *, layers: str | Sequence[s
             raise ValueError(f"no attention module matches {patterns}; attention modules: {', '.join(n for n, _ in modules[:6])} ...")
         modules = chosen
     store: dict[str, torch.Tensor] = {}
-    handles = []
-    try:
-        with unfused_attention(model), eval_mode(model), torch.no_grad():
-            for name, module in modules:
-                handles.append(module.attn_drop.register_forward_hook(_AttnHook(store, name)))
-            model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with unfused_attention(model), eval_mode(model), torch.no_grad(), HookSet() as hooks:
+        for name, module in modules:
+            hooks.forward(module.attn_drop, _AttnHook(store, name))
+        model(inputs)
     missing = [n for n, _ in modules if n not in store]
     if missing:
         raise RuntimeError(
@@ -194,7 +189,7 @@ def attention(model: Any, inputs: torch.Tensor, target: Any = None, *, block: in
     """Attention of the CLS token to each patch at ``block`` (default the last), averaged over
     heads or of one ``head``; per-head maps in ``extras["heads"]`` ``[B, heads, h, w]``.
     Class-agnostic (the target is not used by the map)."""
-    model = unwrap_model(model)
+    model = unwrap(model)
     inputs = check_images(inputs)
     target = resolve_target(model, inputs, target)
     maps = attention_maps(model, inputs)
@@ -210,7 +205,7 @@ def rollout(
 ) -> Attribution:
     """Attention rollout of the CLS token over the patches (:func:`attention_rollout`); the
     rollout matrix ``[B, T, T]`` is in ``extras["rollout"]``. Class-agnostic."""
-    model = unwrap_model(model)
+    model = unwrap(model)
     inputs = check_images(inputs)
     target = resolve_target(model, inputs, target)
     maps = attention_maps(model, inputs)

@@ -1,7 +1,7 @@
 """Activation capture: scoped forward hooks for interactive use (:func:`capture`) and capture
 jobs that stream a whole dataset's activations into the on-disk store (:func:`capture_to_store`,
 ``mechlens capture``)."""
-from mechlens.capture.hooks import Capture, LayerNotFiredError, capture
+from mechlens.engine.capture import Capture, LayerNotFiredError, capture
 from mechlens.capture.job import (
     SPATIAL_MODES,
     CaptureResult,

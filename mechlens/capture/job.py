@@ -36,10 +36,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from activation_store import CommitPolicy, LayerSpec, Rows, StoreWriter
 from activation_store.errors import IncompatibleStoreError
-from mechlens.capture.hooks import LayerNotFiredError
+from mechlens.engine import HookSet, LayerNotFiredError, StopAfter, eval_mode
 from mechlens.data.adapters import UnreadableImageError, build_dataset, check_nonempty
 from mechlens.features.layout import POOLINGS, as_position_rows, check_cls_token, infer_layouts
-from mechlens.models.layers import get_module, resolve_layers
+from mechlens.models.layers import resolve_layers
 from mechlens.models.loading import LoadedModel, Preprocessing
 
 __all__ = [
@@ -251,22 +251,29 @@ class _LayerTaps:
     """Forward hooks that keep each layer's latest output (no copy: we only read it before the
     next forward) and optionally stop the forward once all layers have run."""
 
-    class Stop(Exception):
-        pass
-
     def __init__(self, model: nn.Module, layers: list[str]) -> None:
         self.model = model
         self.layers = layers
         self.outputs: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = dict.fromkeys(layers, 0)
-        self.stop_early = False
         self.select: Callable[[str, torch.Tensor], Any] | None = None
-        self._handles: list[Any] = []
+        self._hooks = HookSet()
+        self._stopper: StopAfter | None = None
+
+    @property
+    def stop_early(self) -> bool:
+        return self._stopper is not None and self._stopper.armed
+
+    @stop_early.setter
+    def stop_early(self, value: bool) -> None:
+        if self._stopper is not None:
+            self._stopper.armed = bool(value)
 
     def __enter__(self) -> "_LayerTaps":
         try:
             for name in self.layers:
-                self._handles.append(get_module(self.model, name).register_forward_hook(self._hook(name)))
+                self._hooks.layer(self.model, name, self._hook(name))
+            self._stopper = StopAfter(self.model, self.layers, self._hooks, armed=False)  # after the taps
         except BaseException:
             self.close()
             raise
@@ -276,9 +283,8 @@ class _LayerTaps:
         self.close()
 
     def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove()
+        self._stopper = None
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -291,8 +297,6 @@ class _LayerTaps:
             # in-place op downstream (ReLU(inplace=True)) cannot change what we keep.
             self.outputs[name] = self.select(name, output) if self.select is not None else output.clone()
             self.calls[name] += 1
-            if self.stop_early and len(self.outputs) == len(self.layers):
-                raise _LayerTaps.Stop
         return hook
 
     def run(self, inputs: torch.Tensor, select: Callable[[str, torch.Tensor], Any] | None = None) -> dict[str, Any]:
@@ -301,9 +305,8 @@ class _LayerTaps:
         self.calls = dict.fromkeys(self.layers, 0)
         self.select = select
         try:
-            self.model(inputs)
-        except _LayerTaps.Stop:
-            pass
+            assert self._stopper is not None, "use the taps inside their with block"
+            self._stopper.run(self.model, inputs)
         finally:
             self.select = None
         silent = [n for n in self.layers if n not in self.outputs]
@@ -475,8 +478,8 @@ def capture_to_store(
     if channels_last is None:
         channels_last = on_cuda and any(isinstance(m, nn.Conv2d) for m in net.modules())
 
-    was_training = net.training
-    net.eval()
+    modes = eval_mode(net)  # the engine's policy: every module gets its own flag back
+    modes.__enter__()
     net.to(target)
     if channels_last:
         net.to(memory_format=torch.channels_last)
@@ -585,7 +588,7 @@ def capture_to_store(
                 pass
         raise
     finally:
-        net.train(was_training)
+        modes.__exit__(None, None, None)
         if dist.initialized_here:
             import torch.distributed as tdist
 

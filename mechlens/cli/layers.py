@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Handler of ``mechlens layers``; returns the exit code."""
-    from mechlens.models import layer_shapes, load_model
+    from mechlens.features import layer_shapes
+    from mechlens.models import load_model
 
     out = out or sys.stdout
     loaded = load_model(

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from mechlens.attribution.base import Attribution, chunk_ranges, eval_mode, resolve_target, takes_pixels, unwrap_model
+from mechlens.engine import eval_mode, unwrap
+from mechlens.attribution.base import Attribution, chunk_ranges, resolve_target, takes_pixels
 from mechlens.attribution.baselines import make_baseline
 
 __all__ = [
@@ -109,7 +110,7 @@ def perturbation_curve(
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     if steps < 1:
         raise ValueError("steps must be at least 1")
-    model = unwrap_model(model)
+    model = unwrap(model)
     inputs = inputs.detach()
     resolved = resolve_target(model, inputs, target)
     batch, _, height, width = inputs.shape

@@ -35,7 +35,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from mechlens.attribution.base import Attribution, get_method, resolve_target, takes_pixels, unwrap_model
+from mechlens.engine import unwrap
+from mechlens.attribution.base import Attribution, get_method, resolve_target, takes_pixels
 from mechlens.evaluation.similarity import spearman, ssim
 from mechlens.models.layers import get_module, resolve_layers
 
@@ -47,7 +48,7 @@ def randomization_layers(model: nn.Module) -> list[str]:
     that own parameters, with sequential containers (stages, ``blocks``) split into their
     children. Parameters owned directly by the root (a ViT's ``cls_token``, ``pos_embed``) are
     not randomized."""
-    model = unwrap_model(model)
+    model = unwrap(model)
     names: list[str] = []
     for name, child in model.named_children():
         if not any(True for _ in child.parameters()):
@@ -152,7 +153,7 @@ def randomization_check(
     if clash:
         raise ValueError(f"{sorted(clash)} given both as keywords and in method_kwargs; give each once")
     method_kwargs = {**kwargs, **(method_kwargs or {})}
-    model = unwrap_model(model)
+    model = unwrap(model)
     info = get_method(method)
     order = randomization_layers(model) if layers is None else resolve_layers(model, layers)
     resolved = resolve_target(model, inputs, target)

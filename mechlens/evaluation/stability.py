@@ -14,7 +14,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from mechlens.attribution.base import get_method, resolve_target, takes_pixels, unwrap_model
+from mechlens.engine import unwrap
+from mechlens.attribution.base import get_method, resolve_target, takes_pixels
 from mechlens.evaluation.similarity import spearman
 
 __all__ = ["StabilityResult", "attribution_stability", "shift_images"]
@@ -70,7 +71,7 @@ def attribution_stability(
     """Spearman correlation between the map of ``inputs`` and the maps of shifted copies
     (``shifts`` of ``(dy, dx)`` pixels) and of ``n_noise`` copies with Gaussian noise of std
     ``noise_std`` (seeded); see the module docstring."""
-    model = unwrap_model(model)
+    model = unwrap(model)
     info = get_method(method)
     inputs = inputs.detach()
     resolved = resolve_target(model, inputs, target)

@@ -29,6 +29,7 @@ from mechlens.features.layout import (
     positions_to_map,
     resolve_layout,
 )
+from mechlens.features.shapes import LayerInfo, layer_shapes, output_shape
 from mechlens.features.parse import FEATURE_KINDS, SPEC_FORMS, as_feature, as_features, parse_feature, register_feature_kind
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "Feature",
     "FeatureForward",
     "LatentEncoder",
+    "LayerInfo",
     "LayerLayout",
     "LayerEnergy",
     "Neuron",
@@ -52,7 +54,9 @@ __all__ = [
     "feature_forward",
     "feature_layers",
     "infer_layouts",
+    "layer_shapes",
     "layout_scope",
+    "output_shape",
     "parse_feature",
     "pool_positions",
     "positions_to_map",

@@ -7,30 +7,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from mechlens.capture.hooks import capture
+from mechlens.engine import HookSet, StopAfter, capture, unwrap
 from mechlens.features.base import OUTPUT, Feature, _FeatureBase, feature_layers, reduce_map
 from mechlens.features.layout import infer_layouts, layout_scope
 from mechlens.features.parse import as_features
-from mechlens.models.layers import get_module
 
 __all__ = ["FeatureForward", "feature_forward"]
-
-
-class _StopForward(Exception):
-    """Raised from a hook once every layer we need has run (the rest of the net is skipped)."""
-
-
-class _StopWhenAllFired:
-    def __init__(self, needed: set[str]) -> None:
-        self.needed = set(needed)
-        self.fired: set[str] = set()
-
-    def hook_for(self, name: str):
-        def hook(module: nn.Module, args, output) -> None:
-            self.fired.add(name)
-            if self.fired >= self.needed:
-                raise _StopForward
-        return hook
 
 
 @dataclass
@@ -65,8 +47,7 @@ def feature_forward(
     once every needed layer has run (saves the rest of the network; only valid when each needed
     module runs once per forward, which is true of blocks/stages but not of a shared ``relu``).
     """
-    if not isinstance(model, nn.Module):
-        model = getattr(model, "model", model)
+    model = unwrap(model)
     feature_list = as_features(features)
     if not feature_list:
         raise ValueError("feature_forward needs at least one feature")
@@ -85,22 +66,9 @@ def feature_forward(
 
 def _feature_forward(model: nn.Module, feature_list: list[Feature], inputs: torch.Tensor, layers: list[str],
                      hooked: list[str], *, grads: bool, stop_early: bool) -> FeatureForward:
-    stopper = None
-    handles = []
-    output = None
-    with capture(model, hooked, grads=grads, detach=not grads) if hooked else _null_capture() as cap:
-        try:
-            if stop_early and OUTPUT not in layers and hooked:
-                stopper = _StopWhenAllFired(set(hooked))
-                for name in hooked:
-                    handles.append(get_module(model, name).register_forward_hook(stopper.hook_for(name)))
-            try:
-                output = model(inputs)
-            except _StopForward:
-                output = None
-        finally:
-            for handle in handles:
-                handle.remove()
+    with capture(model, hooked, grads=grads, detach=not grads) if hooked else _null_capture() as cap, HookSet() as hooks:
+        stopper = StopAfter(model, hooked, hooks, armed=stop_early and OUTPUT not in layers)
+        output = stopper.run(model, inputs)
         if cap is not None:
             cap.check_all_fired()
         activations = {name: cap[name] for name in hooked} if cap is not None else {}
@@ -109,7 +77,7 @@ def _feature_forward(model: nn.Module, feature_list: list[Feature], inputs: torc
             raise TypeError(
                 f"the model output is a {type(output).__name__}, not a logits tensor; a feature on the "
                 "output needs model(x) to return [B, classes]: say which output that is with "
-                    "mechlens.models.select_output(model, 'logits' | KEY | INDEX)"
+                    "mechlens.engine.select_output(model, 'logits' | KEY | INDEX)"
             )
         activations[OUTPUT] = output
     readouts = [feature.readout(activations[feature.layer]) for feature in feature_list]

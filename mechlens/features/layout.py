@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mechlens._context import INFERRING_LAYOUTS, inferring_layouts
+from mechlens.engine import HookSet, eval_mode, unwrap
 
 __all__ = [
     "LAYOUTS",
@@ -435,37 +436,29 @@ class _Trace:
 @contextlib.contextmanager
 def _probe_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode, no grad and mechlens' own hooks muted, restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
     token = INFERRING_LAYOUTS.set(True)
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             yield
     finally:
         INFERRING_LAYOUTS.reset(token)
-        for m, training in modes:
-            m.training = training
 
 
 def _run_probe(model: nn.Module, inputs: torch.Tensor, names: Sequence[str], trace: _Trace | None) -> dict[str, tuple[int, ...]]:
     modules = dict(model.named_modules())
-    handles = []
     shapes: dict[str, tuple[int, ...]] = {}
-    try:
+    with HookSet() as hooks:
         if trace is not None:
             for name, module in modules.items():
-                handles.append(module.register_forward_hook(trace.hook(name)))
+                hooks.forward(module, trace.hook(name))
         else:
             for name in names:
                 def keep(module, args, output, name=name):
                     if isinstance(output, torch.Tensor):
                         shapes.setdefault(name, tuple(output.shape))
-                handles.append(modules[name].register_forward_hook(keep))
+                hooks.forward(modules[name], keep)
         with _probe_mode(model):
             model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
     return trace.shapes if trace is not None else shapes
 
 
@@ -543,9 +536,7 @@ def infer_layouts(
     returns ambiguous layers with layout ``""`` instead of raising (a later read of them raises
     with the reason).
     """
-    net = model if isinstance(model, nn.Module) else getattr(model, "model", None)
-    if not isinstance(net, nn.Module):
-        raise TypeError(f"infer_layouts needs an nn.Module (or a LoadedModel), got {type(model).__name__}")
+    net = unwrap(model)
     wanted = [name for name in dict.fromkeys(layers) if name != ""]
     explicit: dict[str, str] = {}
     if isinstance(layout, str) and layout != "auto":

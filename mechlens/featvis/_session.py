@@ -17,10 +17,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from mechlens.capture.hooks import capture
+from mechlens.engine import HookSet, StopAfter, capture, eval_mode, unwrap
 from mechlens.features.base import OUTPUT
-from mechlens.features.layout import LayerLayout, infer_layouts, inferring_layouts, layout_scope
-from mechlens.models.layers import get_module
+from mechlens.features.layout import LayerLayout, infer_layouts, layout_scope
 
 __all__ = ["ModelSession", "declared_input_size", "model_device", "model_session", "resolve_model"]
 
@@ -49,13 +48,9 @@ def resolve_model(model: Any, preprocessing: Any = None) -> tuple[nn.Module, Nor
     module); a :class:`~mechlens.models.Preprocessing` or anything with ``.normalize``; any
     callable ``images in [0,1] -> model input``; ``False`` for none.
     """
-    module = model
-    if not isinstance(model, nn.Module):
-        module = getattr(model, "model", None)
-        if not isinstance(module, nn.Module):
-            raise TypeError(f"expected an nn.Module or a LoadedModel, got {type(model).__name__}")
-        if preprocessing is None:
-            preprocessing = getattr(model, "preprocessing", None)
+    module = unwrap(model)
+    if module is not model and preprocessing is None:
+        preprocessing = getattr(model, "preprocessing", None)
     if preprocessing is None or preprocessing is False:
         return module, _identity
     normalize = getattr(preprocessing, "normalize", None)
@@ -84,40 +79,11 @@ def model_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-class _StopForward(Exception):
-    """Raised from a hook once every needed layer has run."""
-
-
-class _Stopper:
-    def __init__(self, needed: Sequence[str]) -> None:
-        self.needed = set(needed)
-        self.fired: set[str] = set()
-        self.armed = False
-
-    def reset(self) -> None:
-        self.fired.clear()
-
-
-class _StopHook:
-    """Forward hook of one layer: records that it ran, stops the forward when all have."""
-
-    def __init__(self, stopper: _Stopper, name: str) -> None:
-        self.stopper = stopper
-        self.name = name
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        stopper = self.stopper
-        if stopper.armed and not inferring_layouts():
-            stopper.fired.add(self.name)
-            if stopper.fired >= stopper.needed:
-                raise _StopForward
-
-
 class ModelSession:
     """Runs the model and returns ``{layer: activation}`` (``""`` = the output) on the graph."""
 
     def __init__(self, module: nn.Module, cap: Any, hooked: list[str], needs_output: bool,
-                 stopper: _Stopper | None, auto: bool) -> None:
+                 stopper: StopAfter | None, auto: bool) -> None:
         self.module = module
         self.cap = cap
         self.hooked = hooked
@@ -133,12 +99,7 @@ class ModelSession:
         if self.hooked and not self.layouts:
             self.layouts.update(infer_layouts(self.module, self.hooked, x.detach(), strict=False))
         stopper = self.stopper
-        if stopper is not None:
-            stopper.reset()
-        try:
-            output = self.module(x)
-        except _StopForward:
-            output = None
+        output = stopper.run(self.module, x) if stopper is not None else self.module(x)
         self.forwards += 1
         activations: dict[str, torch.Tensor] = {}
         if self.cap is not None:
@@ -152,7 +113,7 @@ class ModelSession:
                 raise TypeError(
                     f"the model output is a {type(output).__name__}, not a logits tensor; a feature on the "
                     "output needs model(x) to return [B, classes]: say which output that is with "
-                    "mechlens.models.select_output(model, 'logits' | KEY | INDEX)"
+                    "mechlens.engine.select_output(model, 'logits' | KEY | INDEX)"
                 )
             activations[OUTPUT] = output
         return activations
@@ -172,22 +133,9 @@ def model_session(module: nn.Module, layers: Sequence[str], *, stop_early: bool 
     hooked = [name for name in dict.fromkeys(layers) if name != OUTPUT]
     needs_output = OUTPUT in layers
     use_stop = bool(hooked) and not needs_output and stop_early is not False
-    stopper = _Stopper(hooked) if use_stop else None
-    if stopper is not None and stop_early is True:
-        stopper.armed = True
-    modes = [(m, m.training) for m in module.modules()]  # per module: mixed train/eval states survive
-    handles = []
-    try:
-        module.eval()
-        with capture(module, hooked, grads=True) if hooked else nullcontext() as cap:
-            if stopper is not None:
-                for name in hooked:
-                    handles.append(get_module(module, name).register_forward_hook(_StopHook(stopper, name)))
-            session = ModelSession(module, cap, hooked, needs_output, stopper, auto=stop_early is None)
-            with layout_scope(session.layouts):
-                yield session
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, training in modes:
-            m.training = training
+    with eval_mode(module), HookSet() as hooks, \
+            capture(module, hooked, grads=True) if hooked else nullcontext() as cap:
+        stopper = StopAfter(module, hooked, hooks, armed=stop_early is True) if use_stop else None
+        session = ModelSession(module, cap, hooked, needs_output, stopper, auto=stop_early is None)
+        with layout_scope(session.layouts):
+            yield session

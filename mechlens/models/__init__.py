@@ -1,14 +1,11 @@
 """Models: loading by name with preprocessing, layer names and shapes, the small CNN family,
 and a short training routine with safetensors checkpoints."""
 from mechlens.models.layers import (
-    LayerInfo,
     LayerNotFoundError,
     get_module,
     is_pattern,
     layer_names,
-    layer_shapes,
     match_layer_pattern,
-    output_shape,
     resolve_layers,
 )
 from mechlens.models.loading import (
@@ -24,7 +21,6 @@ from mechlens.models.loading import (
     load_state_dict_file,
     register_model,
 )
-from mechlens.models.outputs import select_output
 from mechlens.models.shapes import (
     ArtefactReliance,
     ShapesClassifier,
@@ -48,12 +44,11 @@ from mechlens.models.training import (
 )
 
 __all__ = [
-    "select_output",
     "IMAGENET_MEAN", "IMAGENET_STD", "LoadedModel", "ModelEntry", "Preprocessing",
     "PretrainedWeightsUnavailableError", "get_model_entry", "list_models", "load_model",
     "load_state_dict_file", "register_model",
-    "LayerInfo", "LayerNotFoundError", "get_module", "is_pattern", "layer_names", "layer_shapes",
-    "match_layer_pattern", "output_shape", "resolve_layers",
+    "LayerNotFoundError", "get_module", "is_pattern", "layer_names",
+    "match_layer_pattern", "resolve_layers",
     "ArtefactReliance", "ShapesClassifier", "ShapesRecipe", "artefact_reliance",
     "load_or_train_shapes_classifier", "train_shapes_classifier",
     "ConvBlock", "SmallCNN", "SmallCNNConfig", "small_cnn",

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from mechlens.capture.hooks import capture
+from mechlens.engine import capture, eval_mode, unwrap_with_preprocessing
 from mechlens.data.adapters import IMAGE_EXTENSIONS, ImageFolderDataset, _resize_batch, _to_chw_float
 from mechlens.features.layout import as_position_rows, infer_layouts, layout_scope
 from mechlens.models.loading import LoadedModel, Preprocessing
@@ -193,14 +193,10 @@ def concept_activations(model: LoadedModel | nn.Module, concept: ConceptSet, lay
                 f"{concept.pooling!r}, not of {layers} pooled by {pooling!r}"
             )
         return concept.activations if isinstance(layer, str) else {concept.layer: concept.activations}
-    net = model.model if isinstance(model, LoadedModel) else model
-    if preprocessing is None and isinstance(model, LoadedModel):
-        preprocessing = model.preprocessing
+    net, preprocessing = unwrap_with_preprocessing(model, preprocessing)
     device = next(net.parameters()).device
     out: dict[str, list[np.ndarray]] = {name: [] for name in layers}
-    was_training = net.training
-    net.eval()
-    try:
+    with eval_mode(net):
         with capture(net, layers) as cap, torch.no_grad():
             known: dict = {}
             for images in _batches(concept.dataset, batch_size):  # type: ignore[arg-type]
@@ -210,8 +206,6 @@ def concept_activations(model: LoadedModel | nn.Module, concept: ConceptSet, lay
                 with layout_scope(known):
                     for name in layers:
                         out[name].append(pool_activation(cap[name].float(), pooling, layer=name).cpu().numpy())
-    finally:
-        net.train(was_training)
     merged = {name: np.concatenate(parts) for name, parts in out.items()}
     return merged[layer] if isinstance(layer, str) else merged
 

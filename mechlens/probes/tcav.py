@@ -45,8 +45,9 @@ from activation_store.jsonutil import dumps as json_dumps
 from mechlens.features.base import Feature
 from mechlens.features.forward import feature_forward
 from mechlens.features.parse import as_feature, as_features
-from mechlens.features.layout import as_position_rows, infer_layouts, inferring_layouts, layout_scope, resolve_layout
-from mechlens.models.layers import get_module, resolve_layers
+from mechlens.engine import eval_mode, replace_output, unwrap_with_preprocessing
+from mechlens.features.layout import as_position_rows, infer_layouts, layout_scope, resolve_layout
+from mechlens.models.layers import resolve_layers
 from mechlens.models.loading import LoadedModel, Preprocessing
 from mechlens.probes.cav import CAV, train_cav
 from mechlens.probes.concepts import ConceptSet, _batches, concept_activations, prepare_images
@@ -73,12 +74,6 @@ TCAV_TESTS = ("exchangeable", "rank", "ttest")
 CHANCE_LEVEL = 0.05  # one-sided binomial test of a CAV's held-out accuracy against 1/2
 
 
-def _unwrap(model: LoadedModel | nn.Module, preprocessing: Preprocessing | None) -> tuple[nn.Module, Preprocessing | None]:
-    if isinstance(model, LoadedModel):
-        return model.model, preprocessing or model.preprocessing
-    return model, preprocessing
-
-
 def _reduce_gradient(grad: torch.Tensor, pooling: str, layer: str) -> torch.Tensor:
     if pooling == "flatten":
         return grad.reshape(grad.shape[0], -1)
@@ -93,17 +88,15 @@ def target_gradients(model: LoadedModel | nn.Module, layer: str | Sequence[str],
     reduced to the CAV's space (summed over positions, or flattened for ``pooling="flatten"``).
     ``examples``: a :class:`ConceptSet` or images ``[N, C, H, W]`` in ``[0, 1]``. With a list of
     layers: a dict, from one backward pass per batch."""
-    net, preprocessing = _unwrap(model, preprocessing)
+    net, preprocessing = unwrap_with_preprocessing(model, preprocessing)
     layers = [layer] if isinstance(layer, str) else list(layer)
     feature = as_feature(target)
     device = next(net.parameters()).device
     if isinstance(examples, ConceptSet) and examples.dataset is None:
         raise ValueError(f"examples {examples.name!r} hold only activations; gradients need the images")
     batches = _batches(examples.dataset, batch_size) if isinstance(examples, ConceptSet) else examples.split(batch_size)
-    was_training = net.training
-    net.eval()
     out: dict[str, list[np.ndarray]] = {name: [] for name in layers}
-    try:
+    with eval_mode(net):
         for images in batches:
             x = prepare_images(images, preprocessing, device).requires_grad_(True)
             result = feature_forward(net, feature, x, grads=True, keep_layers=layers)
@@ -111,8 +104,6 @@ def target_gradients(model: LoadedModel | nn.Module, layer: str | Sequence[str],
             with layout_scope(infer_layouts(net, layers, x) if pooling != "flatten" else {}):
                 for name, grad in zip(layers, grads):
                     out[name].append(_reduce_gradient(grad.float(), pooling, name).cpu().numpy())
-    finally:
-        net.train(was_training)
     merged = {name: np.concatenate(parts) for name, parts in out.items()}
     return merged[layer] if isinstance(layer, str) else merged
 
@@ -139,7 +130,7 @@ def tcav_scores(derivatives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _AddDirection:
-    """Forward hook adding ``scale * vector`` to a layer's output (at every position)."""
+    """``output + scale * vector`` at every position (the edit :func:`replace_output` applies)."""
 
     def __init__(self, vector: torch.Tensor, pooling: str, layout: str = "auto") -> None:
         self.vector = vector
@@ -147,9 +138,7 @@ class _AddDirection:
         self.layout = layout
         self.scale = 0.0
 
-    def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-        if inferring_layouts():
-            return output
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
         v = self.vector.to(output.device, output.dtype)
         if self.pooling == "flatten":
             return output + self.scale * v.reshape(output.shape[1:])
@@ -162,22 +151,18 @@ def finite_difference_derivative(model: LoadedModel | nn.Module, layer: str, ima
                                  target: Feature | int | str, vector: np.ndarray | torch.Tensor, *, pooling: str = "mean",
                                  eps: float = 1e-3, preprocessing: Preprocessing | None = None) -> np.ndarray:
     """``(f(a + eps v) - f(a - eps v)) / 2 eps`` per example: the check of :func:`target_gradients`."""
-    net, preprocessing = _unwrap(model, preprocessing)
+    net, preprocessing = unwrap_with_preprocessing(model, preprocessing)
     feature = as_feature(target)
     device = next(net.parameters()).device
     name = resolve_layers(net, [layer])[0]
     x = prepare_images(images, preprocessing, device)
     layout = infer_layouts(net, [name], x)[name].layout if pooling != "flatten" else "auto"
     hook = _AddDirection(torch.as_tensor(np.asarray(vector), dtype=torch.float64), pooling, layout)
-    handle = get_module(net, name).register_forward_hook(hook)
     values = []
-    try:
-        with torch.no_grad():
-            for scale in (eps, -eps):
-                hook.scale = scale
-                values.append(feature_forward(net, feature, x, grads=False).values[:, 0].double())
-    finally:
-        handle.remove()
+    with replace_output(net, name, hook), torch.no_grad():
+        for scale in (eps, -eps):
+            hook.scale = scale
+            values.append(feature_forward(net, feature, x, grads=False).values[:, 0].double())
     return ((values[0] - values[1]) / (2 * eps)).cpu().numpy()
 
 
@@ -583,7 +568,7 @@ def run_tcav(model: LoadedModel | nn.Module, *, layers: str | Sequence[str], con
     if len(random_sets) < 3:
         raise ValueError(f"run_tcav needs at least 3 random sets, got {len(random_sets)}")
     _check_distinct(concepts, random_sets)
-    net, preprocessing = _unwrap(model, preprocessing)
+    net, preprocessing = unwrap_with_preprocessing(model, preprocessing)
     layer_names = [layers] if isinstance(layers, str) else list(layers)
     for layer in layer_names:
         resolve_layers(net, [layer])  # an unknown layer fails here, with close names
@@ -661,7 +646,7 @@ def relative_tcav(model: LoadedModel | nn.Module, *, layer: str, concept: Concep
     from scipy import stats
 
     _check_distinct([concept], [other])
-    net, preprocessing = _unwrap(model, preprocessing)
+    net, preprocessing = unwrap_with_preprocessing(model, preprocessing)
     a = concept_activations(net, concept, layer, pooling=pooling, batch_size=batch_size, preprocessing=preprocessing)
     b = concept_activations(net, other, layer, pooling=pooling, batch_size=batch_size, preprocessing=preprocessing)
     rng = np.random.default_rng(seed)

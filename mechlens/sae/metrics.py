@@ -14,6 +14,8 @@ its reconstruction back into the model.
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mechlens.engine import HookSet, eval_mode, unwrap
 from mechlens.features.layout import as_position_rows, current_layouts, infer_layouts, inferring_layouts, resolve_layout
 from mechlens.sae.data import as_row_batch, check_finite
 from mechlens.sae.modules import SAE
@@ -99,14 +102,12 @@ def evaluate(sae: Any, batches: Iterable[Any], *, max_rows: int | None = None, d
     """Stream ``batches`` (raw rows, as stored) through ``sae`` (anything with ``encode`` /
     ``decode``) and accumulate :class:`SAEMetrics` over at most ``max_rows`` rows (in float64)."""
     device = torch.device(device) if device is not None else _device_of(sae)
-    was_training = getattr(sae, "training", None)
-    if isinstance(sae, nn.Module):
-        sae.eval()
+    mode = eval_mode(sae) if isinstance(sae, nn.Module) else contextlib.nullcontext()
     model = _Encoder(sae)
     count = 0
     sum_x = sq_x = sq_err = l0_sum = None
     fired = None
-    try:
+    with mode:
         for number, item in enumerate(batches):
             batch = as_row_batch(item)
             if not batch.checked:
@@ -133,9 +134,6 @@ def evaluate(sae: Any, batches: Iterable[Any], *, max_rows: int | None = None, d
             count += len(x)
             if max_rows is not None and count >= max_rows:
                 break
-    finally:
-        if was_training is not None and isinstance(sae, nn.Module):
-            sae.train(was_training)
     if count == 0:
         raise ValueError("no rows to evaluate the SAE on (the batches were empty)")
     d = sum_x.numel()
@@ -241,7 +239,7 @@ class splice_sae:
                  pooling: str | None = None):
         from mechlens.models.layers import get_module
 
-        model = model if isinstance(model, nn.Module) else getattr(model, "model", model)
+        model = unwrap(model)
         self.layer = layer or sae.config.layer
         if not self.layer:
             raise ValueError("the SAE does not record the layer it was trained on; pass layer=")
@@ -249,17 +247,14 @@ class splice_sae:
         self.model = model
         self.hook = _SpliceHook(replace or sae.reconstruct, layout or sae.config.layout, pooling or sae.config.pooling,
                                 self.layer, model)
-        self.handles: list[Any] = []
+        self.hooks = HookSet()
 
     def __enter__(self) -> "_SpliceHook":
-        self.handles = [self.model.register_forward_pre_hook(self.hook.remember_inputs),
-                        self.module.register_forward_hook(self.hook)]
+        self.hooks.pre(self.model, self.hook.remember_inputs).forward(self.module, self.hook)
         return self.hook
 
     def __exit__(self, *exc: Any) -> bool:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        self.hooks.remove()
         return False
 
 
@@ -319,19 +314,16 @@ def spliced_metrics(model: Any, sae: SAE, data: Any, *, layer: str | None = None
     preprocessing = getattr(model, "preprocessing", None)
     if transform is None and preprocessing is not None:
         transform = preprocessing.normalize
-    net: nn.Module = model if isinstance(model, nn.Module) else model.model
+    net = unwrap(model)
     if device is None:
         first = next(net.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
     sae = sae.to(device)
-    was_training, sae_training = net.training, sae.training
-    net.eval()
-    sae.eval()
     baseline = lambda rows: sae.b_dec.expand(rows.shape[0], -1)  # noqa: E731 - every latent off
     samples = 0
     totals = torch.zeros(7, dtype=torch.float64)
-    try:
+    with eval_mode(net), eval_mode(sae):
         for images, labels in _image_batches(data, batch_size):
             if max_samples is not None and samples >= max_samples:
                 break
@@ -358,9 +350,6 @@ def spliced_metrics(model: Any, sae: SAE, data: Any, *, layer: str | None = None
                 F.cross_entropy(spliced, labels, reduction="sum"), F.cross_entropy(base, labels, reduction="sum"),
             ]).double().cpu()
             samples += len(labels)
-    finally:
-        net.train(was_training)
-        sae.train(sae_training)
     if samples == 0:
         raise ValueError("no images to evaluate the spliced model on")
     t = (totals / samples).tolist()

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from activation_store.jsonutil import dumps as json_dumps
+from mechlens.engine import eval_mode
 from mechlens.sae.data import RowBatch, check_finite
 from mechlens.sae.modules import SAE
 
@@ -160,8 +161,6 @@ def feature_statistics(sae: SAE, store: Any, layer: str | None = None, *, top_k:
     if top_k < 1:
         raise ValueError(f"top_k must be positive, got {top_k}")
     device = torch.device(device) if device is not None else sae.device
-    was_training = sae.training
-    sae.eval()
     width = sae.width
     fired = torch.zeros(width, dtype=torch.float64, device=device)
     total = torch.zeros(width, dtype=torch.float64, device=device)
@@ -173,6 +172,8 @@ def feature_statistics(sae: SAE, store: Any, layer: str | None = None, *, top_k:
     count = 0
     limit = view.num_rows if max_rows is None else min(max_rows, view.num_rows)
     bar = tqdm(total=limit, disable=not progress, desc=f"feature stats {layer}", unit="row", unit_scale=True)
+    mode = eval_mode(sae)
+    mode.__enter__()
     try:
         for number, batch in enumerate(view.iter_batches(batch_size, shuffle=False, with_index=True)):
             if count >= limit:
@@ -196,7 +197,7 @@ def feature_statistics(sae: SAE, store: Any, layer: str | None = None, *, top_k:
             bar.update(n)
     finally:
         bar.close()
-        sae.train(was_training)
+        mode.__exit__(None, None, None)
     if count == 0:
         raise ValueError(f"layer {layer!r} of {store.root} has no committed rows")
     empty = run_v == _NEG

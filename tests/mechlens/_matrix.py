@@ -69,7 +69,7 @@ CLASS_TARGET = "class:1"
 
 # The errors mechlens gives today for combinations it does not support (first line, a substring).
 CLS_NEEDS_TOKENS = "needs token maps [B, T, D]"  # spatial='cls' on a conv map
-NOT_LOGITS = "not a logits tensor; a feature on the output needs model(x) to return [B, classes]: say which output that is with mechlens.models.select_output"
+NOT_LOGITS = "not a logits tensor; a feature on the output needs model(x) to return [B, classes]: say which output that is with mechlens.engine.select_output"
 
 
 # ---------------------------------------------------------------------------- the families
@@ -417,7 +417,7 @@ class _Run:
         self.loaded = load_model(f.spec, num_classes=NUM_CLASSES, input_size=f.size, **dict(f.kwargs))
         self.result.reinitialized = undo_zero_init(self.loaded.model)
         if f.output is not None:
-            from mechlens.models import select_output
+            from mechlens.engine import select_output
 
             select_output(self.loaded, f.output)
         # 40 images: 4 captured / explained, 6 concept, 3 x 6 random, 4 TCAV examples
@@ -430,7 +430,7 @@ class _Run:
     def layers(self, notes: list[str]) -> None:
         from mechlens.cli import main as cli_main
         from mechlens.cli.layers import format_shape
-        from mechlens.models import layer_shapes
+        from mechlens.features import layer_shapes
 
         f, ref = self.family, self.ref
         expected = format_shape(ref.shape)

@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch import nn
 
+from mechlens.features import layer_shapes
 from mechlens.models import (
     LayerNotFoundError,
     Preprocessing,
     PretrainedWeightsUnavailableError,
     layer_names,
-    layer_shapes,
     list_models,
     load_model,
     match_layer_pattern,

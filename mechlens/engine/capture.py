@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from mechlens._context import inferring_layouts
+from mechlens.engine.hooks import HookSet, unwrap
 from mechlens.models.layers import get_module, resolve_layers
 
 __all__ = ["Capture", "LayerNotFiredError", "capture"]
@@ -256,11 +257,7 @@ def capture(
     e.g. a feature-visualisation objective, but not differentiate *w.r.t.* them). ``to_cpu``
     moves detached copies to host memory. ``model`` may also be a ``LoadedModel``.
     """
-    if not isinstance(model, nn.Module):
-        inner = getattr(model, "model", None)
-        if not isinstance(inner, nn.Module):
-            raise TypeError(f"capture needs an nn.Module (or a LoadedModel), got {type(model).__name__}")
-        model = inner
+    model = unwrap(model)
     if detach is None:
         detach = not grads
     if grads and detach:
@@ -269,15 +266,14 @@ def capture(
         raise ValueError("to_cpu=True copies activations off the graph; it cannot be combined with grads=True")
     names = resolve_layers(model, layers)
     cap = Capture(model, names, grads=grads, detach=detach, to_cpu=to_cpu)
-    handles = []
+    hooks = HookSet()
     try:
-        handles.append(model.register_forward_pre_hook(_ForwardStart(cap)))
+        hooks.pre(model, _ForwardStart(cap))
         for name in names:
-            handles.append(get_module(model, name).register_forward_hook(_OutputHook(cap, name)))
+            hooks.forward(get_module(model, name), _OutputHook(cap, name))
         cap.active = True
         yield cap
     finally:
-        for handle in handles:
-            handle.remove()
+        hooks.remove()
         cap.active = False
 

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mechlens.engine.hooks import HookSet, unwrap
+
 __all__ = ["select_output"]
 
 _ATTRIBUTE = "_mechlens_output_selector"
@@ -46,14 +48,12 @@ def select_output(model: Any, key: str | int) -> Any:
     """Make ``model(x)`` return ``output[key]`` (a dict key, a tuple index or an attribute such as
     Hugging Face's ``"logits"``), so class features read the logits. Returns ``model`` (a
     ``LoadedModel`` or ``nn.Module``) with the choice attached; calling it again replaces it."""
-    net = model if isinstance(model, nn.Module) else getattr(model, "model", None)
-    if not isinstance(net, nn.Module):
-        raise TypeError(f"select_output needs an nn.Module or a LoadedModel, got {type(model).__name__}")
+    net = unwrap(model)
     if not isinstance(key, (str, int)) or isinstance(key, bool):
         raise TypeError(f"select_output: key must be a str (dict key / attribute) or an int (tuple index), got {key!r}")
     previous = getattr(net, _ATTRIBUTE, None)
     if previous is not None:
         previous.remove()
-    handle = net.register_forward_hook(_SelectOutput(key))
-    object.__setattr__(net, _ATTRIBUTE, handle)
+    hooks = HookSet().forward(net, _SelectOutput(key))  # kept for the model's lifetime (or the next call)
+    object.__setattr__(net, _ATTRIBUTE, hooks)
     return model
