@@ -420,15 +420,9 @@ def register_method(
     return add
 
 
-def _load_builtins() -> None:
-    # Importing the method modules registers them; done lazily to avoid import cycles.
-    from mechlens.attribution import cam, gradients, perturbation, smooth, vit  # noqa: F401
-
-
 def get_method(name: str) -> MethodInfo:
     """The registered method ``name`` (or an alias such as ``ig``); an unknown name is an error
     listing the closest names."""
-    _load_builtins()
     if isinstance(name, MethodInfo):
         return name
     key = _ALIASES.get(name, name)
@@ -443,7 +437,6 @@ def get_method(name: str) -> MethodInfo:
 def list_methods(pattern: str = "*", *, family: str | None = None) -> list[str]:
     """Registered method names matching a wildcard ``pattern`` (timm-style), optionally of one
     ``family``."""
-    _load_builtins()
     return sorted(
         name for name, info in _METHODS.items()
         if fnmatch.fnmatchcase(name, pattern) and (family is None or info.family == family)

@@ -57,6 +57,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming", "nearest-exact")
 
 
+# The on-disk layout of a mechlens model checkpoint (written by models.training.save_checkpoint)
+CHECKPOINT_WEIGHTS = "model.safetensors"
+CHECKPOINT_CONFIG = "config.json"
+CHECKPOINT_FORMAT = "mechlens-checkpoint"
+
 class PretrainedWeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be downloaded (offline?) nor found in the local cache."""
 
@@ -586,7 +591,6 @@ def _build_from_module(spec: str, pretrained: bool, kwargs: dict[str, Any]) -> t
 def _load_checkpoint_dir(
     path: Path, pretrained: bool, weights: str | Path | None, kwargs: dict[str, Any]
 ) -> LoadedModel:
-    from mechlens.models.training import CHECKPOINT_CONFIG, CHECKPOINT_FORMAT, CHECKPOINT_WEIGHTS
 
     config_path = path / CHECKPOINT_CONFIG
     if not config_path.is_file():

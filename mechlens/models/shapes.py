@@ -24,9 +24,8 @@ import torch
 from torch import nn
 
 from mechlens.data.synthetic import SyntheticShapes, SyntheticShapesConfig
-from mechlens.models.loading import LoadedModel, load_model
+from mechlens.models.loading import CHECKPOINT_CONFIG, LoadedModel, load_model
 from mechlens.models.training import (
-    CHECKPOINT_CONFIG,
     BatchTransform,
     TrainResult,
     predict,

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from activation_store.jsonutil import dumps as json_dumps
 from mechlens.data.adapters import check_nonempty
+from mechlens.models.loading import CHECKPOINT_CONFIG, CHECKPOINT_FORMAT, CHECKPOINT_WEIGHTS, load_model, load_state_dict_file
 
 __all__ = [
     "EpochStats",
@@ -40,9 +41,6 @@ __all__ = [
     "CHECKPOINT_CONFIG",
 ]
 
-CHECKPOINT_WEIGHTS = "model.safetensors"
-CHECKPOINT_CONFIG = "config.json"
-CHECKPOINT_FORMAT = "mechlens-checkpoint"
 
 BatchTransform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -307,7 +305,6 @@ def save_weights(model: nn.Module, path: str | Path, *, metadata: dict[str, str]
 def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> nn.Module:
     """Load a ``.safetensors`` file or a plain state-dict file (``torch.load(weights_only=True)``)
     into ``model``; mismatching keys or shapes raise an error listing them."""
-    from mechlens.models.loading import load_state_dict_file
 
     load_state_dict_file(model, path, strict=strict)
     return model
@@ -348,6 +345,5 @@ def save_checkpoint(
 
 def load_checkpoint(directory: str | Path, *, device: str | torch.device | None = None):
     """Rebuild a model saved by :func:`save_checkpoint`; returns a ``LoadedModel``."""
-    from mechlens.models.loading import load_model
 
     return load_model(str(directory), device=device)
