@@ -158,8 +158,13 @@ class Target:
     ) -> tuple[torch.Tensor, FeatureForward]:
         """Run the model on ``inputs`` (one row per sample of this target); returns the ``[N]``
         explained values and the :class:`FeatureForward`."""
-        fwd = feature_forward(model, list(self.features), inputs, grads=grads, keep_layers=keep_layers)
-        return self.pick(fwd.values), fwd
+        if len(self.features) == 1:
+            fwd = feature_forward(model, list(self.features), inputs, grads=grads, keep_layers=keep_layers)
+            return fwd.values[:, 0], fwd
+        # a feature per sample: each kind reads its samples in one batched op (not every feature on every sample)
+        per_sample = [self.features[int(i)] for i in self.index]
+        fwd = feature_forward(model, per_sample, inputs, grads=grads, keep_layers=keep_layers, per_sample=True)
+        return fwd.values[:, 0], fwd
 
 
 def resolve_target(model: nn.Module, inputs: torch.Tensor, target: Any = None) -> Target:

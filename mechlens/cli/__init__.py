@@ -10,6 +10,8 @@ import importlib
 import sys
 from typing import Sequence
 
+from mechlens.cli.options import DEBUG, DEBUG_HELP
+
 _COMMAND_MODULES: tuple[str, ...] = (
     "mechlens.cli.store",
     "mechlens.cli.layers",
@@ -24,14 +26,11 @@ _COMMAND_MODULES: tuple[str, ...] = (
 )
 
 
-_DEBUG_HELP = "show the full traceback of an error instead of its one-line message"
-
-
 def _add_debug(parser: argparse.ArgumentParser) -> None:
-    """``--debug`` on ``parser`` and on every sub-command below it that lacks one. SUPPRESS as the
-    default: a sub-command's parser would otherwise reset a ``--debug`` given before it."""
+    """``--debug`` (:data:`mechlens.cli.options.DEBUG`) on ``parser`` and on every sub-command
+    below it that lacks one."""
     if "--debug" not in parser._option_string_actions:
-        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+        DEBUG.add(parser)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in set(action.choices.values()):
@@ -45,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mechanistic-interpretability toolkit for vision models.",
     )
     # its own dest: a sub-command's "--debug" default (False) cannot overwrite it
-    parser.add_argument("--debug", dest="debug_all", action="store_true", help=_DEBUG_HELP)
+    parser.add_argument("--debug", dest="debug_all", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for module_name in _COMMAND_MODULES:

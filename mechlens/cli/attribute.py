@@ -21,7 +21,9 @@ import inspect
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+from mechlens.cli import options
 
 __all__ = ["register", "run"]
 
@@ -35,31 +37,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="attribution maps of a feature (class, channel, SAE latent...) on images",
         description=(
             "Explain a feature of MODEL on each image with one or more attribution methods and write "
-            "overlays (PNG) and a JSON summary of the raw maps."
+            "overlays (PNG) and a JSON summary of the raw maps to the directory --out: per image "
+            "<image>_<method>.png and <image>_methods.png, and summary.json (--save-maps: maps.safetensors)."
         ),
     )
-    parser.add_argument("--model", required=True, help="model spec (timm:NAME, torchvision:NAME, mechlens:NAME, checkpoint dir)")
-    parser.add_argument("--weights", metavar="PATH", help="local .safetensors or state-dict file")
-    parser.add_argument("--num-classes", type=int, default=None, help="number of classes of the head")
+    options.add_model_options(parser)
     parser.add_argument("--image", nargs="+", required=True, metavar="IMG", help="image files")
     parser.add_argument("--method", nargs="+", default=list(DEFAULT_METHODS), metavar="M",
                         help=f"methods (see mechlens.attribution.list_methods(); default: {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--target", default=None, metavar="FEATURE",
                         help="feature spec: class:3, channel:LAYER:17, neuron:LAYER:C:Y,X, sae:PATH:123, cav:PATH "
                              "(default: each image's predicted class)")
-    parser.add_argument("--layer", default=None, help="layer for CAM methods (default: the last spatial stage)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    parser.add_argument("--layer", default=None, metavar="LAYER",
+                        help="layer for CAM methods (default: the last spatial stage)")
     parser.add_argument("--steps", type=int, default=50, help="integration steps (IG)")
     parser.add_argument("--samples", type=int, default=None, help="noise / perturbation samples (SmoothGrad, GradientSHAP, LIME, KernelSHAP)")
     parser.add_argument("--baseline", default=None, help="baseline for IG / occlusion / LIME / KernelSHAP: zeros, blur, uniform, or a number")
     parser.add_argument("--internal-batch-size", type=int, default=None, help="rows per forward pass for methods that multiply the batch")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    parser.add_argument("--device", default="cpu", help="device (default: cpu)")
+    options.SEED.add(parser)
     parser.add_argument("--save-maps", action="store_true", help="also write the raw maps to maps.safetensors")
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="keep results for NaN/Inf model outputs or maps (counted in summary.json, their "
                              "numbers written as null) instead of stopping with an error")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback on error")
+    options.add_run_options(parser, device="cpu", out={"required": True})
     parser.set_defaults(handler=run)
 
 
@@ -125,25 +125,26 @@ def _per_image(result: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Handler of ``mechlens attribute``; returns the exit code."""
     import torch
 
     from activation_store.jsonutil import dumps
     from mechlens.attribution import attribute, get_method, resolve_target, suggest_cam_layer
     from mechlens.evaluation.plots import plot_methods, plot_overlay, save_figure
-    from mechlens.models import load_model
 
+    stdout = out or sys.stdout
     infos = [get_method(name) for name in args.method]  # unknown names fail before any work
-    loaded = load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=args.device)
+    device = options.resolved_device(args)
+    loaded = options.load_model_from_args(args, device=device)
     model, preprocessing = loaded.model, loaded.preprocessing
-    inputs = load_images(args.image, preprocessing).to(args.device)
+    inputs = load_images(args.image, preprocessing).to(device)
     target = resolve_target(model, inputs, args.target)
     layer = args.layer
     if layer is None and any(info.needs_layer for info in infos):
         layer = suggest_cam_layer(model, preprocessing.input_size)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    directory = Path(args.out)
+    directory.mkdir(parents=True, exist_ok=True)
     stems = [f"{i:02d}_{Path(p).stem}" if len(args.image) > 1 else Path(p).stem for i, p in enumerate(args.image)]
     with torch.no_grad():
         logits = model(inputs)
@@ -158,33 +159,42 @@ def run(args: argparse.Namespace) -> int:
         "methods": {}, "files": [],
     }
     results = {}
-    for info in infos:
-        started = time.perf_counter()
-        result = attribute(model, inputs, target, method=info.name, allow_nonfinite=args.allow_nonfinite,
-                           **_method_kwargs(info, args, layer))
-        seconds = time.perf_counter() - started
-        results[info.name] = result
-        entry = result.summary()
-        entry["seconds"] = round(seconds, 4)
-        entry["randomization_check"] = info.randomization
-        entry["per_image"] = _per_image(result)
-        summary["methods"][info.name] = entry
-        for i, stem in enumerate(stems):
-            fig = plot_overlay(inputs[i], result, index=i, preprocessing=preprocessing)
-            summary["files"].append(str(save_figure(fig, out / f"{stem}_{info.name}.png")))
+    with options.progress_bar(args, total=len(infos), desc="attribute", unit="method") as bar:
+        for info in infos:
+            bar.set_postfix_str(info.name, refresh=False)
+            started = time.perf_counter()
+            result = attribute(model, inputs, target, method=info.name, allow_nonfinite=args.allow_nonfinite,
+                               **_method_kwargs(info, args, layer))
+            seconds = time.perf_counter() - started
+            results[info.name] = result
+            entry = result.summary()
+            entry["seconds"] = round(seconds, 4)
+            entry["randomization_check"] = info.randomization
+            entry["per_image"] = _per_image(result)
+            summary["methods"][info.name] = entry
+            for i, stem in enumerate(stems):
+                fig = plot_overlay(inputs[i], result, index=i, preprocessing=preprocessing)
+                summary["files"].append(str(save_figure(fig, directory / f"{stem}_{info.name}.png")))
+            bar.update()
     for i, stem in enumerate(stems):
         fig = plot_methods(inputs[i], results, index=i, preprocessing=preprocessing, title=target.names[i])
-        summary["files"].append(str(save_figure(fig, out / f"{stem}_methods.png")))
+        summary["files"].append(str(save_figure(fig, directory / f"{stem}_methods.png")))
     if args.save_maps:
         from safetensors.torch import save_file
 
-        save_file({name: r.map.detach().float().cpu().contiguous() for name, r in results.items()}, str(out / "maps.safetensors"))
-        summary["files"].append(str(out / "maps.safetensors"))
+        save_file({name: r.map.detach().float().cpu().contiguous() for name, r in results.items()}, str(directory / "maps.safetensors"))
+        summary["files"].append(str(directory / "maps.safetensors"))
     nonfinite = {name: entry["nonfinite_samples"] for name, entry in summary["methods"].items()
                  if entry.get("nonfinite_samples")}
     summary["nonfinite_samples"] = nonfinite
-    (out / "summary.json").write_text(dumps(summary, indent=1))
-    print(f"{len(infos)} method(s) x {len(stems)} image(s): wrote {len(summary['files'])} files and summary.json to {out}")
+    (directory / "summary.json").write_text(dumps(summary, indent=1))
+    if args.json:
+        options.print_json({"out": str(directory), "summary": str(directory / "summary.json"),
+                            "methods": [i.name for i in infos], "images": len(stems), "files": summary["files"],
+                            "nonfinite_samples": nonfinite}, stdout)
+    else:
+        print(f"{len(infos)} method(s) x {len(stems)} image(s): wrote {len(summary['files'])} files and summary.json "
+              f"to {directory}", file=stdout)
     if nonfinite:
         counts = ", ".join(f"{name} {count}" for name, count in nonfinite.items())
         print(f"warning: non-finite model outputs or maps kept (--allow-nonfinite), images per method: {counts}",

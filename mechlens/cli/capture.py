@@ -6,10 +6,11 @@ writes its own shard). Rerunning the same command on the same ``--out`` resumes.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 from typing import Any, TextIO
+
+from mechlens.cli import options
 
 __all__ = ["register", "run"]
 
@@ -23,31 +24,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "capture",
         help="capture layer activations over a dataset into an activation store",
         description=(
-            "Run MODEL over DATA and write the activations of LAYERS into the store at OUT (created, "
-            "or resumed after the last committed image). DATA: 'synthetic:shapes?n=512', 'digits', "
-            "'skimage:astronaut,coffee', 'folder:PATH' or an image folder with class subfolders."
+            "Run --model over --data and write the activations of each --layer (names or globs, e.g. "
+            "'layer3' 'blocks.*') into the store at --out (created, or resumed after the last committed "
+            "image). --device auto: cuda:LOCAL_RANK under torchrun, cuda when available, else cpu."
         ),
     )
-    parser.add_argument("--model", required=True, help="model spec, e.g. timm:resnet50, torchvision:resnet18, mechlens:small_cnn")
-    parser.add_argument("--weights", metavar="PATH", help="local .safetensors or state-dict file")
-    parser.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs a download or cache)")
-    parser.add_argument("--num-classes", type=int, default=None, help="number of classes of the model head")
-    parser.add_argument("--layers", nargs="+", required=True, metavar="LAYER", help="layer names or globs, e.g. layer3 layer4")
-    parser.add_argument("--data", required=True, help="dataset spec or image folder")
-    parser.add_argument("--out", required=True, help="store directory")
+    options.add_model_options(parser)
+    options.LAYERS.add(parser, required=True)
+    options.add_data_options(parser, required=True)
     parser.add_argument("--spatial", choices=SPATIAL_MODES, default="all",
                         help="all positions, k random positions, mean/max pooled or the CLS token (default: all)")
     parser.add_argument("--k", type=int, default=16, help="positions per image for --spatial random (default 16)")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="stored dtype")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores - 1, at most 8)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
     parser.add_argument("--autocast", choices=("auto", "bf16", "fp16", "none"), default="auto",
                         help="mixed precision of the forward (auto: bf16 on CUDA, off on CPU)")
-    parser.add_argument("--resize", action="store_true",
-                        help="resize images that differ from the model's input size (default: such images are an error)")
-    parser.add_argument("--on-unreadable", choices=("skip", "error"), default=None,
-                        help="unreadable images: skip and count (default) or stop with an error")
     parser.add_argument("--commit-every", default=str(CommitPolicy()), metavar="SPEC",
                         help="commit (make rows durable for a resume) after this much work, whichever comes first: "
                              "e.g. '5s', '2000rows', '256MB', '10s,512MiB' (default: %(default)s)")
@@ -59,11 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--num-prefix-tokens", type=int, default=None, metavar="N",
                         help="CLS/register tokens at the start of token maps, for a model that does not declare them")
     parser.add_argument("--max-images", type=int, default=None, help="capture only the first N images")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --spatial random")
+    options.SEED.add(parser)
     parser.add_argument("--backend", choices=("zarr", "hdf5"), default="zarr")
     parser.add_argument("--compression", default=None, help="e.g. zstd (default: none)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    options.add_run_options(parser, device="auto", out={"required": True, "metavar": "STORE"})
     parser.set_defaults(handler=run)
 
 
@@ -76,17 +67,15 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Handler of ``mechlens capture``; returns the exit code."""
     from mechlens.capture.job import capture_to_store
     from mechlens.features.layout import parse_layout_option
-    from mechlens.models import load_model
 
     out = out or sys.stdout
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        loaded = load_model(args.model, pretrained=args.pretrained, weights=args.weights, num_classes=args.num_classes)
+        loaded = options.load_model_from_args(args)  # capture_to_store moves it to its device
         result = capture_to_store(
-            loaded, args.data, args.out, layers=args.layers, spatial=args.spatial, k=args.k, dtype=args.dtype,
-            batch_size=args.batch_size, num_workers=args.workers, device=args.device,
-            autocast=None if args.autocast == "none" else args.autocast,
-            on_size_mismatch="resize" if args.resize else None, on_unreadable=args.on_unreadable,
+            loaded, args.data, args.out, layers=args.layer, spatial=args.spatial, k=args.k, dtype=args.dtype,
+            batch_size=args.batch_size, num_workers=args.workers, device=options.requested_device(args),
+            autocast=None if args.autocast == "none" else args.autocast, **options.dataset_options(args),
             max_images=args.max_images, seed=args.seed, backend=args.backend, compression=args.compression,
             progress=not args.no_progress, commit_every=args.commit_every,
             nonfinite="count" if args.allow_nonfinite else "error",
@@ -103,7 +92,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         "megabytes": round(result.bytes_written / 1e6, 2), "nonfinite_rows": result.nonfinite_rows,
     }
     if args.json:
-        print(json.dumps(summary), file=out)
+        options.print_json(summary, out)
     else:
         print(
             f"rank {result.rank}/{result.world_size}: {result.images_captured} images captured "

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from mechlens.cli import options
+
 __all__ = ["register", "run"]
 
 
@@ -24,16 +26,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Gradient ascent on IMAGE (a file, or skimage:NAME for a photo bundled with scikit-image, e.g. "
             "skimage:astronaut) toward higher energy of LAYER, or toward FEATURE, over several octaves. "
-            "Images larger than the model input are processed in tiles."
+            "Images larger than the model input are processed in tiles. Writes the PNG file --out and a "
+            "JSON summary next to it (--out with .json)."
         ),
     )
-    parser.add_argument("--model", required=True, help="model spec, e.g. torchvision:resnet18, mechlens:small_cnn")
-    parser.add_argument("--weights", metavar="PATH", help="local .safetensors or state-dict file")
-    parser.add_argument("--pretrained", action="store_true", help="the library's pretrained weights (needs a download or cache)")
-    parser.add_argument("--num-classes", type=int, default=None, help="number of classes of the model head")
+    options.add_model_options(parser)
     parser.add_argument("--image", required=True, help="photo file or skimage:NAME")
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--layer", help="layer whose energy (mean squared activation) is maximized")
+    target.add_argument("--layer", metavar="LAYER", help="layer whose energy (mean squared activation) is maximized")
     target.add_argument("--feature", help="feature spec to maximize instead, e.g. channel:layer3:17")
     parser.add_argument("--octaves", type=int, default=4, help="number of octaves (default 4)")
     parser.add_argument("--octave-scale", type=float, default=1.4, help="size ratio between octaves (default 1.4)")
@@ -43,32 +43,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tile-size", type=int, default=None,
                         help="tile side (default: the model's input size; 0 = never tile)")
     parser.add_argument("--max-side", type=int, default=None, help="shrink the photo so its longer side is at most this")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument("--out", required=True, help="output PNG file")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    options.SEED.add(parser)
+    options.add_run_options(parser, device="auto", out={"required": True, "metavar": "FILE.png"})
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Handler of ``mechlens dream``; returns the exit code."""
     from activation_store.jsonutil import dumps as json_dumps
-    import torch
-
     from mechlens.featvis import deepdream, load_image
-    from mechlens.models import load_model
 
     out = out or sys.stdout
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_model(args.model, pretrained=args.pretrained, weights=args.weights, num_classes=args.num_classes,
-                        device=device)
+    loaded = options.load_model_from_args(args, device=options.resolved_device(args))
     image = load_image(args.image, max_side=args.max_side)
     tile_size = "auto" if args.tile_size is None else (None if args.tile_size == 0 else args.tile_size)
-    result = deepdream(
-        loaded, image, args.layer if args.layer else args.feature, octaves=args.octaves,
-        octave_scale=args.octave_scale, steps=args.steps, step_size=args.step_size, jitter=args.jitter,
-        tile_size=tile_size, seed=args.seed,
-    )
+    with options.progress_bar(args, total=args.octaves * args.steps, desc="dream", unit="step") as bar:
+        result = deepdream(
+            loaded, image, args.layer if args.layer else args.feature, octaves=args.octaves,
+            octave_scale=args.octave_scale, steps=args.steps, step_size=args.step_size, jitter=args.jitter,
+            tile_size=tile_size, seed=args.seed, callback=lambda *_: bar.update(),
+        )
     path = Path(args.out)
     if not path.suffix:
         path = path.with_suffix(".png")
@@ -78,7 +72,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     json_path = path.with_suffix(".json")
     json_path.write_text(json_dumps(summary, indent=2))
     if args.json:
-        print(json_dumps(summary), file=out)
+        options.print_json(summary, out)
     else:
         before, after = float(result.objective_before[0]), float(result.objective_after[0])
         print(f"{summary['objective']}: {before:.4g} -> {after:.4g} over {len(result.octave_sizes)} octaves "

@@ -5,6 +5,8 @@ import argparse
 import sys
 from typing import Any, TextIO
 
+from mechlens.cli import options
+
 __all__ = ["register", "run", "format_shape"]
 
 
@@ -22,6 +24,17 @@ def format_shape(shape: Any, *, drop_batch: bool = True) -> str:
     return "(" + ", ".join(format_shape(v, drop_batch=drop_batch) for v in shape) + ")"
 
 
+def _per_sample(shape: Any) -> Any:
+    """An output shape for ``--json``: the batch dimension dropped, nested outputs as lists / dicts."""
+    if isinstance(shape, dict):
+        return {k: _per_sample(v) for k, v in shape.items()}
+    if isinstance(shape, tuple) and all(isinstance(v, int) for v in shape):
+        return list(shape[1:])
+    if isinstance(shape, (tuple, list)):
+        return [_per_sample(v) for v in shape]
+    return shape
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``layers`` sub-command."""
     parser = subparsers.add_parser(
@@ -29,39 +42,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="list a model's layers with their output shapes",
         description=(
             "List the dotted layer names of MODEL (timm:NAME, torchvision:NAME, mechlens:NAME, "
-            "package.module:factory or a checkpoint directory) with module type, output shape per "
-            "sample (one dry forward with random input) and parameter count."
+            "package.module:factory or a checkpoint directory; as MODEL or --model) with module type, output "
+            "shape per sample (one dry forward with random input on --device) and parameter count."
         ),
     )
-    parser.add_argument("model", metavar="MODEL", help="model spec, e.g. timm:resnet18 or mechlens:small_cnn")
+    options.add_model_options(parser, positional=True)
     parser.add_argument("--input-size", nargs=3, type=int, metavar=("C", "H", "W"),
                         help="input size for the dry forward (default: the model's preprocessing)")
     parser.add_argument("--filter", action="append", metavar="GLOB",
                         help="only layers matching this name or glob (repeatable), e.g. 'layer4.*' or '**.relu'")
     parser.add_argument("--max-depth", type=int, default=None, metavar="D",
                         help="only layers with at most D dotted segments")
-    parser.add_argument("--pretrained", action="store_true", help="load the library's pretrained weights")
-    parser.add_argument("--weights", metavar="PATH", help="local .safetensors or state-dict file")
-    parser.add_argument("--num-classes", type=int, default=None, help="number of classes of the head")
-    parser.add_argument("--device", default="cpu", help="device for the dry forward (default: cpu)")
+    options.add_run_options(parser, device="cpu", progress=False)  # one dry forward: nothing to wait for
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Handler of ``mechlens layers``; returns the exit code."""
     from mechlens.features import layer_shapes
-    from mechlens.models import load_model
 
     out = out or sys.stdout
-    loaded = load_model(
-        args.model, pretrained=args.pretrained, weights=args.weights, num_classes=args.num_classes,
-        device=args.device,
-    )
+    device = options.resolved_device(args)
+    loaded = options.load_model_from_args(args, device=device)
     input_size = tuple(args.input_size) if args.input_size else loaded.preprocessing.input_size
-    infos = layer_shapes(loaded.model, input_size, args.filter, device=args.device)
+    infos = layer_shapes(loaded.model, input_size, args.filter, device=device)
     if args.max_depth is not None:
         infos = [i for i in infos if i.name.count(".") < args.max_depth]
     total = sum(p.numel() for p in loaded.model.parameters())
+    if args.json:
+        options.print_json({
+            "model": loaded.spec, "type": type(loaded.model).__name__, "parameters": total,
+            "input_size": list(input_size), "preprocessing": loaded.preprocessing.source,
+            "layers": [{"name": i.name, "type": i.type,
+                        "output_shape": _per_sample(i.output_shape) if i.calls else None, "calls": i.calls,
+                        "layout": i.layout, "num_prefix_tokens": i.num_prefix_tokens, "params": i.num_params}
+                       for i in infos],
+        }, out)
+        return 0
     print(
         f"{loaded.spec}  ({type(loaded.model).__name__}, {total:,} parameters, input "
         f"{list(input_size)}, preprocessing: {loaded.preprocessing.source})",

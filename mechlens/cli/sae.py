@@ -11,6 +11,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from mechlens.cli import options
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -31,10 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = sae.add_subparsers(dest="sae_command", metavar="ACTION")
     actions.required = True
 
-    train = actions.add_parser("train", help="train one SAE or a sweep (width x k / coefficient) in one pass")
-    train.add_argument("--store", required=True, help="activation store directory")
-    train.add_argument("--layer", required=True, help="layer of the store to train on")
-    train.add_argument("--out", required=True, help="output directory (a sweep writes out/<name> per SAE)")
+    train = actions.add_parser(
+        "train", help="train one SAE or a sweep (width x k / coefficient) in one pass",
+        description="Train one SAE, or a sweep (every --arch x --width x --k / coefficient) in one pass, on --layer "
+                    "of --store; writes the SAE to --out (a sweep: --out/<name> per SAE).")
+    options.STORE.add(train, required=True)
+    train.add_argument("--layer", required=True, metavar="LAYER", help="layer of the store to train on")
     train.add_argument("--arch", default="topk", help="architecture(s), comma-separated: relu, topk, batchtopk, jumprelu")
     train.add_argument("--width", type=_ints, default=[4096], help="number of latents (comma-separated for a sweep)")
     train.add_argument("--k", type=_ints, default=[32], help="active latents per row, topk/batchtopk (comma list)")
@@ -48,8 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--b-dec-init", default="geometric_median", choices=("geometric_median", "mean", "zeros"))
     train.add_argument("--center", action="store_true", help="subtract the data mean before scaling")
     train.add_argument("--no-normalize", action="store_true", help="train on raw activations (no scalar normalisation)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
+    options.SEED.add(train)
     train.add_argument("--checkpoint-dir", default=None, help="write resumable checkpoints here")
     train.add_argument("--checkpoint-every", type=int, default=1000,
                        help="steps between checkpoints in --checkpoint-dir (default 1000; 0: only at the end)")
@@ -58,37 +61,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "checkpoint is an error, never silently overwritten)")
     train.add_argument("--log", default=None, help="metrics log: .csv, or JSON lines for any other suffix")
     train.add_argument("--log-every", type=int, default=50)
-    train.add_argument("--no-progress", action="store_true")
+    options.add_run_options(train, device="auto", out={"required": True})
     train.set_defaults(handler=_train)
 
-    evaluate = actions.add_parser("eval", help="MSE, FVU, L0, dead/dense fractions; accuracy and KL when spliced in")
+    evaluate = actions.add_parser(
+        "eval", help="MSE, FVU, L0, dead/dense fractions; accuracy and KL when spliced in",
+        description="Evaluate each SAE on rows of --store (ideally held-out rows); with --model and --data, also "
+                    "spliced into the model on held-out images (accuracy, KL).")
     evaluate.add_argument("saes", nargs="+", help="saved SAE directories")
-    evaluate.add_argument("--store", required=True, help="store to evaluate on (ideally held-out rows)")
-    evaluate.add_argument("--layer", default=None, help="default: the layer each SAE was trained on")
+    options.STORE.add(evaluate, required=True)
+    evaluate.add_argument("--layer", default=None, metavar="LAYER",
+                          help="layer of the store (default: the layer each SAE was trained on)")
     evaluate.add_argument("--rows", type=int, default=100_000, help="rows evaluated (the dead-latent window)")
     evaluate.add_argument("--batch-size", type=int, default=4096)
-    evaluate.add_argument("--model", default=None, help="model spec or checkpoint dir, to splice the SAE in")
-    evaluate.add_argument("--pretrained", action="store_true", help="load the model's pretrained weights")
-    evaluate.add_argument("--weights", default=None, help="local weights file for the model")
-    evaluate.add_argument("--data", default=None, help="dataset spec of held-out images for the spliced evaluation")
     evaluate.add_argument("--samples", type=int, default=1000, help="images for the spliced evaluation")
     evaluate.add_argument("--plot", default=None, help="write a FVU-vs-L0 plot (PNG) of the SAEs")
-    evaluate.add_argument("--device", default=None)
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    options.add_model_options(evaluate, required=False)
+    options.add_data_options(evaluate)
+    options.add_run_options(evaluate, device="cpu")
     evaluate.set_defaults(handler=_eval)
 
-    stats = actions.add_parser("stats", help="per-latent frequency, mean, max and top-k exemplars (the atlas's input)")
+    stats = actions.add_parser(
+        "stats", help="per-latent frequency, mean, max and top-k exemplars (the atlas's input)",
+        description="Per-latent frequency, mean, max and top-k exemplars of SAE over --store, written to --out "
+                    "(default: the SAE directory), where `mechlens atlas` finds them.")
     stats.add_argument("sae", help="saved SAE directory (the statistics are written next to it)")
-    stats.add_argument("--store", required=True)
-    stats.add_argument("--layer", default=None)
+    options.STORE.add(stats, required=True)
+    stats.add_argument("--layer", default=None, metavar="LAYER",
+                       help="layer of the store (default: the layer the SAE was trained on)")
     stats.add_argument("--top-k", type=int, default=16)
     stats.add_argument("--all-rows", action="store_true",
                        help="exemplars may repeat an image (default: k distinct images, each at its best position)")
     stats.add_argument("--rows", type=int, default=None, help="only the first N rows of the store")
     stats.add_argument("--batch-size", type=int, default=4096)
-    stats.add_argument("--device", default=None)
-    stats.add_argument("--out", default=None, help="default: the SAE directory")
-    stats.add_argument("--no-progress", action="store_true")
+    options.add_run_options(stats, device="cpu", out={"default": None})
     stats.set_defaults(handler=_stats)
 
 
@@ -119,10 +125,16 @@ def _train(args: argparse.Namespace) -> int:
     configs = _configs(args)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_warmup_steps=args.lr_warmup_steps,
                         dead_window=args.dead_window, b_dec_init=args.b_dec_init, center=args.center,
-                        normalize=not args.no_normalize, seed=args.seed, device=args.device, log_every=args.log_every,
+                        normalize=not args.no_normalize, seed=args.seed, device=options.requested_device(args),
+                        log_every=args.log_every,
                         checkpoint_every=args.checkpoint_every)
     result = train_sae(args.store, args.layer, configs, train, out=args.out, checkpoint_dir=args.checkpoint_dir,
                        resume=args.resume, progress=not args.no_progress, log_path=args.log)
+    if args.json:
+        saes = [{"path": str(path), **metrics} for path, metrics in zip(result.paths, result.metrics)]
+        options.print_json({"saes": saes, "steps": result.steps, "rows": result.rows,
+                            "rows_per_second": result.rows_per_second, "metrics_over_last_steps": train.log_every})
+        return 0
     print(f"trained {len(result.saes)} SAE(s) for {result.steps} steps on {result.rows:,} rows "
           f"({result.rows_per_second:,.0f} rows/s)")
     for path, metrics in zip(result.paths, result.metrics):
@@ -132,51 +144,59 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from activation_store.jsonutil import dumps as json_dumps
     from mechlens.sae import SAE, evaluate_store, plot_fvu_vs_l0, spliced_metrics
 
     if (args.model is None) != (args.data is None):
         raise ValueError("the spliced evaluation needs both --model and --data")
+    device = options.resolved_device(args)
     model = dataset = None
     if args.model is not None:
         from mechlens.data.adapters import build_dataset
-        from mechlens.models import load_model
 
-        model = load_model(args.model, pretrained=args.pretrained, weights=args.weights, device=args.device)
-        dataset = build_dataset(args.data, image_size=model.preprocessing.image_size)
+        model = options.load_model_from_args(args, device=device)
+        dataset = build_dataset(args.data, image_size=model.preprocessing.image_size, **options.dataset_options(args))
+    elif args.resize or args.on_unreadable:
+        raise ValueError("--resize / --on-unreadable apply to the spliced evaluation: give --model and --data")
     report = []
     points = []
-    for path in args.saes:
-        sae = SAE.load(path, device=args.device)
-        metrics = evaluate_store(sae, args.store, args.layer, max_rows=args.rows, batch_size=args.batch_size)
-        entry: dict[str, Any] = {"sae": str(path), "arch": sae.config.arch, "width": sae.width,
-                                 "layer": args.layer or sae.config.layer, **metrics.to_json()}
-        if model is not None:
-            spliced = spliced_metrics(model, sae, dataset, layer=args.layer, max_samples=args.samples)
-            entry["spliced"] = spliced.to_json()
-        report.append(entry)
-        points.append((Path(path).name, metrics))
-        if not args.json:
-            print(f"{path}: {metrics}")
+    with options.progress_bar(args, total=len(args.saes), desc="sae eval", unit="sae") as bar:
+        for path in args.saes:
+            sae = SAE.load(path, device=device)
+            metrics = evaluate_store(sae, args.store, args.layer, max_rows=args.rows, batch_size=args.batch_size)
+            entry: dict[str, Any] = {"sae": str(path), "arch": sae.config.arch, "width": sae.width,
+                                     "layer": args.layer or sae.config.layer, **metrics.to_json()}
             if model is not None:
-                print(f"    spliced into {args.model}: {spliced}")
+                spliced = spliced_metrics(model, sae, dataset, layer=args.layer, max_samples=args.samples)
+                entry["spliced"] = spliced.to_json()
+            report.append(entry)
+            points.append((Path(path).name, metrics))
+            if not args.json:
+                print(f"{path}: {metrics}")
+                if model is not None:
+                    print(f"    spliced into {options.model_spec(args)}: {spliced}")
+            bar.update()
     if args.plot:
         plot_fvu_vs_l0(points, args.plot)
         if not args.json:
             print(f"plot: {args.plot}")
     if args.json:
-        print(json_dumps(report if len(report) > 1 else report[0]))
+        options.print_json(report if len(report) > 1 else report[0])
     return 0
 
 
 def _stats(args: argparse.Namespace) -> int:
     from mechlens.sae import SAE, feature_statistics
 
-    sae = SAE.load(args.sae, device=args.device)
+    sae = SAE.load(args.sae, device=options.resolved_device(args))
     stats = feature_statistics(sae, args.store, args.layer, top_k=args.top_k, distinct_samples=not args.all_rows,
                                batch_size=args.batch_size, max_rows=args.rows, progress=not args.no_progress)
     out = stats.save(args.out or args.sae)
     dead = float((stats.frequency == 0).mean())
+    if args.json:
+        options.print_json({"out": str(out), "latents": sae.width, "rows": stats.rows, "layer": stats.layer,
+                            "dead_fraction": dead, "median_frequency": _median(stats.frequency),
+                            "top_k": stats.top_k, "distinct_samples": stats.distinct_samples})
+        return 0
     print(f"feature statistics of {sae.width} latents over {stats.rows:,} rows of {stats.layer!r} -> {out}")
     print(f"  never fire: {100 * dead:.1f}%  median frequency {float(_median(stats.frequency)):.4g}  "
           f"top-{stats.top_k} exemplars per latent ({'distinct images' if stats.distinct_samples else 'any rows'})")

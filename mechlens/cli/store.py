@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from mechlens.cli import options
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     store = subparsers.add_parser("store", help="inspect and check an activation store")
@@ -11,22 +13,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     info = actions.add_parser("info", help="layers, rows, dims, dtype, size on disk, shards")
     info.add_argument("path", help="store directory")
-    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    options.add_run_options(info, progress=False)  # reads the manifest only: nothing to wait for
     info.set_defaults(handler=_info)
 
-    verify = actions.add_parser("verify", help="re-read every committed chunk and check its checksum")
+    verify = actions.add_parser(
+        "verify", help="re-read every committed chunk and check its checksum",
+        description="Re-read every committed chunk of the store at PATH (of --layer only, if given) and check its "
+                    "checksum; exit 1 if any chunk is bad.")
     verify.add_argument("path", help="store directory")
-    verify.add_argument("--layer", action="append", help="only these layers (repeatable)")
-    verify.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    options.LAYERS.add(verify)
+    options.add_run_options(verify)
     verify.set_defaults(handler=_verify)
 
 
 def _info(args: argparse.Namespace) -> int:
-    from activation_store.jsonutil import dumps as json_dumps
     from activation_store import open_store
 
     info = open_store(args.path).info()
-    print(json_dumps(info.to_json(), indent=1) if args.json else info)
+    if args.json:
+        options.print_json(info.to_json(), indent=1)
+    else:
+        print(info)
     return 0
 
 
@@ -34,6 +41,12 @@ def _verify(args: argparse.Namespace) -> int:
     from activation_store import open_store
 
     report = open_store(args.path).verify(layers=args.layer, progress=not args.no_progress)
+    if args.json:
+        bad_chunks = [{"layer": bad.layer, "shard": bad.shard, "segment": bad.segment, "chunk": bad.chunk,
+                       "reason": bad.reason} for bad in report.bad_chunks]
+        options.print_json({"ok": report.ok, "chunks_checked": report.chunks_checked,
+                            "bytes_checked": report.bytes_checked, "bad_chunks": bad_chunks})
+        return 0 if report.ok else 1
     mib = report.bytes_checked / 2**20
     if report.ok:
         print(f"ok: {report.chunks_checked} chunks ({mib:.1f} MiB) verified, no errors")

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import TextIO
+
+from mechlens.cli import options
 
 __all__ = ["register", "run"]
 
@@ -20,13 +21,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "directional derivative of each --target on the --examples, and test whether the concept "
             "scores like one more random set (--test exchangeable, calibrated; Bonferroni-corrected over "
             "concepts x layers x targets; significant only when most of its CAVs beat chance). Writes "
-            "tcav.csv, tcav.json, tcav.png and the CAVs to --out."
+            "tcav.csv, tcav.json, tcav.png and the CAVs to the directory --out. tcav draws no progress bar "
+            "(run_tcav reports none): --no-progress is accepted, like on every long-running command, and "
+            "changes nothing."
         ),
     )
-    parser.add_argument("--model", required=True, help="model spec or checkpoint directory")
-    parser.add_argument("--weights", metavar="PATH", help="local .safetensors or state-dict file")
-    parser.add_argument("--num-classes", type=int, default=None)
-    parser.add_argument("--layer", nargs="+", required=True, metavar="LAYER", help="layer name(s)")
+    options.add_model_options(parser)
+    options.LAYERS.add(parser, required=True)
     parser.add_argument("--concept", nargs="+", required=True, metavar="NAME=DIR", help="concept image folders")
     parser.add_argument("--random", nargs="+", required=True, metavar="DIR",
                         help="one folder to draw --num-random random sets from, or >= 3 folders used as the sets")
@@ -45,9 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--score", choices=("sign", "magnitude"), default="sign")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level after Bonferroni")
     parser.add_argument("--min-accuracy", type=float, default=0.7, help="flag CAVs below this held-out accuracy")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--out", required=True, help="output directory")
+    options.SEED.add(parser)
+    options.add_run_options(parser, device="cpu", out={"required": True})
     parser.set_defaults(handler=run)
 
 
@@ -68,7 +68,6 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Handler of ``mechlens tcav``; returns the exit code."""
     from activation_store.manifest import check_name
     from mechlens.features import as_features
-    from mechlens.models import load_model
     from mechlens.probes import ConceptSet, cav_file_stem, random_concept_sets, run_tcav, save_cavs
 
     out = out or sys.stdout
@@ -76,7 +75,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     concept_args = [_concept_arg(text) for text in args.concept]
     for layer in args.layer:
         check_name(layer, "layer")
-    loaded = load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=args.device)
+    loaded = options.load_model_from_args(args, device=options.resolved_device(args))
     size = loaded.preprocessing.image_size
     concepts = [ConceptSet.from_folder(name, folder, image_size=size) for name, folder in concept_args]
     if len(args.random) == 1:
@@ -102,6 +101,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     report.to_json(target_dir / "tcav.json")
     report.plot(target_dir / "tcav.png")
     save_cavs(cavs, target_dir / "cavs")
+    if args.json:
+        files = [str(target_dir / name) for name in ("tcav.csv", "tcav.json", "tcav.png", "cavs")]
+        options.print_json({"out": str(target_dir), "files": files, "results": report.rows()}, out)
+        return 0
     for row in report.rows():
         mark = "significant" if row["significant"] else "not significant"
         print(f"{row['concept']:>16} @ {row['layer']:<12} {row['target']:<14} TCAV {row['tcav_mean']:.3f} ± "

@@ -11,6 +11,7 @@ from mechlens.features.base import (
     ClassLogit,
     Direction,
     Feature,
+    FeatureBase,
     LatentEncoder,
     LayerEnergy,
     Neuron,
@@ -18,6 +19,7 @@ from mechlens.features.base import (
     feature_layers,
     reduce_map,
 )
+from mechlens.features.batched import DiagonalPlan, diagonal_values
 from mechlens.features.forward import FeatureForward, feature_forward
 from mechlens.features.layout import (
     AmbiguousLayoutError,
@@ -34,6 +36,8 @@ from mechlens.features.parse import FEATURE_KINDS, SPEC_FORMS, as_feature, as_fe
 
 __all__ = [
     "AmbiguousLayoutError",
+    "DiagonalPlan",
+    "FeatureBase",
     "FEATURE_KINDS",
     "OUTPUT",
     "Channel",
@@ -51,6 +55,7 @@ __all__ = [
     "as_feature",
     "as_features",
     "as_position_rows",
+    "diagonal_values",
     "feature_forward",
     "feature_layers",
     "infer_layouts",

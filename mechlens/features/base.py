@@ -13,11 +13,11 @@ call with a different feature.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Hashable, Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from mechlens.features.layout import as_position_rows, pool_positions, positions_to_map
+from mechlens.features.layout import as_position_rows, pool_positions, positions_to_map, resolve_layout
 
 __all__ = [
     "OUTPUT",
@@ -71,8 +71,40 @@ class Feature(Protocol):
         ...
 
 
+def cached_index(cache: dict | None, key: Hashable, values: Callable[[], Iterable[int]], device: torch.device) -> torch.Tensor:
+    """A long tensor of ``values()`` on ``device``, built once per ``cache`` (a batched read
+    repeated every optimisation step copies nothing from the host after the first)."""
+    if cache is None:
+        return torch.tensor(list(values()), device=device, dtype=torch.long)
+    full = (key, device)
+    tensor = cache.get(full)
+    if tensor is None:
+        tensor = cache[full] = torch.tensor(list(values()), device=device, dtype=torch.long)
+    return tensor
+
+
+def check_indices(indices: Iterable[int], size: int, what: str, layer: str) -> None:
+    """Every index addresses one of ``size`` channels/classes/latents (negative ones count back)."""
+    for index in indices:
+        _check_index(index, size, what, layer)
+
+
+def read_loop(features: Sequence[Any], activation: torch.Tensor, samples: torch.Tensor | None = None) -> torch.Tensor:
+    """``[G]``: ``features[g]`` on sample ``samples[g]`` (sample ``g`` when ``samples`` is None),
+    one read per sample: the batched read of a kind that has no faster one."""
+    x = activation if samples is None else activation[samples]
+    return torch.stack([f.value(x[g:g + 1]).reshape(()) for g, f in enumerate(features)])
+
+
 class _FeatureBase:
-    """Shared ``value`` (readout reduced) and ``repr``; subclasses are dataclasses."""
+    """Shared ``value`` (readout reduced), batched reads and ``repr``; subclasses are dataclasses.
+
+    Batched reads: features whose :meth:`batch_key` is equal are read together by one call of
+    their class's :meth:`read_diagonal` (feature ``g`` on sample ``g``: featvis renders one image
+    per feature, the atlas scores one exemplar per feature). The default reads one sample at a
+    time; a kind overrides both methods to read a whole group with one tensor op — built-in and
+    third-party kinds alike (see ``docs/extending.md``).
+    """
 
     layer: str
     reduce: str
@@ -83,14 +115,39 @@ class _FeatureBase:
     def value(self, activation: torch.Tensor) -> torch.Tensor:
         return reduce_map(self.readout(activation), self.reduce)
 
+    def batch_key(self) -> Hashable:
+        """Features with equal keys are read by one :meth:`read_diagonal` call."""
+        return (type(self), self.layer)
+
+    @classmethod
+    def read_diagonal(cls, features: Sequence[Any], activation: torch.Tensor, samples: torch.Tensor | None = None,
+                      cache: dict | None = None) -> torch.Tensor:
+        """``[G]``: ``features[g]`` (all of one :meth:`batch_key`) on sample ``samples[g]`` of
+        ``activation`` (sample ``g`` when ``samples`` is None). ``cache``: a dict the caller keeps
+        for the same group across calls (constant index tensors live there)."""
+        return read_loop(features, activation, samples)
+
     def __str__(self) -> str:
         return self.name  # type: ignore[attr-defined]
+
+
+FeatureBase = _FeatureBase  # the public base of feature kinds (built-in and third-party)
 
 
 def _check_index(index: int, size: int, what: str, layer: str) -> None:
     if not -size <= index < size:
         where = f"layer {layer!r}" if layer else "the model output"
         raise IndexError(f"{what} index {index} is out of range: {where} has {size} {what}s")
+
+
+def _normalized(logits: torch.Tensor, normalize: str | None) -> torch.Tensor:
+    if normalize == "log_softmax":
+        return logits.log_softmax(dim=1)
+    if normalize == "softmax":
+        return logits.softmax(dim=1)
+    if normalize is not None:
+        raise ValueError(f"unknown normalize {normalize!r}; expected None, 'log_softmax' or 'softmax'")
+    return logits
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,14 +170,22 @@ class ClassLogit(_FeatureBase):
                 f"{self.layer or 'the model output'}"
             )
         _check_index(self.index, activation.shape[1], "class", self.layer)
-        if self.normalize == "log_softmax":
-            activation = activation.log_softmax(dim=1)
-        elif self.normalize == "softmax":
-            activation = activation.softmax(dim=1)
-        elif self.normalize is not None:
-            raise ValueError(f"unknown normalize {self.normalize!r}; expected None, 'log_softmax' or 'softmax'")
-        return activation[:, self.index]
+        return _normalized(activation, self.normalize)[:, self.index]
 
+    def batch_key(self) -> Hashable:
+        return (ClassLogit, self.layer, self.normalize)
+
+    @classmethod
+    def read_diagonal(cls, features: Sequence[Any], activation: torch.Tensor, samples: torch.Tensor | None = None,
+                      cache: dict | None = None) -> torch.Tensor:
+        first, device = features[0], activation.device
+        logits = activation if samples is None else activation[samples]
+        if logits.dim() != 2:
+            raise ValueError(f"ClassLogit reads [B, classes] logits, got shape {tuple(logits.shape)}")
+        logits = _normalized(logits, first.normalize)
+        check_indices([f.index for f in features], logits.shape[1], "class", first.layer)
+        rows = cached_index(cache, "arange", lambda: range(len(features)), device)
+        return logits[rows, cached_index(cache, "index", lambda: [f.index for f in features], device)]
 
 @dataclass(frozen=True, eq=False)
 class Channel(_FeatureBase):
@@ -140,6 +205,22 @@ class Channel(_FeatureBase):
         _check_index(self.index, rows.shape[-1], "channel", self.layer)
         return positions_to_map(rows[..., self.index], spatial)
 
+    def batch_key(self) -> Hashable:
+        return (Channel, self.layer, self.layout, self.reduce)
+
+    @classmethod
+    def read_diagonal(cls, features: Sequence[Any], activation: torch.Tensor, samples: torch.Tensor | None = None,
+                      cache: dict | None = None) -> torch.Tensor:
+        first, device = features[0], activation.device
+        which = samples if samples is not None else cached_index(cache, "arange", lambda: range(len(features)), device)
+        index = cached_index(cache, "index", lambda: [f.index for f in features], device)
+        layout = resolve_layout(activation, first.layout, layer=first.layer)
+        if layout == "nchw":
+            check_indices([f.index for f in features], activation.shape[1], "channel", first.layer)
+            return reduce_map(activation[which, index], first.reduce)  # [G, H, W]: a gather, no copy
+        rows, spatial = as_position_rows(activation, layout)
+        check_indices([f.index for f in features], rows.shape[-1], "channel", first.layer)
+        return reduce_map(positions_to_map(rows[which, :, index], spatial), first.reduce)
 
 @dataclass(frozen=True, eq=False)
 class Neuron(_FeatureBase):
@@ -163,14 +244,29 @@ class Neuron(_FeatureBase):
                 f"neuron position {self.position} has {len(self.position)} coordinates but layer "
                 f"{self.layer!r} has spatial shape {spatial}"
             )
-        for coordinate, size in zip(self.position, spatial):
-            if not 0 <= coordinate < size:
-                raise IndexError(f"neuron position {self.position} is outside spatial shape {spatial}")
+        return rows[:, self.flat_position(spatial), self.index]
+
+    def batch_key(self) -> Hashable:
+        return (Neuron, self.layer, self.layout)
+
+    @classmethod
+    def read_diagonal(cls, features: Sequence[Any], activation: torch.Tensor, samples: torch.Tensor | None = None,
+                      cache: dict | None = None) -> torch.Tensor:
+        first, device = features[0], activation.device
+        rows, spatial = as_position_rows(activation, first.layout, layer=first.layer)
+        check_indices([f.index for f in features], rows.shape[-1], "channel", first.layer)
+        which = samples if samples is not None else cached_index(cache, "arange", lambda: range(len(features)), device)
+        flat = cached_index(cache, ("position", spatial), lambda: [f.flat_position(spatial) for f in features], device)
+        return rows[which, flat, cached_index(cache, "index", lambda: [f.index for f in features], device)]
+
+    def flat_position(self, spatial: tuple[int, ...]) -> int:
+        """The row index of this neuron's position in a map of shape ``spatial``."""
+        if len(self.position) != len(spatial) or any(not 0 <= p < n for p, n in zip(self.position, spatial)):
+            raise IndexError(f"neuron position {self.position} is outside spatial shape {spatial} of {self.layer!r}")
         flat = 0
         for coordinate, size in zip(self.position, spatial):
             flat = flat * size + coordinate
-        return rows[:, flat, self.index]
-
+        return flat
 
 @dataclass(frozen=True, eq=False)
 class Direction(_FeatureBase):
@@ -200,6 +296,27 @@ class Direction(_FeatureBase):
         projected = rows @ vector.to(device=rows.device, dtype=rows.dtype)
         return positions_to_map(projected, spatial if self.pooling == "all" else ())
 
+    def batch_key(self) -> Hashable:
+        return (Direction, self.layer, self.layout, self.pooling, self.reduce)
+
+    @classmethod
+    def read_diagonal(cls, features: Sequence[Any], activation: torch.Tensor, samples: torch.Tensor | None = None,
+                      cache: dict | None = None) -> torch.Tensor:
+        first = features[0]
+        rows, spatial = as_position_rows(activation, first.layout, layer=first.layer)
+        rows = pool_positions(rows if samples is None else rows[samples], first.pooling, layer=first.layer)
+        key = ("vectors", rows.device, rows.dtype)
+        vectors = cache.get(key) if cache is not None else None
+        if vectors is None:
+            vectors = torch.stack([torch.as_tensor(f.vector).reshape(-1) for f in features]).to(rows.device, rows.dtype)
+            if cache is not None:
+                cache[key] = vectors
+        if vectors.shape[1] != rows.shape[-1]:
+            raise ValueError(
+                f"direction has {vectors.shape[1]} dimensions but layer {first.layer!r} has {rows.shape[-1]} channels"
+            )
+        projected = torch.einsum("gpc,gc->gp", rows, vectors)
+        return reduce_map(positions_to_map(projected, spatial if first.pooling == "all" else ()), first.reduce)
 
 @runtime_checkable
 class LatentEncoder(Protocol):
@@ -236,6 +353,21 @@ class SAELatent(_FeatureBase):
         _check_index(self.index, latents.shape[-1], "latent", self.layer)
         return positions_to_map(latents[:, self.index].reshape(b, p), spatial if self.pooling == "all" else ())
 
+    def batch_key(self) -> Hashable:
+        return (SAELatent, self.layer, id(self.sae), self.layout, self.pooling, self.reduce)
+
+    @classmethod
+    def read_diagonal(cls, features: Sequence[Any], activation: torch.Tensor, samples: torch.Tensor | None = None,
+                      cache: dict | None = None) -> torch.Tensor:
+        first, device = features[0], activation.device
+        rows, spatial = as_position_rows(activation, first.layout, layer=first.layer)
+        rows = pool_positions(rows if samples is None else rows[samples], first.pooling, layer=first.layer)
+        g, p, d = rows.shape
+        latents = first.sae.encode(rows.reshape(g * p, d))  # one encode for the whole group
+        check_indices([f.index for f in features], latents.shape[-1], "latent", first.layer)
+        picked = latents.reshape(g, p, -1)[cached_index(cache, "arange", lambda: range(g), device), :,
+                                           cached_index(cache, "index", lambda: [f.index for f in features], device)]
+        return reduce_map(positions_to_map(picked, spatial if first.pooling == "all" else ()), first.reduce)
 
 @dataclass(frozen=True, eq=False)
 class LayerEnergy(_FeatureBase):
@@ -253,6 +385,13 @@ class LayerEnergy(_FeatureBase):
         rows, spatial = as_position_rows(activation, self.layout, layer=self.layer)
         return positions_to_map(rows.pow(2).mean(dim=-1), spatial)
 
+    def batch_key(self) -> Hashable:
+        return (LayerEnergy, self.layer, self.layout, self.reduce)
+
+    @classmethod
+    def read_diagonal(cls, features: Sequence[Any], activation: torch.Tensor, samples: torch.Tensor | None = None,
+                      cache: dict | None = None) -> torch.Tensor:
+        return features[0].value(activation if samples is None else activation[samples])  # same for every member
 
 def feature_layers(features: Sequence[Feature]) -> list[str]:
     """Distinct layers of ``features`` in first-seen order (``""`` = model output)."""

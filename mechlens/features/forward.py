@@ -9,6 +9,7 @@ from torch import nn
 
 from mechlens.engine import HookSet, StopAfter, capture, unwrap
 from mechlens.features.base import OUTPUT, Feature, _FeatureBase, feature_layers, reduce_map
+from mechlens.features.batched import DiagonalPlan
 from mechlens.features.layout import infer_layouts, layout_scope
 from mechlens.features.parse import as_features
 
@@ -38,6 +39,7 @@ def feature_forward(
     grads: bool = True,
     keep_layers: Sequence[str] = (),
     stop_early: bool = False,
+    per_sample: bool = False,
 ) -> FeatureForward:
     """Run ``model(inputs)`` and read ``features`` (and keep ``keep_layers``' activations).
     ``features``: one or a list of Features, spec strings or class indices (:func:`as_feature`).
@@ -46,6 +48,9 @@ def feature_forward(
     values w.r.t. the input or any kept layer can be taken. ``stop_early=True`` aborts the forward
     once every needed layer has run (saves the rest of the network; only valid when each needed
     module runs once per forward, which is true of blocks/stages but not of a shared ``relu``).
+    ``per_sample=True``: ``features[i]`` is read on sample ``i`` only (one per sample), through
+    each kind's batched read (:class:`~mechlens.features.DiagonalPlan`); ``values`` is ``[B, 1]``
+    and ``readouts`` is empty.
     """
     model = unwrap(model)
     feature_list = as_features(features)
@@ -61,11 +66,12 @@ def feature_forward(
     if others:
         known.update(infer_layouts(model, others, inputs, strict=False))
     with layout_scope(known):
-        return _feature_forward(model, feature_list, inputs, layers, hooked, grads=grads, stop_early=stop_early)
+        return _feature_forward(model, feature_list, inputs, layers, hooked, grads=grads, stop_early=stop_early,
+                                per_sample=per_sample)
 
 
 def _feature_forward(model: nn.Module, feature_list: list[Feature], inputs: torch.Tensor, layers: list[str],
-                     hooked: list[str], *, grads: bool, stop_early: bool) -> FeatureForward:
+                     hooked: list[str], *, grads: bool, stop_early: bool, per_sample: bool = False) -> FeatureForward:
     with capture(model, hooked, grads=grads, detach=not grads) if hooked else _null_capture() as cap, HookSet() as hooks:
         stopper = StopAfter(model, hooked, hooks, armed=stop_early and OUTPUT not in layers)
         output = stopper.run(model, inputs)
@@ -80,6 +86,9 @@ def _feature_forward(model: nn.Module, feature_list: list[Feature], inputs: torc
                     "mechlens.engine.select_output(model, 'logits' | KEY | INDEX)"
             )
         activations[OUTPUT] = output
+    if per_sample:
+        values = DiagonalPlan(feature_list)(activations)[:, None]
+        return FeatureForward(values=values, readouts=[], activations=activations, output=output)
     readouts = [feature.readout(activations[feature.layer]) for feature in feature_list]
     values = torch.stack(
         [

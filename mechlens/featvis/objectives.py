@@ -33,17 +33,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from mechlens.features.base import (
-    Channel,
-    ClassLogit,
-    Direction,
-    Feature,
-    LayerEnergy,
-    Neuron,
-    SAELatent,
-    reduce_map,
-)
-from mechlens.features.layout import as_position_rows, pool_positions, positions_to_map, resolve_layout
+from mechlens.features.base import Feature, LayerEnergy
+from mechlens.features.batched import DiagonalPlan, diagonal_values
+from mechlens.features.layout import as_position_rows
 from mechlens.features.parse import as_feature
 
 __all__ = [
@@ -134,7 +126,7 @@ class PerImageTerm(Term):
         self.layers = tuple(dict.fromkeys(f.layer for f in self.features))
         self.batch_size = len(self.features)
         self.min_batch = len(self.features)
-        self._plan = _diagonal_plan(self.features)
+        self._plan = DiagonalPlan(self.features)
 
     @property
     def name(self) -> str:
@@ -143,7 +135,7 @@ class PerImageTerm(Term):
         return f"per_image[{shown}{more}]"
 
     def __call__(self, activations: Mapping[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-        return _run_plan(self._plan, self.features, activations)
+        return self._plan(activations)
 
     def image_names(self, batch: int) -> list[str]:
         return [f.name for f in self.features]
@@ -212,162 +204,6 @@ class BlurPenalty(Term):
         with torch.no_grad():
             blurred = F.conv2d(F.pad(images, [1] * 4, mode="replicate"), kernel, groups=channels)
         return 0.5 * (images - blurred).pow(2).flatten(1).mean(dim=1)
-
-
-# ---------------------------------------------------------------------------- the diagonal
-@dataclass
-class _Group:
-    kind: str
-    layer: str
-    images: list[int]
-    key: tuple
-    _cache: dict = field(default_factory=dict, repr=False)
-
-    def indices(self, what: str, values: Callable[[], list[int]], device: torch.device) -> torch.Tensor:
-        """An index tensor on ``device``, built once (no host-to-device copy per step)."""
-        key = (what, device)
-        tensor = self._cache.get(key)
-        if tensor is None:
-            tensor = self._cache[key] = torch.tensor(values(), device=device, dtype=torch.long)
-        return tensor
-
-
-def _group_key(feature: Feature) -> tuple[str, tuple]:
-    """Features that can be read for many images in one gather share a key."""
-    t = type(feature)
-    if t is Channel:
-        return "channel", (feature.layer, feature.layout, feature.reduce)
-    if t is Neuron:
-        return "neuron", (feature.layer, feature.layout)
-    if t is Direction:
-        return "direction", (feature.layer, feature.layout, feature.pooling, feature.reduce)
-    if t is SAELatent:
-        return "sae", (feature.layer, id(feature.sae), feature.layout, feature.pooling, feature.reduce)
-    if t is ClassLogit:
-        return "class", (feature.layer, feature.normalize)
-    if t is LayerEnergy:
-        return "energy", (feature.layer, feature.layout, feature.reduce)
-    return "generic", (feature.layer,)
-
-
-def _diagonal_plan(features: Sequence[Feature]) -> list[_Group]:
-    groups: dict[tuple, _Group] = {}
-    for i, f in enumerate(features):
-        kind, key = _group_key(f)
-        group = groups.setdefault((kind, key), _Group(kind, f.layer, [], key))
-        group.images.append(i)
-    return list(groups.values())
-
-
-def _flat_position(feature: Neuron, spatial: tuple[int, ...]) -> int:
-    if len(feature.position) != len(spatial) or any(not 0 <= p < s for p, s in zip(feature.position, spatial)):
-        raise IndexError(f"neuron position {feature.position} is outside spatial shape {spatial} of {feature.layer!r}")
-    flat = 0
-    for p, s in zip(feature.position, spatial):
-        flat = flat * s + p
-    return flat
-
-
-def _check_channels(indices: list[int], size: int, what: str, layer: str) -> None:
-    bad = [i for i in indices if not -size <= i < size]
-    if bad:
-        where = f"layer {layer!r}" if layer else "the model output"
-        raise IndexError(f"{what} index {bad[0]} is out of range: {where} has {size} {what}s")
-
-
-def _run_plan(plan: list[_Group], features: Sequence[Feature], activations: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    batch = len(features)
-    first = activations[plan[0].layer]
-    if first.shape[0] != batch:
-        raise ValueError(
-            f"a per-image objective over {batch} features needs a batch of {batch} images, got {first.shape[0]}"
-        )
-    if len(plan) == 1 and plan[0].kind != "generic":
-        return _group_values(plan[0], features, activations[plan[0].layer], subset=False)
-    out: torch.Tensor | None = None
-    for group in plan:
-        act = activations[group.layer]
-        values = _group_values(group, features, act, subset=True)
-        if out is None:
-            out = values.new_zeros(batch)
-        out = out.index_put((group.indices("images", lambda g=group: g.images, act.device),), values)
-    assert out is not None
-    return out
-
-
-def _group_values(group: _Group, features: Sequence[Feature], act: torch.Tensor, *, subset: bool) -> torch.Tensor:
-    """Values of ``features[i]`` on image ``i`` for the images of ``group`` (the whole batch
-    when ``subset`` is False), read with one gather per group instead of a loop over images."""
-    members = [features[i] for i in group.images]
-    device = act.device
-    if group.kind == "generic":  # custom feature kinds: one small read per image
-        return torch.stack([features[i].value(act[i:i + 1]).reshape(()) for i in group.images])
-    image_index = group.indices("images" if subset else "arange",
-                                (lambda: group.images) if subset else (lambda: list(range(len(members)))), device)
-    first = members[0]
-
-    def member_index(attribute: str = "index") -> torch.Tensor:
-        return group.indices(attribute, lambda: [getattr(f, attribute) for f in members], device)
-
-    if group.kind == "class":
-        logits = act[image_index] if subset else act
-        if logits.dim() != 2:
-            raise ValueError(f"ClassLogit reads [B, classes] logits, got shape {tuple(logits.shape)}")
-        if first.normalize == "log_softmax":
-            logits = logits.log_softmax(dim=1)
-        elif first.normalize == "softmax":
-            logits = logits.softmax(dim=1)
-        elif first.normalize is not None:
-            raise ValueError(f"unknown normalize {first.normalize!r}")
-        _check_channels([f.index for f in members], logits.shape[1], "class", group.layer)
-        ar = group.indices("arange", lambda: list(range(len(members))), device)
-        return logits[ar, member_index()]
-    if group.kind == "energy":
-        return first.value(act[image_index] if subset else act)
-    layout = resolve_layout(act, first.layout, layer=group.layer)
-    if group.kind == "channel" and layout == "nchw":
-        _check_channels([f.index for f in members], act.shape[1], "channel", group.layer)
-        maps = act[image_index, member_index()]  # [G, H, W]: a gather, no copy of the activation
-        return reduce_map(maps, first.reduce)
-    rows, spatial = as_position_rows(act, layout)
-    if group.kind == "channel":
-        _check_channels([f.index for f in members], rows.shape[-1], "channel", group.layer)
-        maps = rows[image_index, :, member_index()]  # [G, P]
-        return reduce_map(positions_to_map(maps, spatial), first.reduce)
-    if group.kind == "neuron":
-        _check_channels([f.index for f in members], rows.shape[-1], "channel", group.layer)
-        flat = group.indices(f"position{spatial}", lambda: [_flat_position(f, spatial) for f in members], device)
-        return rows[image_index, flat, member_index()]
-    rows = pool_positions(rows[image_index] if subset else rows, first.pooling, layer=group.layer)  # [G, P', C]
-    out_spatial = spatial if first.pooling == "all" else ()
-    if group.kind == "direction":
-        key = ("vectors", device, rows.dtype)
-        vectors = group._cache.get(key)
-        if vectors is None:
-            vectors = torch.stack([torch.as_tensor(f.vector).reshape(-1) for f in members]).to(device=device, dtype=rows.dtype)
-            group._cache[key] = vectors
-        if vectors.shape[1] != rows.shape[-1]:
-            raise ValueError(
-                f"direction has {vectors.shape[1]} dimensions but layer {group.layer!r} has {rows.shape[-1]} channels"
-            )
-        projected = torch.einsum("gpc,gc->gp", rows, vectors)
-        return reduce_map(positions_to_map(projected, out_spatial), first.reduce)
-    if group.kind == "sae":
-        g, p, d = rows.shape
-        latents = first.sae.encode(rows.reshape(g * p, d))
-        _check_channels([f.index for f in members], latents.shape[-1], "latent", group.layer)
-        ar = group.indices("arange", lambda: list(range(len(members))), device)
-        picked = latents.reshape(g, p, -1)[ar, :, member_index()]  # [G, P']
-        return reduce_map(positions_to_map(picked, out_spatial), first.reduce)
-    raise AssertionError(group.kind)  # pragma: no cover
-
-
-def diagonal_values(features: Sequence[Feature], activations: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``[B]``: the value of ``features[i]`` on image ``i``, from one forward's ``activations``
-    (layer -> tensor, ``""`` for the logits). Built-in kinds sharing a layer are read with one
-    gather (no loop over images); other kinds fall back to one read per image."""
-    features = list(features)
-    return _run_plan(_diagonal_plan(features), features, activations)
 
 
 # ---------------------------------------------------------------------------- the objective

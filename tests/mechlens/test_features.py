@@ -110,3 +110,59 @@ def test_parse_feature_specs() -> None:
     for bad, message in [("channel:17", "expected channel"), ("class:x", "integer"), ("wat:1", "unknown feature kind"), ("3", "no kind")]:
         with pytest.raises(ValueError, match=message):
             parse_feature(bad)
+
+
+def test_a_third_party_kind_gets_the_batched_read_in_featvis_and_attribution(model: nn.Module) -> None:
+    """A feature kind defined outside mechlens overrides ``batch_key`` / ``read_diagonal`` and is
+    read with one call per group by featvis (one image per feature) and attribution (one feature
+    per sample); the results equal reading each feature on its own."""
+    from dataclasses import dataclass
+
+    from mechlens.attribution import attribute
+    from mechlens.features import FeatureBase, positions_to_map
+    from mechlens.featvis import Objective, render
+
+    calls: list[int] = []
+
+    @dataclass(frozen=True, eq=False)
+    class ChannelContrast(FeatureBase):
+        layer: str
+        a: int
+        b: int
+        layout: str = "auto"
+        reduce: str = "mean"
+
+        @property
+        def name(self) -> str:
+            return f"contrast:{self.layer}:{self.a}-{self.b}"
+
+        def readout(self, activation: torch.Tensor) -> torch.Tensor:
+            rows, spatial = as_position_rows(activation, self.layout, layer=self.layer)
+            return positions_to_map(rows[..., self.a] - rows[..., self.b], spatial)
+
+        def batch_key(self):
+            return (ChannelContrast, self.layer, self.layout, self.reduce)
+
+        @classmethod
+        def read_diagonal(cls, features, activation, samples=None, cache=None):
+            calls.append(len(features))
+            rows, _ = as_position_rows(activation, features[0].layout, layer=features[0].layer)
+            rows = rows if samples is None else rows[samples]
+            g = torch.arange(len(features))
+            a, b = torch.tensor([f.a for f in features]), torch.tensor([f.b for f in features])
+            return (rows[g, :, a] - rows[g, :, b]).mean(dim=1)
+
+    features = [ChannelContrast("stage1", 0, 1), ChannelContrast("stage1", 2, 3), ChannelContrast("stage1", 4, 0)]
+    result = render(model, Objective.per_image(features), size=32, steps=2, seed=0)
+    assert calls and set(calls) == {3}  # one batched read of all three per forward
+    for i, feature in enumerate(features):
+        alone = feature_forward(model, feature, result.images[i:i + 1], grads=False).values[0, 0]
+        torch.testing.assert_close(result.objective.reshape(-1)[i], alone, rtol=1e-4, atol=1e-5)
+
+    calls.clear()
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    together = attribute(model, x, features, method="saliency")
+    assert calls and set(calls) == {3}
+    for i, feature in enumerate(features):
+        alone = attribute(model, x[i:i + 1], feature, method="saliency")
+        torch.testing.assert_close(together.map[i:i + 1], alone.map, rtol=1e-5, atol=1e-6)
