@@ -6,6 +6,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from activation_store.backends import Backend, SegmentReader, SegmentWriter, backend_names, register_backend
 from activation_store.dtypes import STORED_DTYPES, bfloat16_bits_to_float32, float_to_bfloat16_bits
 from activation_store.errors import (
     CorruptChunkError, IncompatibleStoreError, InvalidNameError, InvalidRowsError, NotAStoreError, StoreError,
@@ -19,6 +20,11 @@ from activation_store.stats import RunningMoments
 from activation_store.writer import CommitPolicy, Rows, StoreWriter
 
 __all__ = [
+    "Backend",
+    "SegmentReader",
+    "SegmentWriter",
+    "backend_names",
+    "register_backend",
     "ActivationStore", "BadChunk", "Batch", "CommitPolicy", "CorruptChunkError", "IncompatibleStoreError", "InvalidNameError",
     "InvalidRowsError",
     "LayerSpec", "LayerStatistics", "LayerView", "NotAStoreError", "RowIndex", "Rows", "RunningMoments",

@@ -17,7 +17,8 @@ from __future__ import annotations
 import mmap
 import os
 from pathlib import Path
-from typing import Mapping, Protocol
+from dataclasses import dataclass
+from typing import Callable, Mapping, Protocol
 
 import numpy as np
 
@@ -63,29 +64,63 @@ def chunk_rows_for(spec: LayerSpec, chunk_bytes: int) -> int:
     return max(1, int(chunk_bytes) // row_bytes)
 
 
+@dataclass(frozen=True)
+class Backend:
+    """A storage backend: how one segment is written and read.
+
+    ``suffix``: the segment file's suffix (``seg-000001.<suffix>``); ``compression``: the
+    compression names it accepts (besides ``None``); ``create(path, layers, chunk_rows,
+    compression)`` returns a :class:`SegmentWriter`, ``open(path, layers, chunk_rows)`` a
+    :class:`SegmentReader`. A segment must stay readable once closed: the writer commits it
+    only after ``close``.
+    """
+
+    name: str
+    suffix: str
+    compression: tuple[str, ...]
+    create: Callable[[Path, Mapping[str, LayerSpec], Mapping[str, int], "str | None"], SegmentWriter]
+    open: Callable[[Path, Mapping[str, LayerSpec], Mapping[str, int]], SegmentReader]
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Make ``backend`` available to writers and readers under ``backend.name``."""
+    if not backend.name or not backend.name.isidentifier():
+        raise ValueError(f"a backend name must be an identifier, got {backend.name!r}")
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def backend_names() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    backend = _BACKENDS.get(name)
+    if backend is None:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(repr(n) for n in backend_names())}")
+    return backend
+
+
 def check_compression(backend: str, compression: str | None) -> None:
-    allowed = {"zarr": ZARR_COMPRESSION, "hdf5": HDF5_COMPRESSION}.get(backend)
-    if allowed is None:
-        raise ValueError(f"unknown backend {backend!r}; choose 'zarr' or 'hdf5'")
+    allowed = get_backend(backend).compression
     if compression is not None and compression not in allowed:
         raise ValueError(f"backend {backend!r} supports compression {list(allowed)} or None, not {compression!r}")
 
 
 def segment_file_name(backend: str, segment_id: int) -> str:
-    return f"seg-{segment_id:06d}." + ("zarr" if backend == "zarr" else "h5")
+    return f"seg-{segment_id:06d}.{get_backend(backend).suffix}"
 
 
 def create_segment(backend: str, path: Path, layers: Mapping[str, LayerSpec], chunk_rows: Mapping[str, int],
                    compression: str | None) -> SegmentWriter:
-    if backend == "zarr":
-        return _ZarrSegmentWriter(path, layers, chunk_rows, compression)
-    return _Hdf5SegmentWriter(path, layers, chunk_rows, compression)
+    return get_backend(backend).create(path, layers, chunk_rows, compression)
 
 
 def open_segment(backend: str, path: Path, layers: Mapping[str, LayerSpec], chunk_rows: Mapping[str, int]) -> SegmentReader:
-    if backend == "zarr":
-        return _ZarrSegmentReader(path, layers, chunk_rows)
-    return _Hdf5SegmentReader(path, layers, chunk_rows)
+    return get_backend(backend).open(path, layers, chunk_rows)
 
 
 def _fsync_file(path: Path) -> None:
@@ -334,3 +369,7 @@ class _Hdf5SegmentReader:
             self._file.close()
         except Exception:  # noqa: BLE001 - closing a damaged file must not mask the real error
             pass
+
+
+register_backend(Backend("zarr", "zarr", ZARR_COMPRESSION, _ZarrSegmentWriter, _ZarrSegmentReader))
+register_backend(Backend("hdf5", "h5", HDF5_COMPRESSION, _Hdf5SegmentWriter, _Hdf5SegmentReader))
