@@ -1,6 +1,24 @@
-"""The feature atlas: a browsable static site publishing every feature of an SAE
-(:func:`build_atlas`, ``mechlens atlas``)."""
-from mechlens.atlas.build import AtlasResult, build_atlas, logit_effects
+"""The feature atlas: a browsable static site publishing a feature set — an SAE's latents, the
+channels of a layer, CAV directions — one page of panels per feature (:func:`build_atlas`,
+``mechlens atlas``)."""
+from mechlens.atlas.build import AtlasResult, build_atlas
 from mechlens.atlas.callbacks import sae_attributor, sae_visualizer
+from mechlens.atlas.compute import logit_effects
+from mechlens.atlas.features import FeatureSet, channel_features, direction_features, sae_features
+from mechlens.atlas.panels import (
+    AtlasContext,
+    AttributionPanel,
+    ConceptsPanel,
+    ExemplarsPanel,
+    FeatvisPanel,
+    HistogramPanel,
+    LogitEffectsPanel,
+    MapPanel,
+    Panel,
+)
 
-__all__ = ["AtlasResult", "build_atlas", "logit_effects", "sae_attributor", "sae_visualizer"]
+__all__ = [
+    "AtlasContext", "AtlasResult", "AttributionPanel", "ConceptsPanel", "ExemplarsPanel", "FeatureSet",
+    "FeatvisPanel", "HistogramPanel", "LogitEffectsPanel", "MapPanel", "Panel", "build_atlas", "channel_features",
+    "direction_features", "logit_effects", "sae_attributor", "sae_features", "sae_visualizer",
+]

@@ -84,26 +84,13 @@ FEATURE = """<!doctype html>
 <body><header><a href="../index.html">&larr; atlas</a>
 {% if prev_id is not none %} &middot; <a href="{{ prev_id }}.html">&larr; #{{ prev_id }}</a>{% endif %}
 {% if next_id is not none %} &middot; <a href="{{ next_id }}.html">#{{ next_id }} &rarr;</a>{% endif %}
-<h1 style="margin:4px 0 0 0;font-size:20px">Feature #{{ f.id }} <small>({{ layer }})</small></h1></header>
+<h1 style="margin:4px 0 0 0;font-size:20px">Feature #{{ f.id }} <small>({{ layer }}; {{ f.spec }})</small></h1></header>
 <main>
 <table class="meta">
 <tr><td><b>firing frequency</b></td><td>{{ '%.5f' % f.frequency }} of {{ rows }} rows</td></tr>
 <tr><td><b>mean activation</b></td><td>{{ '%.4g' % f.mean }} (when active {{ '%.4g' % f.mean_active }})</td></tr>
 <tr><td><b>max activation</b></td><td>{{ '%.4g' % f.max }}</td></tr>
-<tr><td><b>top classes of exemplars</b></td><td>{% for c in f.top_classes %}<span class="pill">{{ c.name }} {{ '%.0f' % (100 * c.share) }}%</span>{% endfor %}</td></tr>
-<tr><td><b>pushes up (logit effect)</b></td><td>{% for c in f.logit_up %}<span class="pill up">{{ c.name }} {{ '%+.3g' % c.effect }}</span>{% endfor %}</td></tr>
-<tr><td><b>pushes down</b></td><td>{% for c in f.logit_down %}<span class="pill down">{{ c.name }} {{ '%+.3g' % c.effect }}</span>{% endfor %}</td></tr>
-<tr><td><b>concept alignment</b></td><td>{% for c in f.concepts %}<span class="pill">{{ c.name }} cos {{ '%.2f' % c.cos }}</span>{% else %}no CAVs given{% endfor %}</td></tr>
 </table>
-<div class="cards">
-{% if f.has_vis %}<div class="card"><h3>Feature visualization</h3><img src="../img/{{ f.id }}-vis.png" width="192" alt="visualization of feature {{ f.id }}"></div>{% endif %}
-<div class="card"><h3>Activation histogram (active rows)</h3>{{ f.histogram_svg | safe }}</div>
-</div>
-<h2>Top {{ f.exemplars | length }} exemplars</h2>
-<p>Each image with the feature's activation map over it (red) and the strongest position boxed.</p>
-<div class="cards">{% for e in f.exemplars %}<div class="card"><img src="../img/{{ f.id }}-ex{{ loop.index0 }}.png" width="160" alt="exemplar {{ loop.index }}">
-<div>sample {{ e.sample }} &middot; {{ e.label_name }} &middot; value {{ '%.3g' % e.value }}</div></div>{% endfor %}</div>
-{% if f.attributions %}<h2>Attribution</h2><div class="cards">{% for a in f.attributions %}<div class="card"><h3>{{ a.method }}</h3>
-<img src="../img/{{ a.file }}" width="160" alt="{{ a.method }} for feature {{ f.id }}"></div>{% endfor %}</div>{% endif %}
+{{ body }}
 </main></body></html>
 """

@@ -1,0 +1,291 @@
+"""Panels of a feature page. Each panel computes its content for *all* published features at
+once (batched over features: one forward per batch of exemplar images, one encode per batch of
+rows, one gradient per class) and renders a block of the page from a small template.
+
+:func:`mechlens.atlas.build_atlas` assembles the default panels; pass ``panels=`` to choose,
+reorder or add your own: subclass :class:`Panel`, fill ``pages[i]`` (a dict per published
+feature) in :meth:`Panel.compute` and show it with :attr:`Panel.template` (Jinja, autoescaped;
+the feature's dict is ``f``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from mechlens.atlas.compute import (
+    _embed,
+    _histogram_svg,
+    _histograms,
+    _images,
+    _overlay,
+    _prepare,
+    _save_png,
+    logit_effects,
+)
+from mechlens.engine import capture
+from mechlens.features.layout import as_position_rows, infer_layouts
+
+__all__ = [
+    "AtlasContext", "AttributionPanel", "ConceptsPanel", "ExemplarsPanel", "FeatvisPanel", "HistogramPanel",
+    "LogitEffectsPanel", "MapPanel", "Panel",
+]
+
+VisualizeFn = Callable[[Sequence[int]], torch.Tensor]
+AttributeFn = Callable[[int, torch.Tensor], dict]
+
+
+@dataclass
+class AtlasContext:
+    """What panels share: the feature set and its statistics, the published feature ``ids``,
+    the model, the store's layer view, the images behind its sample ids and the output folder."""
+
+    features: Any  # a FeatureSet
+    ids: np.ndarray
+    stats: Any
+    model: Any
+    net: Any
+    preprocessing: Any
+    device: torch.device
+    view: Any
+    dataset: Any
+    class_names: list[str]
+    out: Path
+    exemplars: int
+    batch_size: int = 64
+    seed: int = 0
+    progress: bool = True
+    shared: dict = field(default_factory=dict)  # what one panel leaves for the next (exemplar images)
+
+    @property
+    def layer(self) -> str:
+        return self.features.layer
+
+    def name_of(self, label: int) -> str:
+        return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
+
+    def images(self, ids: Sequence[int]) -> torch.Tensor:
+        return _images(self.dataset, ids)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return _prepare(images, self.preprocessing, self.device)
+
+
+class Panel:
+    """One block of every feature page (see the module docstring)."""
+
+    name = "panel"
+    template = ""
+
+    def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ExemplarsPanel(Panel):
+    """The top exemplars of each feature, its activation map over them and their classes."""
+
+    name = "exemplars"
+    template = """<h2>Top {{ f.exemplars | length }} exemplars</h2>
+<p>Each image with the feature's activation map over it (red) and the strongest position boxed.
+Top classes: {% for c in f.top_classes %}<span class="pill">{{ c.name }} {{ '%.0f' % (100 * c.share) }}%</span>{% endfor %}</p>
+<div class="cards">{% for e in f.exemplars %}<div class="card"><img src="../img/{{ f.id }}-ex{{ loop.index0 }}.png" width="160" alt="exemplar {{ loop.index }}">
+<div>sample {{ e.sample }} &middot; {{ e.label_name }} &middot; value {{ '%.3g' % e.value }}</div></div>{% endfor %}</div>"""
+
+    def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
+        from tqdm.auto import tqdm
+
+        
+        stats, ids, k = ctx.stats, ctx.ids, min(ctx.exemplars, ctx.stats.top_samples.shape[1])
+        samples = stats.top_samples[ids, :k]
+        wanted = np.unique(samples[samples >= 0])
+        maps: dict[int, np.ndarray] = {}  # sample -> [P, len(ids)] feature values
+        images_u8: dict[int, np.ndarray] = {}
+        spatial: tuple[int, ...] = ()
+        columns = torch.as_tensor(ids, device=ctx.device)
+        layout = (ctx.view.spec.meta or {}).get("layout") or "auto"  # what the capture knew
+        bar = tqdm(total=len(wanted), desc="atlas exemplars", unit="img", disable=not ctx.progress)
+        with capture(ctx.net, ctx.layer) as cap, torch.no_grad():
+            for start in range(0, len(wanted), ctx.batch_size):
+                batch_ids = wanted[start:start + ctx.batch_size]
+                images = ctx.images(batch_ids)
+                x = ctx.prepare(images)
+                if layout == "auto":
+                    layout = infer_layouts(ctx.net, [ctx.layer], x)[ctx.layer].layout
+                ctx.net(x)
+                rows, spatial = as_position_rows(cap[ctx.layer].float(), layout)
+                b, p, c = rows.shape
+                z = ctx.features.encode(rows.reshape(b * p, c))[:, columns].reshape(b, p, -1)
+                for sid, zi, img in zip(batch_ids, z.cpu().numpy(), images):
+                    maps[int(sid)] = zi
+                    images_u8[int(sid)] = img.permute(1, 2, 0).cpu().numpy()
+                bar.update(len(batch_ids))
+        bar.close()
+        labels: dict[int, int] = {}
+        if (samples >= 0).any():
+            index = ctx.view.read_index(stats.top_rows[ids, :k][samples >= 0])
+            labels = dict(zip(index.sample_id.tolist(), index.label.tolist()))
+        ctx.shared["images_u8"] = images_u8
+        for column, (feature, page) in enumerate(zip(ids, pages)):
+            feature = int(feature)
+            rows_out, tiles = [], []
+            for j in range(k):
+                sid = int(stats.top_samples[feature, j])
+                if sid < 0:
+                    continue
+                image = images_u8[sid]
+                h, w = image.shape[:2]
+                peak = max(float(stats.max[feature]), 1e-12)
+                values = maps[sid][:, column]
+                heat, box = np.zeros((h, w)), None
+                if len(spatial) == 2:
+                    grid = torch.from_numpy(np.clip(values.reshape(spatial) / peak, 0, 1))[None, None].float()
+                    heat = torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+                    pos = int(stats.top_positions[feature, j])
+                    if pos >= 0:
+                        gy, gx = divmod(pos, spatial[1])
+                        sy, sx = h / spatial[0], w / spatial[1]
+                        box = (int(gy * sy), int(gx * sx), int((gy + 1) * sy), int((gx + 1) * sx))
+                tile = _overlay(image[None], heat[None], [box])[0]
+                _save_png(tile, ctx.out / "img" / f"{feature}-ex{len(tiles)}.png", scale=max(1, 160 // max(w, 1)))
+                tiles.append(tile)
+                label = int(labels.get(sid, -1))
+                rows_out.append({"sample": sid, "value": float(stats.top_values[feature, j]), "label": label,
+                                 "label_name": ctx.name_of(label), "position": int(stats.top_positions[feature, j])})
+            if tiles:
+                _save_png(np.concatenate(tiles, axis=1), ctx.out / "img" / f"{feature}-exemplars.png")
+            label_list = [e["label"] for e in rows_out]
+            classes, shares = np.unique(label_list, return_counts=True) if label_list else (np.array([]), np.array([]))
+            page["exemplars"] = rows_out
+            page["top_classes"] = [{"name": ctx.name_of(int(c)), "share": float(s) / len(label_list)}
+                                   for c, s in sorted(zip(classes, shares), key=lambda t: -t[1])[:3]]
+
+
+class HistogramPanel(Panel):
+    """Each feature's histogram of positive values over a sample of the store's rows."""
+
+    name = "histogram"
+    template = """<div class="cards"><div class="card"><h3>Activation histogram (active rows)</h3>{{ f.histogram_svg | safe }}</div></div>"""
+
+    def __init__(self, rows: int = 20000, bins: int = 16) -> None:
+        self.rows, self.bins = rows, bins
+
+    def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
+        
+        counts, tops = _histograms(ctx.features, ctx.view, ctx.ids, self.rows, self.bins, ctx.device)
+        for page, count, top in zip(pages, counts, tops):
+            page["histogram"], page["histogram_max"] = count.tolist(), float(top)
+            page["histogram_svg"] = _histogram_svg(count, float(top))
+
+
+class LogitEffectsPanel(Panel):
+    """The first-order change of each class logit when a feature's direction is added."""
+
+    name = "logit effects"
+    template = """<table class="meta">
+<tr><td><b>pushes up (logit effect)</b></td><td>{% for c in f.logit_up %}<span class="pill up">{{ c.name }} {{ '%+.3g' % c.effect }}</span>{% endfor %}</td></tr>
+<tr><td><b>pushes down</b></td><td>{% for c in f.logit_down %}<span class="pill down">{{ c.name }} {{ '%+.3g' % c.effect }}</span>{% endfor %}</td></tr>
+</table>"""
+
+    def __init__(self, images: int = 64) -> None:
+        self.count = images
+
+    def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
+        
+        images = ctx.images(np.arange(min(self.count, len(ctx.dataset))))
+        directions = ctx.features.directions[torch.as_tensor(ctx.ids, device=ctx.features.device)]
+        effects = logit_effects(ctx.model, ctx.layer, images, directions)  # [classes, F]
+        for column, page in enumerate(pages):
+            effect = effects[:, column]
+            page["logit_up"] = [{"name": ctx.name_of(int(c)), "effect": float(effect[c])}
+                                for c in np.argsort(-effect)[:3] if effect[c] > 0]
+            page["logit_down"] = [{"name": ctx.name_of(int(c)), "effect": float(effect[c])}
+                                  for c in np.argsort(effect)[:3] if effect[c] < 0]
+
+
+class ConceptsPanel(Panel):
+    """Cosine of each feature's direction with CAVs of the same layer."""
+
+    name = "concepts"
+    template = """<table class="meta"><tr><td><b>concept alignment</b></td><td>{% for c in f.concepts %}<span class="pill">{{ c.name }} cos {{ '%.2f' % c.cos }}</span>{% else %}no CAVs given{% endfor %}</td></tr></table>"""
+
+    def __init__(self, cavs: Sequence[Any]) -> None:
+        self.cavs = list(cavs)
+
+    def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
+        foreign = [c for c in self.cavs if getattr(c, "layer", ctx.layer) not in (ctx.layer, "")]
+        if foreign:
+            raise ValueError(f"CAV {foreign[0].concept!r} was trained at layer {foreign[0].layer!r}, not at the "
+                             f"features' layer {ctx.layer!r}")
+        if not self.cavs:
+            return
+        vectors = np.stack([np.asarray(c.vector, dtype=np.float64) for c in self.cavs])
+        dec = ctx.features.directions[torch.as_tensor(ctx.ids, device=ctx.features.device)].cpu().numpy().astype(np.float64)
+        cos = (dec / np.maximum(np.linalg.norm(dec, axis=1, keepdims=True), 1e-12)) @ \
+            (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).T
+        for column, page in enumerate(pages):
+            ranking = np.argsort(-cos[column])
+            page["concepts"] = [{"name": self.cavs[c].concept, "cos": float(cos[column, c])} for c in ranking[:3]]
+            page["concept"], page["concept_cos"] = page["concepts"][0]["name"], page["concepts"][0]["cos"]
+
+
+class MapPanel(Panel):
+    """Where each feature sits on the overview map (t-SNE / PCA of the feature directions)."""
+
+    name = "map"
+
+    def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
+        
+        directions = ctx.features.directions[torch.as_tensor(ctx.ids, device=ctx.features.device)]
+        coords, ctx.shared["map_method"] = _embed(directions.cpu().numpy(), ctx.seed)
+        for page, xy in zip(pages, coords):
+            page["map"] = [float(v) for v in xy]
+
+
+class FeatvisPanel(Panel):
+    """A feature visualization of each feature: ``visualize(ids) -> images [F, 3, H, W]``."""
+
+    name = "featvis"
+    template = """{% if f.has_vis %}<div class="cards"><div class="card"><h3>Feature visualization</h3><img src="../img/{{ f.id }}-vis.png" width="192" alt="visualization of feature {{ f.id }}"></div></div>{% endif %}"""
+
+    def __init__(self, visualize: VisualizeFn) -> None:
+        self.visualize = visualize
+
+    def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
+        
+        images = self.visualize([int(i) for i in ctx.ids]).detach().cpu().clamp(0, 1)
+        for feature, image, page in zip(ctx.ids, images, pages):
+            _save_png((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), ctx.out / "img" / f"{feature}-vis.png")
+            page["has_vis"] = True
+
+
+class AttributionPanel(Panel):
+    """Attribution maps of each feature on its top exemplar: ``attribute(id, images) -> {method: maps}``
+    (after :class:`ExemplarsPanel`)."""
+
+    name = "attribution"
+    template = """{% if f.attributions %}<h2>Attribution</h2><div class="cards">{% for a in f.attributions %}<div class="card"><h3>{{ a.method }}</h3>
+<img src="../img/{{ a.file }}" width="160" alt="{{ a.method }} for feature {{ f.id }}"></div>{% endfor %}</div>{% endif %}"""
+
+    def __init__(self, attribute: AttributeFn) -> None:
+        self.attribute = attribute
+
+    def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
+        
+        images_u8 = ctx.shared.get("images_u8")
+        if images_u8 is None:
+            raise ValueError("the attribution panel shows maps on the top exemplar: put ExemplarsPanel before it")
+        for feature, page in zip(ctx.ids, pages):
+            if not page.get("exemplars"):
+                continue
+            first = page["exemplars"][0]["sample"]
+            image = images_u8[first]
+            for method, amap in self.attribute(int(feature), ctx.images([first])).items():
+                amap = amap.detach().float().cpu().numpy()[0]
+                amap = np.abs(amap) / max(np.abs(amap).max(), 1e-12)
+                file = f"{feature}-attr-{''.join(ch for ch in method if ch.isalnum())}.png"
+                _save_png(_overlay(image[None], amap[None], [None])[0], ctx.out / "img" / file,
+                          scale=max(1, 160 // max(image.shape[1], 1)))
+                page["attributions"].append({"method": method, "file": file})
