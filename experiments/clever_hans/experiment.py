@@ -48,7 +48,7 @@ def artefact_hits(stats: Any, dataset: Any, spatial: tuple[int, int], image_size
 def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
     """Run the experiment into ``out`` and return the report's figures."""
     from mechlens.atlas import build_atlas
-    from mechlens.atlas.callbacks import sae_attributor, sae_visualizer
+    from mechlens.atlas import feature_attributor, feature_visualizer
     from mechlens.attribution import attribute
     from mechlens.capture import capture_to_store
     from mechlens.data import SyntheticShapes
@@ -178,9 +178,9 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
     # 9. the atlas
     t0 = time.perf_counter()
 
-    visualize = sae_visualizer(loaded, sae, size=int(vcfg.get("atlas_size", 48)), steps=int(vcfg.get("atlas_steps", 64)),
+    visualize = feature_visualizer(loaded, sae, size=int(vcfg.get("atlas_size", 48)), steps=int(vcfg.get("atlas_steps", 64)),
                                batch=int(vcfg.get("atlas_batch", 32)), seed=seed)
-    attribute_latent = sae_attributor(loaded, sae, methods={"Grad-CAM": {"method": "gradcam", "layer": "stage2"}})
+    attribute_latent = feature_attributor(loaded, sae, methods={"Grad-CAM": {"method": "gradcam", "layer": "stage2"}})
     atlas = build_atlas(out / "sae", store_path, loaded, out / "atlas", dataset=captured, stats=stats,
                         class_names=class_names, cavs=[c for c in report.cavs if c.concept == "ruler" and c.layer == layer][:1],
                         visualize=visualize if vcfg.get("atlas", True) else None, attribute=attribute_latent,

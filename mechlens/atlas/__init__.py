@@ -2,7 +2,7 @@
 channels of a layer, CAV directions — one page of panels per feature (:func:`build_atlas`,
 ``mechlens atlas``)."""
 from mechlens.atlas.build import AtlasResult, build_atlas
-from mechlens.atlas.callbacks import sae_attributor, sae_visualizer
+from mechlens.atlas.callbacks import feature_attributor, feature_visualizer
 from mechlens.atlas.compute import logit_effects
 from mechlens.atlas.features import FeatureSet, channel_features, direction_features, sae_features
 from mechlens.atlas.panels import (
@@ -20,5 +20,5 @@ from mechlens.atlas.panels import (
 __all__ = [
     "AtlasContext", "AtlasResult", "AttributionPanel", "ConceptsPanel", "ExemplarsPanel", "FeatureSet",
     "FeatvisPanel", "HistogramPanel", "LogitEffectsPanel", "MapPanel", "Panel", "build_atlas", "channel_features",
-    "direction_features", "logit_effects", "sae_attributor", "sae_features", "sae_visualizer",
+    "direction_features", "feature_attributor", "feature_visualizer", "logit_effects", "sae_features",
 ]

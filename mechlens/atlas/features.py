@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mechlens.features import Channel, Direction, SAELatent
+
 __all__ = ["FeatureSet", "channel_features", "direction_features", "sae_features"]
 
 
@@ -40,6 +42,10 @@ class FeatureSet(nn.Module):
     def spec(self, index: int) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def feature(self, index: int) -> Any:  # pragma: no cover - abstract
+        """Feature ``index`` as a :class:`mechlens.features.Feature` (to render or attribute it)."""
+        raise NotImplementedError
+
 
 class _SAEFeatures(FeatureSet):
     def __init__(self, sae: Any, source: str = "") -> None:
@@ -52,6 +58,11 @@ class _SAEFeatures(FeatureSet):
 
     def spec(self, index: int) -> str:
         return f"sae:{self.source}:{index}" if self.source else f"latent {index}"
+
+    def feature(self, index: int) -> Any:
+        config = self.sae.config
+        return SAELatent(config.layer, self.sae, int(index), pooling=config.pooling, layout=config.layout,
+                         source=self.source)
 
 
 class _ChannelFeatures(FeatureSet):
@@ -69,6 +80,9 @@ class _ChannelFeatures(FeatureSet):
     def spec(self, index: int) -> str:
         return f"channel:{self.layer}:{int(self.channels[index])}"
 
+    def feature(self, index: int) -> Any:
+        return Channel(self.layer, int(self.channels[index]))
+
 
 class _DirectionFeatures(FeatureSet):
     def __init__(self, layer: str, vectors: torch.Tensor, names: Sequence[str]) -> None:
@@ -81,6 +95,9 @@ class _DirectionFeatures(FeatureSet):
 
     def spec(self, index: int) -> str:
         return self.names[index]
+
+    def feature(self, index: int) -> Any:
+        return Direction(self.layer, self.directions[index].cpu(), label=self.names[index])
 
 
 def sae_features(sae: Any, source: str = "") -> FeatureSet:

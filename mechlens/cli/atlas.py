@@ -14,7 +14,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``atlas`` sub-command."""
     parser = subparsers.add_parser(
         "atlas",
-        help="build the feature atlas (static site) of an SAE",
+        help="build the feature atlas (static site) of an SAE, a layer's channels or CAV directions",
         description=(
             "Write a static site to OUT: an index with a sortable, filterable table of every feature "
             "that fires and a 2-D map of the decoder directions, and one page per feature with its "
@@ -24,7 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--store, with the capture's own --resize / --on-unreadable."
         ),
     )
-    parser.add_argument("--sae", required=True, help="SAE directory (SAE.save / mechlens sae train)")
+    published = parser.add_mutually_exclusive_group(required=True)
+    published.add_argument("--sae", help="publish an SAE's latents: its directory (SAE.save / mechlens sae train)")
+    published.add_argument("--channels", metavar="LAYER[:I,J,...]",
+                           help="publish channels of a layer of the store (all, or the listed ones)")
+    published.add_argument("--directions", nargs="+", metavar="CAV", help="publish CAV directions (CAV files of one layer)")
     options.STORE.add(parser, required=True)
     options.add_model_options(parser)
     options.add_data_options(parser)
@@ -52,15 +56,16 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     dataset = None
     if args.data:
         dataset = build_dataset(args.data, image_size=loaded.preprocessing.image_size, **options.dataset_options(args))
+    published = _feature_set(args)
     visualize = attribute = None
     if args.visualize or args.attribution:
-        from mechlens.atlas.callbacks import sae_attributor, sae_visualizer
+        from mechlens.atlas import feature_attributor, feature_visualizer
         from mechlens.sae import SAE
 
-        sae = SAE.load(args.sae, device=loaded.device)
-        visualize = sae_visualizer(loaded, sae, steps=args.vis_steps) if args.visualize else None
-        attribute = sae_attributor(loaded, sae) if args.attribution else None
-    result = build_atlas(args.sae, args.store, loaded, args.out, dataset=dataset, cavs=[CAV.load(p) for p in args.cav],
+        feature_set = SAE.load(args.sae, device=loaded.device) if args.sae else published
+        visualize = feature_visualizer(loaded, feature_set, steps=args.vis_steps) if args.visualize else None
+        attribute = feature_attributor(loaded, feature_set) if args.attribution else None
+    result = build_atlas(published, args.store, loaded, args.out, dataset=dataset, cavs=[CAV.load(p) for p in args.cav],
                          visualize=visualize, attribute=attribute, max_features=args.max_features, exemplars=args.exemplars,
                          progress=not args.no_progress)
     if args.json:
@@ -70,3 +75,25 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"atlas of {len(result.features)} features written in {result.seconds:.1f}s: open {result.index}",
               file=out)
     return 0
+
+
+def _feature_set(args: argparse.Namespace):
+    """What ``--sae`` / ``--channels`` / ``--directions`` ask to publish."""
+    from activation_store import ActivationStore
+    from mechlens.atlas import channel_features, direction_features
+    from mechlens.probes import CAV
+
+    if args.sae:
+        return args.sae
+    if args.channels:
+        layer, _, listed = args.channels.partition(":")
+        store = ActivationStore(args.store)
+        if layer not in store.layers:
+            raise ValueError(f"--channels: layer {layer!r} is not in the store (layers: {', '.join(store.layers)})")
+        try:
+            channels = [int(c) for c in listed.split(",")] if listed else None
+        except ValueError:
+            raise ValueError(f"--channels {args.channels!r}: expected LAYER or LAYER:I,J,... with integer channels") from None
+        return channel_features(layer, store[layer].dim, channels)
+    cavs = [CAV.load(path) for path in args.directions]
+    return direction_features(cavs[0].layer, cavs, names=[f"cav:{path}" for path in args.directions])

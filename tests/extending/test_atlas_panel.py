@@ -83,3 +83,16 @@ def test_cav_directions_are_published_by_name(small_store) -> None:
     assert {f["spec"] for f in data["features"]} <= {"stripes", "dots"} and data["features"]
     with pytest.raises(ValueError, match="fitted at layer 'stage9'"):
         direction_features("stage1", [CAV("x", "random", "stage9", vector=np.ones(dim), intercept=0.0, accuracy=1.0)])
+
+
+def test_the_cli_publishes_channels(small_store, capsys) -> None:
+    from mechlens.cli import main
+
+    root, _ = small_store
+    assert main(["atlas", "--channels", "stage1:0,3", "--store", str(root / "store"), "--model", "mechlens:small_cnn_tiny",
+                 "--out", str(root / "cli"), "--exemplars", "2", "--no-progress", "--json"]) == 0
+    data = json.loads((root / "cli" / "atlas.json").read_text())
+    assert {f["spec"] for f in data["features"]} <= {"channel:stage1:0", "channel:stage1:3"}
+    assert main(["atlas", "--channels", "stage1:x", "--store", str(root / "store"), "--model", "mechlens:small_cnn_tiny",
+                 "--out", str(root / "bad")]) != 0
+    assert "integer channels" in capsys.readouterr().err

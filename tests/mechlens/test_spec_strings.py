@@ -20,7 +20,7 @@ Entry points covered (each is called with a spec string and with the equivalent 
   ``mechlens dream --feature``, ``mechlens tcav --target`` against the library called with
   Feature objects.
 
-The atlas (``mechlens.atlas.build_atlas``, ``sae_visualizer``, ``sae_attributor``) takes no feature
+The atlas (``mechlens.atlas.build_atlas``, ``feature_visualizer``, ``feature_attributor``) takes no feature
 or target argument: it publishes the latents of the SAE it is given, addressed by index, so there is
 no spec to accept there.
 """
