@@ -2,12 +2,21 @@
 
     mechlens sae train --store S --layer L --arch topk --k 32 --width 4096 --out runs/sae
     mechlens sae train ... --k 16,32,64            # a sweep, trained in one pass (out/<name> each)
+    mechlens sae train ... --arch relu --l1-coeff 2,5 --normalize-decoder
+
+The architecture options are built from the config dataclasses of the registered architectures
+(``mechlens.sae.config``): one option per field (``--aux-coeff`` for ``TopKConfig.aux_coeff``),
+its help from the field's metadata; numbers take comma-separated values, swept in one pass.
     mechlens sae eval runs/sae/* --store S_test --plot fvu_l0.png [--model M --data D]
     mechlens sae stats runs/sae --store S --top-k 16
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     train = actions.add_parser(
         "train", help="train one SAE or a sweep (width x k / coefficient) in one pass",
-        description="Train one SAE, or a sweep (every --arch x --width x --k / coefficient) in one pass, on --layer "
-                    "of --store; writes the SAE to --out (a sweep: --out/<name> per SAE).")
+        description="Train one SAE, or a sweep (every --arch x every value of the comma-separated architecture "
+                    "options: --width, --k, --l1-coeff, ...) in one pass, on --layer of --store; writes the SAE to "
+                    "--out (a sweep: --out/<name> per SAE).")
     options.STORE.add(train, required=True)
     train.add_argument("--layer", required=True, metavar="LAYER", help="layer of the store to train on")
-    train.add_argument("--arch", default="topk", help="architecture(s), comma-separated: relu, topk, batchtopk, jumprelu")
-    train.add_argument("--width", type=_ints, default=[4096], help="number of latents (comma-separated for a sweep)")
-    train.add_argument("--k", type=_ints, default=[32], help="active latents per row, topk/batchtopk (comma list)")
-    train.add_argument("--l1-coeff", type=_floats, default=None, help="relu: L1 coefficient(s)")
-    train.add_argument("--l0-coeff", type=_floats, default=None, help="jumprelu: L0 coefficient(s)")
     train.add_argument("--steps", type=int, default=10_000)
     train.add_argument("--batch-size", type=int, default=4096)
     train.add_argument("--lr", type=float, default=4e-4)
@@ -62,6 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--log", default=None, help="metrics log: .csv, or JSON lines for any other suffix")
     train.add_argument("--log-every", type=int, default=50)
     options.add_run_options(train, device="auto", out={"required": True})
+    _add_arch_options(train)
     train.set_defaults(handler=_train)
 
     evaluate = actions.add_parser(
@@ -98,22 +104,118 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.set_defaults(handler=_stats)
 
 
+# ----------------------------------------------------------------------------- architecture options
+_DEST = "sae_"  # dest prefix of the options made from config fields
+
+
+def _strings(text: str) -> list[str]:
+    return [v for v in text.split(",") if v]
+
+
+@dataclasses.dataclass
+class _ArchOption:
+    """One command-line option made from the config field ``name`` of one or more architectures."""
+
+    name: str
+    kind: type
+    archs: list[str]
+    helps: list[str]
+    defaults: list[Any]
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def add(self, group: Any, cli_default: Any) -> None:
+        defaults = {repr(d) for d in self.defaults}
+        shown = (f"default: {self.defaults[0]!r}" if len(defaults) == 1 and self.defaults[0] is not dataclasses.MISSING
+                 else "default: per architecture")
+        if cli_default is not None:
+            shown = f"default: {cli_default}"
+        text = f"{self.helps[0] if self.helps else self.name} [{', '.join(self.archs)}] ({shown})".replace("%", "%%")
+        if self.kind is bool:
+            group.add_argument(self.flag, dest=_DEST + self.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=text)
+            return
+        parse = {int: _ints, float: _floats, str: _strings}[self.kind]
+        group.add_argument(self.flag, dest=_DEST + self.name, type=parse, metavar=self.kind.__name__.upper(),
+                           default=[cli_default] if cli_default is not None else None,
+                           help=text + "; comma-separated values: a sweep")
+
+
+def _field_kind(annotation: Any, default: Any) -> type | None:
+    """``int`` / ``float`` / ``str`` / ``bool`` of a field annotated with it (or ``X | None``)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = args[0] if len(args) == 1 else None
+    if annotation in (int, float, str, bool):
+        return annotation
+    if annotation is None and default is not dataclasses.MISSING and type(default) in (int, float, str, bool):
+        return type(default)
+    return None
+
+
+def _arch_options() -> tuple[dict[str, _ArchOption], dict[str, Any]]:
+    """The options made from the fields of every registered config class, and their CLI defaults."""
+    from mechlens.sae.config import _CONFIG_CLASSES
+
+    found: dict[str, _ArchOption] = {}
+    cli_defaults: dict[str, Any] = {}
+    for arch, cls in sorted(_CONFIG_CLASSES.items()):
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # an annotation that does not resolve: fall back on the defaults' types
+            hints = {}
+        for f in dataclasses.fields(cls):
+            if not f.init or f.metadata.get("cli", True) is False:
+                continue
+            kind = _field_kind(hints.get(f.name), f.default)
+            if kind is None:
+                continue
+            entry = found.setdefault(f.name, _ArchOption(f.name, kind, [], [], []))
+            entry.archs.append(arch)
+            entry.defaults.append(f.default)
+            if f.metadata.get("help") and f.metadata["help"] not in entry.helps:
+                entry.helps.append(f.metadata["help"])
+            if "cli_default" in f.metadata:
+                cli_defaults.setdefault(f.name, f.metadata["cli_default"])
+    return found, cli_defaults
+
+
+def _add_arch_options(parser: argparse.ArgumentParser) -> None:
+    from mechlens.sae.config import _CONFIG_CLASSES
+
+    group = parser.add_argument_group(
+        "architecture", "--arch and one option per field of the architectures' configs (mechlens.sae.config); "
+        "[...] names the architectures that take it")
+    group.add_argument("--arch", default="topk",
+                       help=f"architecture(s), comma-separated: {', '.join(sorted(_CONFIG_CLASSES))} (default: topk)")
+    taken = set(parser._option_string_actions)
+    found, cli_defaults = _arch_options()
+    for name, entry in found.items():
+        if entry.flag not in taken:  # a field named like a training option is not offered
+            entry.add(group, cli_defaults.get(name))
+
+
 def _configs(args: argparse.Namespace) -> list[Any]:
     from mechlens.sae.config import config_class
 
+    found, _ = _arch_options()
+    given = {name: getattr(args, _DEST + name) for name in found if getattr(args, _DEST + name, None) is not None}
+    archs = [a for a in args.arch.split(",") if a]
+    classes = [config_class(arch) for arch in archs]
+    used: set[str] = set()
     configs = []
-    for arch in [a for a in args.arch.split(",") if a]:
-        cls = config_class(arch)
-        for width in args.width:
-            if arch in ("topk", "batchtopk"):
-                variants = [{"k": k} for k in args.k]
-            elif arch == "relu":
-                variants = [{"l1_coeff": c} for c in args.l1_coeff] if args.l1_coeff else [{}]
-            elif arch == "jumprelu":
-                variants = [{"l0_coeff": c} for c in args.l0_coeff] if args.l0_coeff else [{}]
-            else:
-                variants = [{}]
-            configs.extend(cls(width=width, **variant) for variant in variants)
+    for cls in classes:
+        names = [f.name for f in dataclasses.fields(cls) if f.name in given]
+        used.update(names)
+        sweeps = [given[n] if isinstance(given[n], list) else [given[n]] for n in names]
+        for values in itertools.product(*sweeps):
+            configs.append(cls(**dict(zip(names, values))))
+    unused = sorted(set(given) - used - {"width"})
+    if unused and archs:
+        flags = ", ".join(f"{found[n].flag} ({'/'.join(found[n].archs)})" for n in unused)
+        raise ValueError(f"{flags} does not apply to --arch {args.arch}")
     if not configs:
         raise ValueError("no SAE to train: --arch is empty")
     return configs

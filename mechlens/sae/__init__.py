@@ -6,7 +6,9 @@
 >>> feature_statistics(result.sae, "runs/acts").save("runs/sae")   # per-latent stats + exemplars
 
 * architectures: :func:`create_sae`, :func:`list_architectures` (``relu``, ``topk``, ``batchtopk``,
-  ``jumprelu``) and their typed configs; ``SAE.save(dir)`` / ``SAE.load(dir)`` (safetensors + JSON)
+  ``jumprelu``) and their typed configs; ``SAE.save(dir)`` / ``SAE.load(dir)`` (safetensors + JSON);
+  a new architecture is a config subclass and an SAE subclass, registered with :func:`register_sae`,
+  that declares its :class:`LossTerm` s (:mod:`mechlens.sae.terms`)
 * training: :class:`SAETrainer` (any iterator of row batches; sweeps in one pass; checkpoints,
   resume, progress bar, CSV/JSON-lines log) and :func:`train_sae` for a store layer
 * metrics: :func:`evaluate`, :func:`evaluate_store`, :func:`spliced_metrics`, :func:`plot_fvu_vs_l0`
@@ -49,17 +51,19 @@ from mechlens.sae.modules import (
     fold_normalization,
     list_architectures,
     register_sae,
+    sae_class,
 )
+from mechlens.sae.terms import LossContext, LossTerm
 from mechlens.sae.stats import FeatureStatistics, feature_statistics
 from mechlens.sae.training import SAETrainer, TrainResult, save_saes, train_sae
 
 __all__ = [
     "SAE", "BatchTopKConfig", "BatchTopKSAE", "FeatureStatistics", "JumpReLUConfig", "JumpReLUSAE",
-    "NonFiniteActivationsError", "Normalizer", "ReLUConfig", "ReLUSAE", "SAECheckpointError", "SAEConfig",
+    "LossContext", "LossTerm", "NonFiniteActivationsError", "Normalizer", "ReLUConfig", "ReLUSAE", "SAECheckpointError", "SAEConfig",
     "SAEMetrics", "SAEOutput", "SAETrainer", "SplicedMetrics", "StoreSource", "TensorSource", "TopKConfig",
     "TopKSAE", "TrainConfig", "TrainResult", "build_sae", "create_sae", "evaluate", "evaluate_store",
     "feature_from_spec", "feature_statistics", "fold_normalization", "geometric_median", "list_architectures",
-    "plot_fvu_vs_l0", "register_sae", "save_saes", "splice_sae", "spliced_metrics", "train_sae",
+    "plot_fvu_vs_l0", "register_sae", "sae_class", "save_saes", "splice_sae", "spliced_metrics", "train_sae",
 ]
 
 

@@ -4,6 +4,11 @@ An :class:`SAEConfig` describes one SAE (its architecture and the knobs that dif
 members of a sweep: width, ``k``, sparsity coefficient); a :class:`TrainConfig` describes one
 training run, shared by every SAE trained in the same pass over the data.
 
+Each field may carry ``metadata={"help": ...}``: ``mechlens sae train`` offers every field of
+every registered architecture as an option (``--aux-coeff``) with that help text; fields with
+``metadata={"cli": False}`` are filled in by the trainer or the store and are not options;
+``"cli_default"`` gives a command-line default to a field without one (``width``).
+
 ``config.to_json()`` gives a plain dict (``"arch"`` included); ``SAEConfig.from_json(d)`` picks
 the right subclass from ``d["arch"]`` and refuses unknown keys, so a typo in a JSON file is an
 error rather than a silently ignored setting.
@@ -12,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 __all__ = [
@@ -24,6 +29,7 @@ __all__ = [
     "TopKConfig",
     "TrainConfig",
     "config_class",
+    "option",
 ]
 
 B_DEC_INITS: tuple[str, ...] = ("mean", "geometric_median", "zeros")
@@ -43,6 +49,14 @@ def _check_unknown(cls: type, data: Mapping[str, Any], what: str) -> None:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"unknown {what} key(s): {', '.join(hints)}; known keys: {', '.join(sorted(known))}")
+
+
+def option(default: Any, help: str = "", *, cli: bool = True) -> Any:
+    """A config field with its command-line help (``cli=False``: not a command-line option)."""
+    return field(default=default, metadata={"help": help, "cli": cli})
+
+
+_INTERNAL = {"cli": False}
 
 
 def config_class(arch: str) -> type["SAEConfig"]:
@@ -69,14 +83,14 @@ class SAEConfig:
     """
 
     arch: ClassVar[str] = ""
-    width: int
-    d_in: int | None = None
-    layer: str = ""
-    pooling: str = "all"
-    layout: str = "auto"
-    normalize_decoder: bool = True
-    input_scale: float = 1.0
-    input_centered: bool = False
+    width: int = field(metadata={"help": "number of latents", "cli_default": 4096})
+    d_in: int | None = field(default=None, metadata=_INTERNAL)
+    layer: str = field(default="", metadata=_INTERNAL)
+    pooling: str = field(default="all", metadata=_INTERNAL)
+    layout: str = field(default="auto", metadata=_INTERNAL)
+    normalize_decoder: bool = option(True, "keep decoder rows at unit norm")
+    input_scale: float = field(default=1.0, metadata=_INTERNAL)
+    input_centered: bool = field(default=False, metadata=_INTERNAL)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -130,8 +144,8 @@ class ReLUConfig(SAEConfig):
     The decoder is left free by default (the norm weighting replaces the unit-norm constraint)."""
 
     arch: ClassVar[str] = "relu"
-    l1_coeff: float = 5.0
-    normalize_decoder: bool = False
+    l1_coeff: float = option(5.0, "L1 coefficient (weighted by decoder norms)")
+    normalize_decoder: bool = option(False, "keep decoder rows at unit norm")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -158,11 +172,11 @@ class TopKConfig(SAEConfig):
     ``multi_k_coeff`` (the paper: ``multi_k = 4 k``, coefficient 1/8)."""
 
     arch: ClassVar[str] = "topk"
-    k: int = 32
-    aux_k: int | None = None
-    aux_coeff: float = 1 / 32
-    multi_k: int | None = None
-    multi_k_coeff: float = 1 / 8
+    k: int = option(32, "active latents per row")
+    aux_k: int | None = option(None, "dead latents in the AuxK loss (None: d_in // 2)")
+    aux_coeff: float = option(1 / 32, "AuxK coefficient")
+    multi_k: int | None = option(None, "latents of the Multi-TopK term (None: off)")
+    multi_k_coeff: float = option(1 / 8, "Multi-TopK coefficient")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -198,7 +212,7 @@ class BatchTopKConfig(TopKConfig):
     average (``threshold_momentum``) of the smallest activation kept in each training batch."""
 
     arch: ClassVar[str] = "batchtopk"
-    threshold_momentum: float = 0.99
+    threshold_momentum: float = option(0.99, "momentum of the inference threshold's running average")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -216,9 +230,9 @@ class JumpReLUConfig(SAEConfig):
     0.5 gave L0 about 12 / 4 of 256 latents."""
 
     arch: ClassVar[str] = "jumprelu"
-    l0_coeff: float = 0.1
-    bandwidth: float = 0.1
-    init_threshold: float = 0.5
+    l0_coeff: float = option(0.1, "L0 coefficient")
+    bandwidth: float = option(0.1, "width of the straight-through kernel")
+    init_threshold: float = option(0.5, "initial threshold")
 
     def __post_init__(self) -> None:
         super().__post_init__()

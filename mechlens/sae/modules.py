@@ -3,12 +3,13 @@
 Every SAE computes ``pre = (x - b_dec) @ W_enc + b_enc``, latents ``z = act(pre)`` and the
 reconstruction ``x_hat = z @ W_dec + b_dec``, with ``W_enc`` ``[d_in, width]`` and ``W_dec``
 ``[width, d_in]`` (row ``i`` is latent ``i``'s direction). Architectures differ in ``act`` and in
-their sparsity loss:
+the loss terms they add to the reconstruction error (``SAE.loss_terms``, see
+:mod:`mechlens.sae.terms`; the trainer sums what the class declares):
 
 =============  ===========================================  ==================================
 ``relu``       ReLU                                         L1 weighted by decoder row norms
-``topk``       keep the k largest per row (ReLU)            none (AuxK against dead latents)
-``batchtopk``  keep the k*B largest in the batch; a         none (AuxK)
+``topk``       keep the k largest per row (ReLU)            AuxK against dead latents, Multi-TopK
+``batchtopk``  keep the k*B largest in the batch; a         AuxK, Multi-TopK
                learnt threshold at inference
 ``jumprelu``   ``pre * H(pre - theta)``, theta per latent   L0 with straight-through gradients
 =============  ===========================================  ==================================
@@ -17,6 +18,10 @@ Initialisation follows the literature: decoder rows are random unit directions (
 ``relu``, whose decoder norm is free), ``W_enc = W_dec^T``, ``b_enc = 0``; the trainer sets
 ``b_dec`` from the data. ``SAE.save(dir)`` writes ``sae.safetensors`` + ``config.json``;
 ``SAE.load(dir)`` rebuilds the right class. No pickle anywhere.
+
+A new architecture is one config class (an :class:`SAEConfig` subclass with its ``arch``: it
+registers itself; its fields become ``mechlens sae train`` options) and one SAE class decorated
+with :func:`register_sae`, which implements ``activate`` and declares its ``loss_terms``.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from mechlens.sae.config import (
     config_class,
 )
 from mechlens.sae.losses import jumprelu, l1_penalty, step_l0
+from mechlens.sae.terms import LossTerm, auxk_term, multi_k_term, sparsity_term
 
 __all__ = [
     "BatchTopKSAE",
@@ -54,6 +60,7 @@ __all__ = [
     "fold_normalization",
     "list_architectures",
     "register_sae",
+    "sae_class",
 ]
 
 WEIGHTS_FILE = "sae.safetensors"
@@ -91,14 +98,19 @@ def list_architectures(pattern: str = "*") -> list[str]:
     return sorted(name for name in _ARCHITECTURES if fnmatch.fnmatchcase(name, pattern))
 
 
+def sae_class(arch: str) -> type["SAE"]:
+    """The SAE class registered for architecture ``arch`` (error listing the known ones)."""
+    try:
+        return _ARCHITECTURES[arch]
+    except KeyError:
+        config_class(arch)  # raises with close names
+        raise ValueError(f"SAE architecture {arch!r} has a config class but no SAE class: decorate one with "
+                         "@register_sae") from None
+
+
 def build_sae(config: SAEConfig, *, device: str | torch.device | None = None, seed: int | None = 0) -> "SAE":
     """Instantiate the SAE class registered for ``config.arch``."""
-    try:
-        cls = _ARCHITECTURES[config.arch]
-    except KeyError:
-        config_class(config.arch)  # raises with close names
-        raise
-    return cls(config, device=device, seed=seed)
+    return sae_class(config.arch)(config, device=device, seed=seed)
 
 
 def create_sae(arch: str, *, width: int, d_in: int, device: str | torch.device | None = None, seed: int | None = 0,
@@ -114,10 +126,12 @@ def create_sae(arch: str, *, width: int, d_in: int, device: str | torch.device |
 
 
 class SAE(nn.Module):
-    """Base class; subclasses set ``config_class`` and implement :meth:`activate`."""
+    """Base class; subclasses set ``config_class``, implement :meth:`activate` and declare the
+    ``loss_terms`` the trainer adds to the reconstruction error, in order."""
 
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
     init_decoder_norm: ClassVar[float] = 1.0
+    loss_terms: ClassVar[tuple[LossTerm, ...]] = ()
 
     def __init__(self, config: SAEConfig, *, device: str | torch.device | None = None, seed: int | None = 0):
         super().__init__()
@@ -187,7 +201,8 @@ class SAE(nn.Module):
         return self.decode(self.encode(x))
 
     def sparsity_loss(self, out: SAEOutput) -> torch.Tensor:
-        """The unscaled sparsity penalty of a batch (0 for the TopK family)."""
+        """The unscaled sparsity penalty of a batch (0 for the TopK family; what
+        :func:`~mechlens.sae.terms.sparsity_term` weights)."""
         return out.x_hat.new_zeros(())
 
     def after_step(self, out: SAEOutput) -> None:
@@ -292,6 +307,7 @@ class ReLUSAE(SAE):
 
     config_class = ReLUConfig
     init_decoder_norm = 0.1
+    loss_terms = (sparsity_term("l1_coeff"),)
     config: ReLUConfig
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
@@ -306,6 +322,7 @@ class TopKSAE(SAE):
     """The ``k`` largest pre-activations of each row, through a ReLU."""
 
     config_class = TopKConfig
+    loss_terms = (multi_k_term, auxk_term)
     config: TopKConfig
 
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
@@ -351,6 +368,7 @@ class JumpReLUSAE(SAE):
     """``z = pre * H(pre - theta)`` with ``theta = exp(log_threshold)`` learnt per latent."""
 
     config_class = JumpReLUConfig
+    loss_terms = (sparsity_term("l0_coeff"),)
     config: JumpReLUConfig
 
     def __init__(self, config: JumpReLUConfig, *, device: str | torch.device | None = None, seed: int | None = 0):

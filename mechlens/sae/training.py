@@ -8,10 +8,13 @@ The :class:`SAETrainer` consumes any iterator of row batches (tensors, ndarrays,
 mid-epoch); :func:`train_sae` wires it to a store layer: normalisation from the store's
 statistics, shuffled streaming batches, checkpoints, export of SAEs that read raw activations.
 
-Per step and per SAE: normalise the batch once, forward, loss = reconstruction + scheduled
-sparsity penalty (+ AuxK for the TopK family), backward, remove the decoder-parallel gradient,
-clip, Adam, renormalise decoder rows, update the dead-latent counters. Metrics are accumulated
-on the device and synchronised only every ``log_every`` steps.
+Per step and per SAE: normalise the batch once, forward, loss = reconstruction + the scheduled
+loss terms its architecture declares (``SAE.loss_terms``, see :mod:`mechlens.sae.terms`: the
+sparsity penalty of ReLU / JumpReLU, AuxK and Multi-TopK of the TopK family, any term of a
+registered architecture), backward, remove the decoder-parallel gradient, clip, Adam,
+renormalise decoder rows, update the dead-latent counters. The trainer itself knows no
+architecture. Metrics are accumulated on the device and synchronised only every ``log_every``
+steps.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from activation_store.jsonutil import dumps as json_dumps
-from mechlens.sae.config import SAEConfig, TopKConfig, TrainConfig
+from mechlens.sae.config import SAEConfig, TrainConfig
 from mechlens.sae.data import (
     BatchSource,
     Normalizer,
@@ -39,8 +42,9 @@ from mechlens.sae.data import (
     geometric_median,
     resolve_device,
 )
-from mechlens.sae.losses import auxk_loss, squared_error
-from mechlens.sae.modules import SAE, SAECheckpointError, build_sae, fold_normalization
+from mechlens.sae.losses import squared_error
+from mechlens.sae.modules import SAE, SAECheckpointError, build_sae, fold_normalization, sae_class
+from mechlens.sae.terms import LossContext, LossTerm, sparsity_warmup
 
 __all__ = [
     "SAETrainer",
@@ -51,9 +55,14 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "mechlens-sae-trainer"
+CHECKPOINT_VERSION = 2  # 2: the metric sums hold one entry per loss term (1: a fixed sparsity / aux layout)
 TRAINER_FILE = "trainer.json"
+# every row has these; then each loss term's "<name>_loss" and "<name>_coeff" (sparsity_coeff and aux_loss
+# are 0 for an SAE without a "sparsity" / "aux" term)
 LOG_COLUMNS = ("step", "rows", "sae", "lr", "loss", "mse", "fvu", "l0", "dead_fraction", "sparsity_coeff",
                "aux_loss", "elapsed_s")
+# member.sums: loss, recon, l0, squared error, total variance (since the last log), then one per loss term
+_FIXED_SUMS = 5
 # store meta "spatial" (how the capture job made rows) -> the pooling an SAELatent must apply
 DEAD_CHECK_EVERY = 10
 _POOLING_OF_SPATIAL = {"all": "all", "random": "all", "mean": "mean", "max": "max", "cls": "cls"}
@@ -72,10 +81,7 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return min(warm, decay)
 
 
-def sparsity_factor(step: int, config: TrainConfig) -> float:
-    """Linear ramp of the sparsity coefficient over the first ``sparsity_warmup_fraction``."""
-    ramp = config.sparsity_warmup_fraction * config.steps
-    return 1.0 if ramp <= 0 else min(1.0, (step + 1) / ramp)
+sparsity_factor = sparsity_warmup  # the schedule of the sparsity terms (mechlens.sae.terms)
 
 
 # ---------------------------------------------------------------------------- results
@@ -114,9 +120,17 @@ class _Member:
     sae: SAE
     optimizer: torch.optim.Optimizer
     rows_since_fired: torch.Tensor
-    sums: torch.Tensor  # loss, recon, sparsity, aux, l0, squared error, total variance (since last log)
+    sums: torch.Tensor  # loss, recon, l0, squared error, total variance (since last log), each loss term
     steps_in_window: int = 0
-    dead_index: torch.Tensor | None = None  # latents AuxK works on, refreshed every DEAD_CHECK_EVERY steps
+    dead_index: torch.Tensor | None = None  # dead latents (LossContext.dead), refreshed every DEAD_CHECK_EVERY steps
+
+    @property
+    def terms(self) -> tuple[LossTerm, ...]:
+        return tuple(self.sae.loss_terms)
+
+    @property
+    def tracks_dead(self) -> bool:
+        return any(term.uses_dead_latents for term in self.terms)
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -189,7 +203,15 @@ class SAETrainer:
         cfg = self.train
         optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
         return _Member(sae, optimizer, torch.zeros(sae.width, dtype=torch.long, device=self.device),
-                       torch.zeros(7, dtype=torch.float64, device=self.device))
+                       torch.zeros(_FIXED_SUMS + len(sae.loss_terms), dtype=torch.float64, device=self.device))
+
+    def log_columns(self) -> list[str]:
+        """The columns of the metrics log: :data:`LOG_COLUMNS`, then those of every loss term."""
+        columns = list(LOG_COLUMNS)
+        for config in self.configs:
+            for term in sae_class(config.arch).loss_terms:
+                columns.extend(c for c in term.columns if c not in columns)
+        return columns
 
     # ------------------------------------------------------------------ one step
     def train_step(self, x: torch.Tensor) -> None:
@@ -197,7 +219,6 @@ class SAETrainer:
         cfg = self.train
         x = self.normalizer.apply(x.to(self.device, torch.float32))
         lr = cfg.lr * lr_factor(self.step, cfg)
-        ramp = sparsity_factor(self.step, cfg)
         batch = x.shape[0]
         with torch.no_grad():
             variance = (x - x.mean(dim=0, keepdim=True)).pow(2).sum()
@@ -208,19 +229,16 @@ class SAETrainer:
                 group["lr"] = lr
             out = sae(x)
             recon = squared_error(x, out.x_hat)
-            sparsity = sae.sparsity_loss(out)
-            coeff = getattr(config, "sparsity_coeff", 0.0) * ramp
-            loss = recon + coeff * sparsity
-            aux = recon.new_zeros(())
-            if isinstance(config, TopKConfig) and config.multi_k is not None:
-                values, indices = out.pre.topk(config.multi_k, dim=-1, sorted=False)
-                wide = torch.zeros_like(out.pre).scatter_(-1, indices, torch.relu(values))
-                loss = loss + config.multi_k_coeff * squared_error(x, sae.decode(wide))
-            if isinstance(config, TopKConfig) and config.aux_coeff > 0 and member.dead_index is not None:
-                dead = member.dead_index
-                aux = auxk_loss(x - out.x_hat, out.pre.index_select(1, dead), sae.W_dec.index_select(0, dead),
-                                config.resolved_aux_k())
-                loss = loss + config.aux_coeff * aux
+            loss = recon
+            context = LossContext(x, out, self.step, cfg, member.dead_index)
+            values = []
+            for term in member.terms:
+                value = term.compute(sae, context)
+                if value is None:  # the term is off for this step
+                    values.append(recon.new_zeros(()))
+                    continue
+                loss = loss + term.coefficient(config, self.step, cfg) * value
+                values.append(value.detach())
             member.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.normalize_decoder:
@@ -235,8 +253,8 @@ class SAETrainer:
                 counts = (out.z > 0).sum(dim=0)
                 member.rows_since_fired = torch.where(counts > 0, torch.zeros_like(member.rows_since_fired),
                                                       member.rows_since_fired + batch)
-                member.sums += torch.stack([loss.detach(), recon.detach(), sparsity.detach(), aux.detach(),
-                                            counts.sum() / batch, recon.detach() * batch, variance]).double()
+                member.sums += torch.stack([loss.detach(), recon.detach(), counts.sum() / batch, recon.detach() * batch,
+                                            variance, *values]).double()
                 member.steps_in_window += 1
         self.step += 1
         self.rows_seen += batch
@@ -244,12 +262,12 @@ class SAETrainer:
             self._refresh_dead_flags()
 
     def _refresh_dead_flags(self) -> None:
-        # One host sync every DEAD_CHECK_EVERY steps lists the dead latents that the AuxK term uses
-        # until the next check: its cost then scales with the number of dead latents (none, in most
-        # steps of a healthy run) instead of the width. Part of the checkpoint, so a resumed run
-        # takes the same decisions.
+        # One host sync every DEAD_CHECK_EVERY steps lists the dead latents that terms such as AuxK
+        # use until the next check: their cost then scales with the number of dead latents (none,
+        # in most steps of a healthy run) instead of the width. Only for SAEs with such a term.
+        # Part of the checkpoint, so a resumed run takes the same decisions.
         for member in self.members:
-            if isinstance(member.sae.config, TopKConfig):
+            if member.tracks_dead:
                 self._set_dead(member, member.rows_since_fired >= self.train.dead_window)
 
     @staticmethod
@@ -262,21 +280,28 @@ class SAETrainer:
         """Average the metrics accumulated since the last call (one host sync) and reset them."""
         if not self.members:
             return []
-        stacked = torch.stack([m.sums for m in self.members]).cpu().numpy()
+        flat = torch.cat([m.sums for m in self.members]).cpu().numpy()
         dead = torch.stack([(m.rows_since_fired >= self.train.dead_window).double().mean()
                             for m in self.members]).cpu().numpy()
         rows = []
-        lr = self.train.lr * lr_factor(max(self.step - 1, 0), self.train)
-        for index, (member, sums) in enumerate(zip(self.members, stacked)):
+        last = max(self.step - 1, 0)
+        lr = self.train.lr * lr_factor(last, self.train)
+        offset = 0
+        for index, member in enumerate(self.members):
+            sums = flat[offset:offset + len(member.sums)]
+            offset += len(member.sums)
             n = max(member.steps_in_window, 1)
-            config = member.sae.config
-            rows.append({
+            row = {
                 "step": self.step, "rows": self.rows_seen, "sae": index, "lr": lr,
-                "loss": sums[0] / n, "mse": sums[1] / n / member.sae.d_in, "fvu": sums[5] / max(sums[6], 1e-30),
-                "l0": sums[4] / n, "dead_fraction": float(dead[index]),
-                "sparsity_coeff": getattr(config, "sparsity_coeff", 0.0) * sparsity_factor(max(self.step - 1, 0), self.train),
-                "aux_loss": sums[3] / n, "elapsed_s": self.elapsed,
-            })
+                "loss": sums[0] / n, "mse": sums[1] / n / member.sae.d_in, "fvu": sums[3] / max(sums[4], 1e-30),
+                "l0": sums[2] / n, "dead_fraction": float(dead[index]), "sparsity_coeff": 0.0, "aux_loss": 0.0,
+                "elapsed_s": self.elapsed,
+            }
+            for term, total in zip(member.terms, sums[_FIXED_SUMS:]):
+                value, coeff = term.columns
+                row[value] = total / n
+                row[coeff] = term.coefficient(member.sae.config, last, self.train)
+            rows.append(row)
             member.sums.zero_()
             member.steps_in_window = 0
         return [{k: (float(v) if not isinstance(v, int) else v) for k, v in row.items()} for row in rows]
@@ -299,7 +324,7 @@ class SAETrainer:
         prefetch = Prefetcher(source.iterate(self.step), self.device, depth=cfg.prefetch, first_batch=self.step,
                               rows_before=self.rows_seen)
         stream = iter(prefetch)
-        writer = _MetricsLog(log_path) if log_path is not None else None
+        writer = _MetricsLog(log_path, self.log_columns()) if log_path is not None else None
         try:
             if not self.initialised:
                 peeked: list[RowBatch] = []
@@ -399,7 +424,7 @@ class SAETrainer:
         tmp = directory / (name + ".tmp")
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
         tmp.replace(directory / name)
-        record = {"format": CHECKPOINT_FORMAT, "version": 1, "step": self.step, "rows_seen": self.rows_seen,
+        record = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": self.step, "rows_seen": self.rows_seen,
                   "elapsed_s": self.elapsed, "state_file": name, "train_config": self.train.to_json(),
                   "configs": [c.to_json() for c in self.configs], "optimizer_groups": groups,
                   "normalizer": {"scale": self.normalizer.scale, "centered": self.normalizer.shift is not None},
@@ -469,8 +494,10 @@ class SAETrainer:
             member.optimizer.load_state_dict({"state": optim_state, "param_groups": record["optimizer_groups"][index]})
             member.rows_since_fired = state[f"{index}.rows_since_fired"].to(trainer.device)
             trainer._set_dead(member, state[f"{index}.auxk_latents"].to(trainer.device))
-            if f"{index}.metric_sums" in state:
-                member.sums = state[f"{index}.metric_sums"].to(trainer.device)
+            sums = state.get(f"{index}.metric_sums")
+            if record.get("version", 1) >= 2 and sums is not None and sums.shape == member.sums.shape:
+                # (an older layout: the first log window after the resume starts afresh)
+                member.sums = sums.to(trainer.device)
                 member.steps_in_window = int(record["steps_in_window"][index])
             trainer.members.append(member)
         trainer.step = int(record["step"])
@@ -503,20 +530,21 @@ def _check_same_saes(saved: list[SAEConfig], wanted: list[SAEConfig], directory:
 class _MetricsLog:
     """Per-step metrics to CSV (``.csv``) or JSON lines (any other suffix); appends on resume."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, columns: Sequence[str] = LOG_COLUMNS):
         self.path = Path(path)
+        self.columns = tuple(columns)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.csv = self.path.suffix.lower() == ".csv"
         new = not self.path.exists() or self.path.stat().st_size == 0
         self.handle = self.path.open("a", newline="")
-        self.writer = csv.DictWriter(self.handle, fieldnames=LOG_COLUMNS) if self.csv else None
+        self.writer = csv.DictWriter(self.handle, fieldnames=self.columns) if self.csv else None
         if self.writer is not None and new:
             self.writer.writeheader()
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             if self.writer is not None:
-                self.writer.writerow({k: row.get(k) for k in LOG_COLUMNS})
+                self.writer.writerow({k: row.get(k) for k in self.columns})
             else:
                 self.handle.write(json_dumps(row) + "\n")
         self.handle.flush()
