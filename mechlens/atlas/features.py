@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mechlens.features import Channel, Direction, SAELatent
+from mechlens.features import Channel, Direction
 
 __all__ = ["FeatureSet", "channel_features", "direction_features", "sae_features"]
 
@@ -60,9 +60,7 @@ class _SAEFeatures(FeatureSet):
         return f"sae:{self.source}:{index}" if self.source else f"latent {index}"
 
     def feature(self, index: int) -> Any:
-        config = self.sae.config
-        return SAELatent(config.layer, self.sae, int(index), pooling=config.pooling, layout=config.layout,
-                         source=self.source)
+        return self.sae.feature(index, source=self.source)
 
 
 class _ChannelFeatures(FeatureSet):

@@ -70,8 +70,6 @@ __all__ = [
 def feature_from_spec(rest: str):
     """``"PATH:123"`` (the text after ``sae:`` in a feature spec) -> :class:`SAELatent` of latent 123
     of the SAE saved at ``PATH``, with the layer, pooling and layout it was trained with."""
-    from mechlens.features.base import SAELatent
-
     path, sep, index = rest.rpartition(":")
     if not sep or not path:
         raise ValueError(f"feature spec 'sae:{rest}': expected sae:PATH:INDEX")
@@ -80,8 +78,7 @@ def feature_from_spec(rest: str):
     except ValueError:
         raise ValueError(f"feature spec 'sae:{rest}': latent index must be an integer, got {index!r}") from None
     sae = SAE.load(path)
-    if not 0 <= latent < sae.width:
-        raise IndexError(f"feature spec 'sae:{rest}': latent {latent} is out of range, the SAE has {sae.width} latents")
-    if not sae.config.layer:
-        raise ValueError(f"the SAE at {path} does not record the layer it was trained on, so it cannot be a feature")
-    return SAELatent(sae.config.layer, sae, latent, pooling=sae.config.pooling, layout=sae.config.layout, source=path)
+    try:
+        return sae.feature(latent, source=path)
+    except (IndexError, ValueError) as error:
+        raise type(error)(f"feature spec 'sae:{rest}': {error}") from None

@@ -183,6 +183,18 @@ class SAE(nn.Module):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def feature(self, index: int, *, source: str = "") -> Any:
+        """Latent ``index`` as a :class:`mechlens.features.SAELatent` of the layer, pooling and
+        layout it was trained on (``source``: the path it was loaded from, for its name)."""
+        from mechlens.features.base import SAELatent
+
+        if not 0 <= int(index) < self.width:
+            raise IndexError(f"latent {index} is out of range: the SAE has {self.width} latents")
+        if not self.config.layer:
+            raise ValueError("this SAE does not record the layer it was trained on, so a latent cannot be a feature")
+        return SAELatent(self.config.layer, self, int(index), pooling=self.config.pooling, layout=self.config.layout,
+                         source=source)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents ``[N, width]`` of rows ``x`` ``[N, d_in]`` (what :class:`SAELatent` calls)."""
         self._check_rows(x)
