@@ -41,3 +41,19 @@ def dumps(value: Any, **kwargs: Any) -> str:
     """``json.dumps(json_safe(value), allow_nan=False, **kwargs)``: always strict JSON."""
     kwargs.pop("allow_nan", None)
     return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
+def check_fields(cls: type, data: Any, what: str, error: type[Exception] = ValueError) -> None:
+    """Refuse, in one line, keys of ``data`` that are not fields of the dataclass ``cls``
+    (a config read from JSON or built from keywords), with a "did you mean" hint each."""
+    import dataclasses
+    import difflib
+
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [key for key in data if key not in known]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise error(f"unknown {what}(s): {', '.join(hints)}; valid: {', '.join(known)}")

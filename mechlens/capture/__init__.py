@@ -2,6 +2,7 @@
 jobs that stream a whole dataset's activations into the on-disk store (:func:`capture_to_store`,
 ``mechlens capture``)."""
 from mechlens.engine.capture import Capture, LayerNotFiredError, capture
+from mechlens.capture.config import CaptureConfig
 from mechlens.capture.job import (
     SPATIAL_MODES,
     CaptureResult,
@@ -14,6 +15,7 @@ from mechlens.capture.job import (
 __all__ = [
     "SPATIAL_MODES",
     "Capture",
+    "CaptureConfig",
     "CaptureResult",
     "LayerNotFiredError",
     "SkippedSample",

@@ -27,23 +27,25 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from activation_store import CommitPolicy, LayerSpec, Rows, StoreWriter
+from activation_store import LayerSpec, Rows, StoreWriter
 from activation_store.errors import IncompatibleStoreError
+from mechlens.capture.config import SPATIAL_MODES, CaptureConfig, check_keys
 from mechlens.engine import HookSet, LayerNotFiredError, StopAfter, eval_mode
 from mechlens.data.adapters import UnreadableImageError, build_dataset, check_nonempty
-from mechlens.features.layout import POOLINGS, as_position_rows, check_cls_token, infer_layouts
+from mechlens.features.layout import as_position_rows, check_cls_token, infer_layouts
 from mechlens.models.layers import resolve_layers
 from mechlens.models.loading import LoadedModel, Preprocessing
 
 __all__ = [
     "SPATIAL_MODES",
+    "CaptureConfig",
     "CaptureResult",
     "SkippedSample",
     "capture_to_store",
@@ -52,7 +54,6 @@ __all__ = [
     "random_positions",
 ]
 
-SPATIAL_MODES: tuple[str, ...] = (*POOLINGS, "random")
 _STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _AUTOCAST = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
@@ -377,44 +378,33 @@ def capture_to_store(
     model: LoadedModel | nn.Module,
     data: Dataset | str,
     out: str | os.PathLike,
+    config: CaptureConfig | None = None,
     *,
-    layers: str | Sequence[str],
-    spatial: str = "all",
-    k: int = 16,
-    dtype: str = "float16",
-    batch_size: int = 64,
-    num_workers: int | None = None,
-    device: str | torch.device | None = None,
-    autocast: str | None = "auto",
-    channels_last: bool | None = None,
     preprocessing: Preprocessing | None = None,
-    normalize: bool = True,
-    on_size_mismatch: str | None = None,
-    on_unreadable: str | None = None,
-    max_images: int | None = None,
-    seed: int = 0,
-    backend: str = "zarr",
-    compression: str | None = None,
-    chunk_bytes: int | None = None,
-    nonfinite: str = "error",
-    model_name: str | None = None,
     rank: int | None = None,
     world_size: int | None = None,
-    progress: bool = True,
-    commit_every: CommitPolicy | str | float = CommitPolicy(),
-    layout: str | Mapping[str, str] | None = None,
-    num_prefix_tokens: int | None = None,
+    **overrides: Any,
 ) -> CaptureResult:
-    """Capture ``layers`` of ``model`` over ``data`` into the store at ``out`` (created or resumed).
+    """Capture ``config.layers`` of ``model`` over ``data`` into the store at ``out`` (created or resumed).
+
+    ``config``: a :class:`~mechlens.capture.CaptureConfig`; keyword ``overrides`` build it (no
+    ``config``) or replace its fields, so ``capture_to_store(m, d, out, layers=["stage2"], k=8)``
+    and ``capture_to_store(m, d, out, CaptureConfig(layers=["stage2"], k=8))`` are the same job;
+    a keyword that is not a config field is a ``TypeError`` naming the valid ones. The store's
+    provenance records the config (``provenance["capture"]["config"]``, its ``to_dict()``).
+    ``preprocessing`` replaces the model's own; ``rank`` / ``world_size`` default to torchrun's
+    environment (one config serves every rank).
 
     ``data`` is a torch ``Dataset`` yielding ``(image, label)`` / images in ``[0, 1]`` (normalised
     on the device with the model's preprocessing when ``normalize``), or a dataset spec string
-    for :func:`mechlens.data.build_dataset` (built at the model's input size). ``spatial``: one of
-    :data:`SPATIAL_MODES` (``random`` keeps ``k`` seeded positions per image). ``dtype``: the
-    stored dtype. ``autocast``: ``"auto"`` (bf16 on CUDA, off on CPU), ``"bf16"``, ``"fp16"`` or
-    ``None``. ``on_size_mismatch``: ``"error"`` (default) or ``"resize"`` when images differ from the
-    model's input size; ``on_unreadable``: ``"skip"`` (default; counted in the result, including
-    files an image folder left out when it was built) or ``"error"``. For a spec string both reach
+    for :func:`mechlens.data.build_dataset` (built at the model's input size).
+
+    The config's fields: ``spatial``: one of :data:`SPATIAL_MODES` (``random`` keeps ``k``
+    seeded positions per image). ``dtype``: the stored dtype. ``autocast``: ``"auto"`` (bf16 on
+    CUDA, off on CPU), ``"bf16"``, ``"fp16"`` or ``None``. ``on_size_mismatch``: ``"error"``
+    (default) or ``"resize"`` when images differ from the model's input size; ``on_unreadable``:
+    ``"skip"`` (default; counted in the result, including files an image folder left out when it
+    was built) or ``"error"``. For a spec string both reach
     the dataset itself (a spec that says otherwise is refused, never silently overridden).
     ``commit_every``: a :class:`~activation_store.CommitPolicy` or its string (``"5s,256MB"``,
     ``"2000rows"``): a kill loses at most the rows since the last commit. ``nonfinite``:
@@ -427,21 +417,23 @@ def capture_to_store(
     store records each layer's layout, prefix-token count and where the layout came from.
     """
     started = time.perf_counter()
-    if spatial not in SPATIAL_MODES:
-        raise ValueError(f"spatial must be one of {', '.join(SPATIAL_MODES)}, got {spatial!r}")
-    if spatial == "random" and k < 1:
-        raise ValueError(f"spatial='random' needs k >= 1 positions per image, got {k}")
-    if dtype not in _STORE_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_STORE_DTYPES)}, got {dtype!r}")
-    if on_size_mismatch not in (None, "error", "resize"):
-        raise ValueError(f"on_size_mismatch must be 'error' or 'resize', got {on_size_mismatch!r}")
-    if on_unreadable not in (None, "skip", "error"):
-        raise ValueError(f"on_unreadable must be 'skip' or 'error', got {on_unreadable!r}")
-    commit_every = CommitPolicy.parse(commit_every)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if nonfinite not in ("error", "count"):
-        raise ValueError(f"nonfinite must be 'error' or 'count', got {nonfinite!r}")
+    if config is None:
+        check_keys(overrides, "capture_to_store() keyword", TypeError)
+        if "layers" not in overrides:
+            raise TypeError("capture_to_store() needs the layers to capture: layers=... or a CaptureConfig")
+        config = CaptureConfig(**overrides)
+    elif not isinstance(config, CaptureConfig):
+        raise TypeError(f"config must be a CaptureConfig, got {type(config).__name__} "
+                        "(CaptureConfig.from_dict / from_json read a dict or JSON text)")
+    elif overrides:
+        config = config.replace(**overrides)
+    c = config
+    layers, spatial, k, dtype, seed, layout = c.layers, c.spatial, c.k, c.dtype, c.seed, c.layout
+    batch_size, num_workers, device, normalize = c.batch_size, c.num_workers, c.device, c.normalize
+    autocast, channels_last, max_images, progress = c.autocast, c.channels_last, c.max_images, c.progress
+    on_size_mismatch, on_unreadable, nonfinite = c.on_size_mismatch, c.on_unreadable, c.nonfinite
+    backend, compression, chunk_bytes, commit_every = c.backend, c.compression, c.chunk_bytes, c.commit_every
+    model_name, num_prefix_tokens = c.model_name, c.num_prefix_tokens
 
     loaded = model if isinstance(model, LoadedModel) else None
     net = loaded.model if loaded is not None else model
@@ -462,9 +454,7 @@ def capture_to_store(
     resize_mismatched = (on_size_mismatch or getattr(data, "on_size_mismatch", None)) == "resize"
     total = check_nonempty(data, "capture dataset")
     if max_images is not None:
-        if max_images < 1:
-            raise ValueError(f"max_images must be >= 1, got {max_images}")
-        total = min(total, int(max_images))
+        total = min(total, max_images)
     layer_names = resolve_layers(net, layers)
 
     dist = distributed_context(rank, world_size)
@@ -473,8 +463,6 @@ def capture_to_store(
     on_cuda = target.type == "cuda"
     if autocast == "auto":
         autocast = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else None
-    if autocast is not None and autocast not in _AUTOCAST:
-        raise ValueError(f"autocast must be 'auto', 'bf16', 'fp16' or None, got {autocast!r}")
     if channels_last is None:
         channels_last = on_cuda and any(isinstance(m, nn.Conv2d) for m in net.modules())
 
@@ -554,6 +542,7 @@ def capture_to_store(
                     "world_size": dist.world_size,
                     "preprocessing": preprocessing.to_dict() if preprocessing is not None else None,
                     "normalize": normalize, "autocast": autocast, "batch_size": batch_size,
+                    "config": config.to_dict(),  # CaptureConfig.from_dict(...) reruns this capture
                 },
                 "model": {"spec": loaded.spec if loaded else None, "weights": loaded.weights if loaded else None,
                           "pretrained": loaded.pretrained if loaded else None},

@@ -12,13 +12,13 @@ from typing import Any, TextIO
 
 from mechlens.cli import options
 
-__all__ = ["register", "run"]
+__all__ = ["config_from_args", "register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``capture`` sub-command."""
     from activation_store import CommitPolicy
-    from mechlens.capture.job import SPATIAL_MODES
+    from mechlens.capture.config import SPATIAL_MODES, STORE_DTYPES
 
     parser = subparsers.add_parser(
         "capture",
@@ -30,19 +30,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     options.add_model_options(parser)
-    options.LAYERS.add(parser, required=True)
+    options.LAYERS.add(parser, required=False)  # or the config file's "layers"
     options.add_data_options(parser, required=True)
-    parser.add_argument("--spatial", choices=SPATIAL_MODES, default="all",
+    # Defaults None: a flag left out takes the --config file's value, else CaptureConfig's default.
+    parser.add_argument("--config", metavar="FILE.json", default=None,
+                        help="a CaptureConfig as JSON (a store's provenance.capture.config reruns that capture); "
+                             "flags given explicitly override it (--seed and --device only when they differ "
+                             "from their defaults)")
+    parser.add_argument("--spatial", choices=SPATIAL_MODES, default=None,
                         help="all positions, k random positions, mean/max pooled or the CLS token (default: all)")
-    parser.add_argument("--k", type=int, default=16, help="positions per image for --spatial random (default 16)")
-    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="stored dtype")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--k", type=int, default=None, help="positions per image for --spatial random (default 16)")
+    parser.add_argument("--dtype", choices=STORE_DTYPES, default=None, help="stored dtype (default: float16)")
+    parser.add_argument("--batch-size", type=int, default=None, help="images per forward (default: 64)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: cores - 1, at most 8)")
-    parser.add_argument("--autocast", choices=("auto", "bf16", "fp16", "none"), default="auto",
-                        help="mixed precision of the forward (auto: bf16 on CUDA, off on CPU)")
-    parser.add_argument("--commit-every", default=str(CommitPolicy()), metavar="SPEC",
+    parser.add_argument("--autocast", choices=("auto", "bf16", "fp16", "none"), default=None,
+                        help="mixed precision of the forward (default auto: bf16 on CUDA, off on CPU)")
+    parser.add_argument("--commit-every", default=None, metavar="SPEC",
                         help="commit (make rows durable for a resume) after this much work, whichever comes first: "
-                             "e.g. '5s', '2000rows', '256MB', '10s,512MiB' (default: %(default)s)")
+                             f"e.g. '5s', '2000rows', '256MB', '10s,512MiB' (default: {CommitPolicy()})")
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="store rows holding NaN/Inf and count them (default: stop at the first such batch)")
     parser.add_argument("--layout", default=None, metavar="LAYOUT[,LAYER=LAYOUT...]",
@@ -52,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="CLS/register tokens at the start of token maps, for a model that does not declare them")
     parser.add_argument("--max-images", type=int, default=None, help="capture only the first N images")
     options.SEED.add(parser)
-    parser.add_argument("--backend", choices=("zarr", "hdf5"), default="zarr")
+    parser.add_argument("--backend", choices=("zarr", "hdf5"), default=None, help="store backend (default: zarr)")
     parser.add_argument("--compression", default=None, help="e.g. zstd (default: none)")
     options.add_run_options(parser, device="auto", out={"required": True, "metavar": "STORE"})
     parser.set_defaults(handler=run)
@@ -63,24 +68,56 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~mechlens.capture.CaptureConfig` of the command line: the ``--config`` file
+    (if any) with the flags that were given on top of it."""
+    import json
+    from pathlib import Path
+
+    from mechlens.capture.config import CaptureConfig, check_keys
+    from mechlens.features.layout import parse_layout_option
+
+    given: dict[str, Any] = {
+        "layers": args.layer, "spatial": args.spatial, "k": args.k, "dtype": args.dtype,
+        "batch_size": args.batch_size, "num_workers": args.workers, "max_images": args.max_images,
+        "commit_every": args.commit_every, "layout": parse_layout_option(args.layout),
+        "num_prefix_tokens": args.num_prefix_tokens, "backend": args.backend, "compression": args.compression,
+        "autocast": args.autocast, **options.dataset_options(args), "device": options.requested_device(args),
+        "nonfinite": "count" if args.allow_nonfinite else None, "progress": False if args.no_progress else None,
+    }
+    overrides = {key: value for key, value in given.items() if value is not None}  # None: not given
+    if overrides.get("autocast") == "none":
+        overrides["autocast"] = None
+    # --seed has a real default: without a file it always applies, with one only when changed
+    if args.config is None or args.seed != options.SEED.kwargs["default"]:
+        overrides["seed"] = args.seed
+    stored: dict[str, Any] = {}
+    if args.config is not None:
+        path = Path(args.config)
+        try:
+            stored = json.loads(path.read_text())
+            if not isinstance(stored, dict):
+                raise ValueError(f"expected a JSON object, got {type(stored).__name__}")
+            check_keys(stored, "capture config key", ValueError)
+        except OSError as error:
+            raise ValueError(f"cannot read --config {path}: {error.strerror or error}") from None
+        except ValueError as error:  # JSON syntax, not an object, an unknown key
+            raise ValueError(f"--config {path}: {error}") from None
+    if not overrides.get("layers", stored.get("layers")):
+        raise ValueError("no layers to capture: give --layer NAME ... (or a --config file with \"layers\")")
+    return CaptureConfig(**{**stored, **overrides})
+
+
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Handler of ``mechlens capture``; returns the exit code."""
     from mechlens.capture.job import capture_to_store
-    from mechlens.features.layout import parse_layout_option
 
     out = out or sys.stdout
+    config = config_from_args(args)  # a bad option or config file fails before the model loads
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         loaded = options.load_model_from_args(args)  # capture_to_store moves it to its device
-        result = capture_to_store(
-            loaded, args.data, args.out, layers=args.layer, spatial=args.spatial, k=args.k, dtype=args.dtype,
-            batch_size=args.batch_size, num_workers=args.workers, device=options.requested_device(args),
-            autocast=None if args.autocast == "none" else args.autocast, **options.dataset_options(args),
-            max_images=args.max_images, seed=args.seed, backend=args.backend, compression=args.compression,
-            progress=not args.no_progress, commit_every=args.commit_every,
-            nonfinite="count" if args.allow_nonfinite else "error",
-            layout=parse_layout_option(args.layout), num_prefix_tokens=args.num_prefix_tokens,
-        )
+        result = capture_to_store(loaded, args.data, args.out, config)
     finally:
         signal.signal(signal.SIGTERM, previous)
     summary = {

@@ -20,6 +20,8 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
+from activation_store.jsonutil import check_fields
+
 __all__ = [
     "B_DEC_INITS",
     "BatchTopKConfig",
@@ -38,17 +40,6 @@ _LAYOUTS = ("auto", "nchw", "nhwc", "nlc", "ncl", "nc")
 
 # arch name -> config class, filled by the subclasses below (and by register_sae for new ones)
 _CONFIG_CLASSES: dict[str, type["SAEConfig"]] = {}
-
-
-def _check_unknown(cls: type, data: Mapping[str, Any], what: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"unknown {what} key(s): {', '.join(hints)}; known keys: {', '.join(sorted(known))}")
 
 
 def option(default: Any, help: str = "", *, cli: bool = True) -> Any:
@@ -124,7 +115,7 @@ class SAEConfig:
         target = config_class(arch)
         if cls.arch and target is not cls:
             raise ValueError(f"config of architecture {arch!r} cannot be read as {cls.__name__}")
-        _check_unknown(target, data, f"{arch} SAE config")
+        check_fields(target, data, f"{arch} SAE config key")
         return target(**data)
 
     def replace(self, **changes: Any) -> "SAEConfig":
@@ -314,7 +305,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "TrainConfig":
-        _check_unknown(cls, data, "TrainConfig")
+        check_fields(cls, data, "TrainConfig key")
         return cls(**dict(data))
 
     def replace(self, **changes: Any) -> "TrainConfig":
