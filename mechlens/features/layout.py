@@ -55,6 +55,7 @@ __all__ = [
     "pool_positions",
     "positions_to_map",
     "resolve_layout",
+    "rows_to_layout",
 ]
 
 Layout = Literal["auto", "nchw", "nhwc", "nlc", "ncl", "nc"]
@@ -162,6 +163,23 @@ def as_position_rows(
     if layout == "ncl":
         return activation.transpose(1, 2), (activation.shape[2],)
     return activation.unsqueeze(1), ()
+
+
+def rows_to_layout(rows: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tensor:
+    """Inverse of :func:`as_position_rows`: ``[B, P, C]`` rows to the layer's own layout, in the
+    memory format of ``like`` (a channels-last view handed to the next conv would make it take
+    another kernel, and the spliced run would differ from the clean one by round-off)."""
+    if layout == "ncl":
+        return rows.transpose(1, 2).reshape(like.shape)
+    if layout != "nchw":
+        return rows.reshape(like.shape)
+    b, c, h, w = like.shape
+    out = rows.transpose(1, 2).reshape(b, c, h, w)  # a channels-last view of the rows
+    if like.is_contiguous():
+        return out.contiguous()
+    if like.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def positions_to_map(values: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:

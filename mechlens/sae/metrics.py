@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mechlens.engine import HookSet, eval_mode, unwrap
-from mechlens.features.layout import as_position_rows, current_layouts, infer_layouts, inferring_layouts, resolve_layout
+from mechlens.features.layout import as_position_rows, rows_to_layout, current_layouts, infer_layouts, inferring_layouts, resolve_layout
 from mechlens.sae.data import as_row_batch, check_finite
 from mechlens.sae.modules import SAE
 
@@ -168,23 +168,6 @@ def evaluate_store(sae: SAE, store: Any, layer: str | None = None, *, max_rows: 
 
 
 # ---------------------------------------------------------------------------- splicing
-def _rows_back(rows: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tensor:
-    """Inverse of :func:`as_position_rows`: ``[B, P, C]`` rows to the layer's own layout, in the
-    memory format of ``like`` (a channels-last view handed to the next conv would make it take
-    another kernel, and the spliced run would differ from the clean one by round-off)."""
-    if layout == "ncl":
-        return rows.transpose(1, 2).reshape(like.shape)
-    if layout != "nchw":
-        return rows.reshape(like.shape)
-    b, c, h, w = like.shape
-    out = rows.transpose(1, 2).reshape(b, c, h, w)  # a channels-last view of the rows
-    if like.is_contiguous():
-        return out.contiguous()
-    if like.is_contiguous(memory_format=torch.channels_last):
-        return out.contiguous(memory_format=torch.channels_last)
-    return out
-
-
 class _SpliceHook:
     """Forward hook replacing a layer's output by ``replace(rows)`` position by position."""
 
@@ -223,7 +206,7 @@ class _SpliceHook:
                 "flat layer")
         new = self.replace(rows.reshape(b * p, c)).to(output.dtype).reshape(b, p, c)
         self.calls += 1
-        return _rows_back(new, output, layout)
+        return rows_to_layout(new, output, layout)
 
 
 class splice_sae:

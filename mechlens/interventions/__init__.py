@@ -1,0 +1,30 @@
+"""Causal interventions on features during the forward pass: ablate, clamp, scale, steer, patch.
+
+>>> with intervene(model, [ablate(latent), steer(cav_direction, 4.0)]):
+...     logits = model(images)
+>>> logits = intervened_forward(model, images, [patch(channel, source_images)])
+
+Every intervention edits one feature's value at its layer, on every position (or the positions
+of ``mask``), and leaves the rest of the activation as it was:
+
+* a channel / neuron: its entry of the channel vector;
+* a direction (a CAV, a probe weight): the component along the direction (``rows += (v' - v)
+  d / |d|^2``), so ablating it projects the direction out;
+* an SAE latent: the latent, with the SAE's reconstruction *and its error term* spliced back
+  (``x' = decode(z') + (x - decode(z))``), so an identity intervention reproduces the model.
+
+Several interventions compose in one forward (in the order given, per layer). The hooks come
+from the forward engine and are removed on exit, also on error.
+"""
+from mechlens.interventions.core import (
+    Intervention,
+    ablate,
+    clamp,
+    intervene,
+    intervened_forward,
+    patch,
+    scale,
+    steer,
+)
+
+__all__ = ["Intervention", "ablate", "clamp", "intervene", "intervened_forward", "patch", "scale", "steer"]
