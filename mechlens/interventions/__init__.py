@@ -27,4 +27,9 @@ from mechlens.interventions.core import (
     steer,
 )
 
-__all__ = ["Intervention", "ablate", "clamp", "intervene", "intervened_forward", "patch", "scale", "steer"]
+from mechlens.interventions.effects import EffectTable, intervention_effects
+
+__all__ = [
+    "EffectTable", "Intervention", "ablate", "clamp", "intervene", "intervened_forward", "intervention_effects", "patch",
+    "scale", "steer",
+]

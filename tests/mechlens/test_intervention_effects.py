@@ -1,0 +1,77 @@
+"""intervention_effects: mean effects equal the intervened-minus-clean difference computed by
+hand, the bootstrap interval holds the mean and collapses for an identity edit, accuracy per
+class, and the table's CSV / JSON / plot forms."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mechlens.interventions import ablate, intervened_forward, intervention_effects, scale, steer
+from mechlens.models import small_cnn
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = small_cnn(num_classes=3, width=8, depth=2, seed=0).eval()
+    images = torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(24) % 3
+    return model, images, labels
+
+
+def test_effects_match_a_hand_computation_and_identity_is_zero(setup) -> None:
+    model, images, labels = setup
+    off = ablate("channel:stage1:2")
+    table = intervention_effects(model, (images, labels), {"off": off, "identity": scale("channel:stage1:2", 1.0)},
+                                 ["class:0", "class:1:softmax"], batch_size=10, bootstrap=500)
+    with torch.no_grad():
+        expected = (intervened_forward(model, images, off) - model(images))[:, 0].double().mean().item()
+    row = table.row("off", "class:0")
+    assert row["mean_effect"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert row["ci_low"] <= row["mean_effect"] <= row["ci_high"] and row["images"] == 24
+    identity = table.row("identity", "class:0")
+    assert identity["mean_effect"] == identity["ci_low"] == identity["ci_high"] == 0.0
+    classes = {(a["intervention"], a["class"]) for a in table.accuracy}
+    assert classes == {(n, c) for n in ("off", "identity") for c in range(3)}
+    same = [a for a in table.accuracy if a["intervention"] == "identity"]
+    assert all(a["clean_accuracy"] == a["intervened_accuracy"] for a in same)
+
+
+def test_the_interval_covers_a_known_mean_at_its_level(setup) -> None:
+    """Percentile-bootstrap intervals of per-image effects: over 200 random draws of 24 images
+    from a population with a known mean effect, the 90% interval covers it at a rate near 0.9.
+    Measured over 3 model seeds x 3 draw seeds: 0.84-0.905 (the percentile method runs a little
+    narrow at n=24); the bound allows for that and for the binomial spread of 200 draws (sd 0.02)."""
+    model, images, _ = setup
+    table = intervention_effects(model, images, {"steer": steer("channel:stage1:0", 2.0)}, ["class:0"], bootstrap=500)
+    population = table.effects[("steer", "class:0")]
+    rng = np.random.default_rng(1)
+    covered = 0
+    for _ in range(200):
+        sample = rng.choice(population, size=24, replace=True)
+        boot = sample[rng.integers(0, 24, size=(500, 24))].mean(axis=1)
+        low, high = np.quantile(boot, [0.05, 0.95])
+        covered += low <= population.mean() <= high
+    assert 0.78 <= covered / 200 <= 0.97, covered
+
+
+def test_table_forms(setup, tmp_path) -> None:
+    model, images, _ = setup
+    table = intervention_effects(model, images[:8], {"off": ablate("channel:stage1:1")}, ["class:0", "class:2"],
+                                 bootstrap=200)
+    rows = list(csv.DictReader(io.StringIO(table.to_csv(tmp_path / "effects.csv"))))
+    assert [r["target"] for r in rows] == ["class:0", "class:2"] and (tmp_path / "effects.csv").exists()
+    data = json.loads(table.to_json())
+    assert data["effects"][0]["intervention"] == "off" and data["accuracy"] == []
+    assert table.plot().axes
+    assert "<table>" in table._repr_html_()
+    with pytest.raises(ValueError, match="at least one named intervention"):
+        intervention_effects(model, images, {}, ["class:0"])
+    with pytest.raises(ValueError, match="bootstrap must be at least 100"):
+        intervention_effects(model, images, {"off": ablate("channel:stage1:1")}, ["class:0"], bootstrap=10)
