@@ -22,6 +22,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mechlens.cli.atlas",
     "mechlens.cli.visualize",
     "mechlens.cli.dream",
+    "mechlens.cli.intervene",
     "mechlens.cli.run",
 )
 

@@ -37,7 +37,7 @@ from mechlens.cli import options
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-MODEL_COMMANDS = {"layers", "attribute", "capture", "tcav", "atlas", "visualize", "dream", "sae eval"}
+MODEL_COMMANDS = {"layers", "attribute", "capture", "tcav", "atlas", "visualize", "dream", "sae eval", "intervene"}
 QUICK = {"store info", "layers"}
 NO_BAR = {"tcav", "run", "demo"}
 MODEL_GROUP = ("--model", "--weights", "--pretrained", "--num-classes")
@@ -67,7 +67,7 @@ def _reference(option: options.Option) -> argparse.Action:
 
 def test_the_walk_sees_every_command():
     assert set(COMMANDS) == {"store info", "store verify", "layers", "attribute", "sae train", "sae eval", "sae stats",
-                             "capture", "tcav", "atlas", "visualize", "dream", "run", "demo"}
+                             "capture", "tcav", "atlas", "visualize", "dream", "intervene", "run", "demo"}
 
 
 # ----------------------------------------------------------------------------- rule 1
@@ -103,6 +103,7 @@ def _command_argv(command: str, tmp: Path) -> list[str]:
         "visualize": ["visualize", *model, "--feature", "class:0", "--out", str(tmp)],
         "dream": ["dream", *model, "--image", "x.png", "--layer", "stage2", "--out", str(tmp / "d.png")],
         "sae eval": ["sae", "eval", str(tmp), "--store", str(tmp), *model, "--data", "digits"],
+        "intervene": ["intervene", *model, "--data", "digits", "--ablate", "channel:stage1:0", "--out", str(tmp)],
     }[command]
 
 

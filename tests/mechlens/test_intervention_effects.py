@@ -75,3 +75,20 @@ def test_table_forms(setup, tmp_path) -> None:
         intervention_effects(model, images, {}, ["class:0"])
     with pytest.raises(ValueError, match="bootstrap must be at least 100"):
         intervention_effects(model, images, {"off": ablate("channel:stage1:1")}, ["class:0"], bootstrap=10)
+
+
+def test_the_intervene_command_writes_its_tables(tmp_path, capsys) -> None:
+    from mechlens.cli import main
+
+    argv = ["intervene", "--model", "mechlens:small_cnn_tiny", "--data", "synthetic:shapes?n=12", "--max-images", "12",
+            "--ablate", "channel:stage1:0", "--steer", "channel:stage1:1=3", "--target", "class:0", "class:1",
+            "--bootstrap", "200", "--out", str(tmp_path / "run"), "--json", "--no-progress"]
+    assert main(argv) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {r["intervention"] for r in line["effects"]} == {"ablate channel:stage1:0", "steer channel:stage1:1=3"}
+    assert len(line["effects"]) == 4 and line["accuracy"]
+    for name in ("effects.csv", "effects.json", "effects.png"):
+        assert (tmp_path / "run" / name).exists()
+    assert main(["intervene", "--model", "mechlens:small_cnn_tiny", "--data", "synthetic:shapes?n=4",
+                 "--steer", "channel:stage1:1=x", "--out", str(tmp_path / "bad")]) == 2
+    assert "is not a number" in capsys.readouterr().err
