@@ -20,6 +20,7 @@ from mechlens.interventions.core import (
     Intervention,
     ablate,
     clamp,
+    decoder_directions,
     intervene,
     intervened_forward,
     patch,
@@ -30,6 +31,6 @@ from mechlens.interventions.core import (
 from mechlens.interventions.effects import EffectTable, intervention_effects
 
 __all__ = [
-    "EffectTable", "Intervention", "ablate", "clamp", "intervene", "intervened_forward", "intervention_effects", "patch",
+    "EffectTable", "Intervention", "ablate", "clamp", "decoder_directions", "intervene", "intervened_forward", "intervention_effects", "patch",
     "scale", "steer",
 ]

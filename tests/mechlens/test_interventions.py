@@ -151,3 +151,57 @@ def test_bad_input_is_refused_and_no_hook_survives(model, images) -> None:
         with intervene(model, ablate(Channel("stage1", 0))):
             raise KeyError("an error inside the block")
     assert _hooks_left(model) == 0
+
+
+def test_features_edited_together_share_one_encoding_or_one_span(model, images) -> None:
+    from mechlens.interventions import decoder_directions
+
+    clean = _hooked(model, images, "stage2")
+    sae = _sae(clean.shape[1], "stage2")
+    rows = clean.permute(0, 2, 3, 1).reshape(-1, clean.shape[1])
+    # latents of one SAE: one encoding, each latent set to its own value, one decode, error kept
+    group = _hooked(model, images, "stage2", clamp([sae.feature(1), sae.feature(5)], [0.5, 2.0]))
+    z = sae.encode(rows).detach()
+    edited = z.clone()
+    edited[:, 1], edited[:, 5] = 0.5, 2.0
+    expected = rows + sae.decode(edited) - sae.decode(z)
+    torch.testing.assert_close(group.permute(0, 2, 3, 1).reshape(-1, clean.shape[1]), expected.detach(), rtol=1e-5, atol=1e-5)
+    # decoder space: the span of the decoder directions is projected out of the whole activation,
+    # error term included, and nothing orthogonal to it moves
+    directions = decoder_directions(sae, [1, 5])
+    out = _hooked(model, images, "stage2", ablate([sae.feature(1), sae.feature(5)], space="decoder"))
+    out_rows = out.permute(0, 2, 3, 1).reshape(-1, clean.shape[1])
+    assert (out_rows @ directions.T).abs().max().item() < 1e-4
+    basis, _ = torch.linalg.qr(directions.T)
+    torch.testing.assert_close(out_rows - out_rows @ basis @ basis.T, rows - rows @ basis @ basis.T, rtol=1e-5, atol=1e-5)
+    # several directions: the same, as a span; patching copies the source's coordinates in it
+    vectors = [Direction("stage2", d) for d in directions]
+    torch.testing.assert_close(_hooked(model, images, "stage2", ablate(vectors)), out, rtol=1e-5, atol=1e-5)
+    source = images.flip(0)
+    patched = _hooked(model, images, "stage2", patch(vectors, source)).permute(0, 2, 3, 1).reshape(-1, clean.shape[1])
+    from_source = _hooked(model, source, "stage2").permute(0, 2, 3, 1).reshape(-1, clean.shape[1])
+    torch.testing.assert_close(patched @ basis, from_source @ basis, rtol=1e-4, atol=1e-4)
+    # channels: a list of channels at once
+    both = _hooked(model, images, "stage2", ablate(["channel:stage2:0", "channel:stage2:3"]))
+    assert both[:, [0, 3]].abs().max().item() == 0 and torch.equal(both[:, 1:3], clean[:, 1:3])
+
+
+def test_groups_refuse_what_they_cannot_mean(model, images) -> None:
+    sae = _sae(_hooked(model, images, "stage2").shape[1], "stage2")
+    with pytest.raises(ValueError, match="share a layer"):
+        ablate([Channel("stage1", 0), Channel("stage2", 0)])
+    with pytest.raises(ValueError, match="one kind"):
+        ablate([Channel("stage2", 0), sae.feature(0)])
+    with pytest.raises(ValueError, match="ambiguous"):
+        steer([Direction("stage2", torch.ones(4)), Direction("stage2", torch.arange(4.0))], 1.0)
+    with pytest.raises(ValueError, match="2 value"):
+        clamp([sae.feature(0), sae.feature(1)], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="finite number"):
+        clamp([sae.feature(0), sae.feature(1)], [1.0, math.nan])
+    with pytest.raises(ValueError, match="space='decoder' is for SAE latents"):
+        ablate(Channel("stage2", 0), space="decoder")
+    with pytest.raises(ValueError, match="unknown space"):
+        ablate(sae.feature(0), space="pixels")
+    with pytest.raises(IndexError, match="out of range"):
+        intervened_forward(model, images, ablate([sae.feature(0), sae.feature(99)], space="decoder"))
+    assert _hooks_left(model) == 0
