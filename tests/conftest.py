@@ -72,3 +72,34 @@ def trained_shapes_model(request: pytest.FixtureRequest, tmp_path_factory: pytes
         cache_dir = tmp_path_factory.mktemp("mechlens_shapes_model")
     recipe = ShapesRecipe(seed=SHAPES_SEED, model_seed=SHAPES_SEED) if SHAPES_SEED else ShapesRecipe()
     return load_or_train_shapes_classifier(recipe, cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def shapes_saes(trained_shapes_model, tmp_path_factory: pytest.TempPathFactory):
+    """TopK SAEs (512 latents, k=8) on ``stage2`` and ``stage3`` of ``trained_shapes_model``, trained
+    as the demo trains its SAE, on 1000 images of the training distribution (the ruler on the
+    squares): ``.stage2``, ``.stage3``, ``.store``, ``.captured`` (the images' dataset). ~30 s."""
+    import types
+
+    from mechlens.capture import capture_to_store
+    from mechlens.data import build_dataset
+    from mechlens.sae import TopKConfig, TrainConfig, train_sae
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        recipe = trained_shapes_model.recipe
+        data = recipe.train_data
+        spec = (f"synthetic:shapes?n=1000&size={data.image_size}&seed={SHAPES_SEED + 7}&split=capture"
+                f"&artefact_class={data.artefact_class}&artefact_p={data.artefact_probability}")
+        out = tmp_path_factory.mktemp("shapes_saes")
+        capture_to_store(trained_shapes_model.loaded, spec, out / "store", layers=["stage2", "stage3"], spatial="all",
+                         dtype="float16", batch_size=128, progress=False)
+        saes = {}
+        for layer in ("stage2", "stage3"):
+            result = train_sae(out / "store", layer, TopKConfig(width=512, k=8), TrainConfig(steps=1500, batch_size=1024, seed=0),
+                               out=out / f"sae-{layer}", progress=False)
+            saes[layer] = (result.sae if hasattr(result, "sae") else result.saes[0]).eval()
+        return types.SimpleNamespace(store=out / "store", captured=build_dataset(spec), **saes)
+    finally:
+        torch.set_num_threads(before)

@@ -23,6 +23,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mechlens.cli.visualize",
     "mechlens.cli.dream",
     "mechlens.cli.intervene",
+    "mechlens.cli.circuit",
     "mechlens.cli.run",
 )
 

@@ -177,13 +177,17 @@ def _stderr_is_terminal() -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
+def wants_progress(args: argparse.Namespace) -> bool:
+    """Whether to draw progress bars (``progress=`` of the library calls): on stderr when it is a
+    terminal, never with ``--no-progress``, so error lines and logs stay one line each."""
+    return not bool(getattr(args, "no_progress", False)) and _stderr_is_terminal()
+
+
 def progress_bar(args: argparse.Namespace, **kwargs: Any) -> Any:
-    """A progress bar the CLI draws itself (``tqdm`` keywords): on stderr when it is a terminal,
-    never with ``--no-progress``, so error lines and logs stay one line each."""
+    """A progress bar the CLI draws itself (``tqdm`` keywords), shown when :func:`wants_progress`."""
     from tqdm.auto import tqdm
 
-    disable = bool(getattr(args, "no_progress", False)) or not _stderr_is_terminal()
-    return tqdm(disable=disable, leave=False, file=sys.stderr, **kwargs)
+    return tqdm(disable=not wants_progress(args), leave=False, file=sys.stderr, **kwargs)
 
 
 def print_json(value: Any, out: TextIO | None = None, **kwargs: Any) -> None:

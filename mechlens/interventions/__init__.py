@@ -29,8 +29,18 @@ from mechlens.interventions.core import (
 )
 
 from mechlens.interventions.effects import EffectTable, intervention_effects
+from mechlens.interventions.patching import (
+    LatentEffects,
+    ResponsibleLatents,
+    ablation_effects,
+    attribution_patching,
+    rank_agreement,
+    responsible_latents,
+)
+from mechlens.interventions.circuits import Circuit, CircuitNode, feature_circuit
 
 __all__ = [
-    "EffectTable", "Intervention", "ablate", "clamp", "decoder_directions", "intervene", "intervened_forward", "intervention_effects", "patch",
-    "scale", "steer",
+    "Circuit", "CircuitNode", "EffectTable", "Intervention", "LatentEffects", "ResponsibleLatents", "ablate",
+    "ablation_effects", "attribution_patching", "clamp", "decoder_directions", "feature_circuit", "intervene",
+    "intervened_forward", "intervention_effects", "patch", "rank_agreement", "responsible_latents", "scale", "steer",
 ]

@@ -92,3 +92,47 @@ def test_the_intervene_command_writes_its_tables(tmp_path, capsys) -> None:
     assert main(["intervene", "--model", "mechlens:small_cnn_tiny", "--data", "synthetic:shapes?n=4",
                  "--steer", "channel:stage1:1=x", "--out", str(tmp_path / "bad")]) == 2
     assert "is not a number" in capsys.readouterr().err
+
+
+def test_circuit_command_writes_the_circuit_and_refuses_one_layer(tmp_path, capsys) -> None:
+    import torch
+
+    from mechlens.cli import main
+    from mechlens.models import load_model
+    from mechlens.sae import TopKConfig, build_sae
+
+    loaded = load_model("mechlens:small_cnn_tiny")
+    from mechlens.engine import capture
+
+    with torch.no_grad(), capture(loaded.model, ["stage1", "stage2"]) as cap:
+        loaded.model(torch.rand(1, 3, 32, 32))
+    paths = []
+    for layer in ("stage1", "stage2"):
+        sae = build_sae(TopKConfig(width=16, k=4, d_in=cap[layer].shape[1], layer=layer, layout="nchw"), seed=1)
+        paths.append(str(sae.save(tmp_path / f"sae-{layer}")))
+    argv = ["circuit", "--model", "mechlens:small_cnn_tiny", "--data", "synthetic:shapes?n=8", "--sae", *paths,
+            "--target", "class:1", "--nodes-per-layer", "3", "--out", str(tmp_path / "run"), "--json", "--no-progress"]
+    assert main(argv) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["layers"] == ["stage1", "stage2"] and line["size"] <= 6 and line["images"] == 8
+    assert {"faithfulness", "completeness", "edges", "nodes"} <= set(line)
+    for name in ("circuit.json", "circuit.svg", "circuit.dot"):
+        assert (tmp_path / "run" / name).stat().st_size > 0
+    assert main(["circuit", "--model", "mechlens:small_cnn_tiny", "--data", "synthetic:shapes?n=8", "--sae", paths[0],
+                 "--target", "class:1", "--out", str(tmp_path / "bad")]) == 2
+    assert "two or more layers" in capsys.readouterr().err
+
+
+def test_interventions_benchmark_quick_runs_and_ends_with_its_json_line() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "interventions.py"), "--quick"], capture_output=True,
+                          text=True, timeout=600, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert line["benchmark"] == "interventions"
+    assert line["figures"]["exhaustive_forwards"] > line["figures"]["width"]
+    assert line["ratios"]["exhaustive_over_attribution"] > 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -205,3 +207,30 @@ def test_groups_refuse_what_they_cannot_mean(model, images) -> None:
     with pytest.raises(IndexError, match="out of range"):
         intervened_forward(model, images, ablate([sae.feature(0), sae.feature(99)], space="decoder"))
     assert _hooks_left(model) == 0
+
+
+def test_attribution_patching_and_circuits_refuse_bad_input(model, images) -> None:
+    from mechlens.interventions import ablation_effects, attribution_patching, feature_circuit
+
+    stage1 = _hooked(model, images, "stage1").shape[1]
+    sae1, sae2 = _sae(stage1, "stage1"), _sae(_hooked(model, images, "stage2").shape[1], "stage2")
+    with pytest.raises(ValueError, match="needs means="):
+        attribution_patching(model, sae2, images, "class:0", ablation="mean")
+    with pytest.raises(ValueError, match="one image per image"):
+        attribution_patching(model, sae2, images, "class:0", ablation="source", source=images[:2])
+    with pytest.raises(ValueError, match="trained on layer 'stage2', not 'stage1'"):
+        attribution_patching(model, sae2, images, "class:0", layer="stage1")
+    with pytest.raises(IndexError, match="latents must lie in"):
+        ablation_effects(model, sae2, images, "class:0", latents=[0, 999])
+    with pytest.raises(ValueError, match="two or more layers"):
+        feature_circuit(model, [sae2], images, "class:0")
+    with pytest.raises(ValueError, match="either nodes_per_layer= or faithfulness="):
+        feature_circuit(model, [sae1, sae2], images, "class:0", nodes_per_layer=2, faithfulness=0.8)
+    assert _hooks_left(model) == 0
+    # zeroing a latent that never fires changes nothing: exactly 0 in both, and never run exactly
+    estimated = attribution_patching(model, sae2, images, "class:0")
+    exact = ablation_effects(model, sae2, images, "class:0")
+    silent = exact.active == 0
+    assert silent.any() and (~silent).any()
+    assert np.all(exact.effects[silent] == 0) and np.all(estimated.effects[silent] == 0)
+    assert estimated.forwards == 1 and exact.forwards == 1 + int((~silent).sum())
