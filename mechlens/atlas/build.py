@@ -6,7 +6,10 @@ Everything that scales with the number of features is batched: one forward pass 
 exemplar images serves every feature that has them among its top-k (the SAE encodes all
 positions once), histograms come from one encoded sample of store rows, logit effects from one
 class-by-channel gradient matrix times the decoder, the overview map from one embedding of the
-decoder directions; pages are rendered from templates and images written with PIL.
+decoder directions; causal effects from one intervened forward per feature and batch (every class
+read from it); pages are rendered from templates and images written with PIL. A circuit found
+with :func:`mechlens.interventions.feature_circuit` is published beside the features
+(``circuit.html``), drawn with the atlas's own images.
 """
 from __future__ import annotations
 
@@ -14,18 +17,20 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from activation_store.jsonutil import dumps as json_dumps
+from mechlens.atlas.circuit import write_circuit_page
 from mechlens.atlas.features import FeatureSet, sae_features
 from mechlens.atlas.panels import (
     AtlasContext,
     AttributeFn,
     AttributionPanel,
+    CausalEffectsPanel,
     ConceptsPanel,
     ExemplarsPanel,
     FeatvisPanel,
@@ -39,9 +44,10 @@ from mechlens.atlas.compute import _device, _map_svg, logit_effects
 from mechlens.engine import eval_mode, unwrap_with_preprocessing
 from mechlens.models.loading import LoadedModel, Preprocessing
 
+if TYPE_CHECKING:
+    from mechlens.interventions import Circuit
+
 __all__ = ["AtlasResult", "build_atlas", "logit_effects"]
-
-
 
 
 @dataclass
@@ -54,6 +60,7 @@ class AtlasResult:
     seconds: float
     map_method: str
     data: dict[str, Any] = field(repr=False, default_factory=dict)
+    circuit: Path | None = None  # circuit.html, when a circuit was published
 
 
 def build_atlas(
@@ -73,6 +80,9 @@ def build_atlas(
     exemplars: int = 8,
     histogram_rows: int = 20000,
     effect_images: int = 64,
+    causal: bool = True,
+    causal_images: int = 64,
+    circuit: Circuit | None = None,
     title: str | None = None,
     seed: int = 0,
     batch_size: int = 64,
@@ -87,19 +97,27 @@ def build_atlas(
     layer; ``dataset``: the images behind the store's sample ids (default: rebuilt from the spec
     the capture job recorded); ``stats``: :class:`mechlens.sae.FeatureStatistics` (loaded from the
     SAE directory or computed). ``panels``: the page's panels (default: exemplars, histogram,
-    logit effects, the overview map, concept alignment with ``cavs``, feature visualizations with
-    ``visualize(ids) -> images`` and attribution overlays with ``attribute(id, images) -> {method:
-    maps}`` when given). Features that never fire are left out.
+    logit effects, causal effects unless ``causal=False``, the overview map, concept alignment with
+    ``cavs``, feature visualizations with ``visualize(ids) -> images`` and attribution overlays with
+    ``attribute(id, images) -> {method: maps}`` when given). Features that never fire are left out.
+
+    ``effect_images`` / ``causal_images``: how many of the dataset's first images the logit
+    effects / the ablations (:class:`~mechlens.atlas.CausalEffectsPanel`: one forward per feature
+    over them) are measured on. ``circuit``: a :class:`mechlens.interventions.Circuit` to publish as
+    ``circuit.html`` (linked from the index), its nodes that are latents of this atlas drawn with
+    their exemplar or visualization and linked to their pages.
     """
     from jinja2 import Environment
     from markupsafe import Markup
 
     from activation_store import ActivationStore
     from mechlens.atlas import templates
-    from mechlens.data import build_dataset
+    from mechlens.capture import captured_dataset
     from mechlens.sae import SAE, FeatureStatistics, feature_statistics
 
     started = time.perf_counter()
+    if circuit is not None and not (hasattr(circuit, "to_svg") and hasattr(circuit, "nodes")):
+        raise TypeError(f"circuit must be a mechlens.interventions.Circuit, got {type(circuit).__name__}")
     source_dir = None
     if not isinstance(sae, nn.Module):
         source_dir = Path(sae)
@@ -121,13 +139,8 @@ def build_atlas(
         else:
             stats = feature_statistics(features, store, layer=layer, top_k=exemplars, progress=progress)
     if dataset is None:
-        recorded = store.manifest.provenance.get("capture", {})
-        spec = recorded.get("dataset_spec")
-        if not spec:
-            raise ValueError("the store does not record the dataset it was captured from; pass dataset=")
-        size = preprocessing.image_size if preprocessing is not None else None
-        # the capture's own policies, so the rebuilt dataset has the same files under the same ids
-        dataset = build_dataset(spec, image_size=size, **recorded.get("dataset_options", {}))
+        # the capture's own spec and policies, so the rebuilt dataset has the same files under the same ids
+        dataset = captured_dataset(store, image_size=preprocessing.image_size if preprocessing is not None else None)
     if class_names is None:
         class_names = list(getattr(dataset, "class_names", []) or [])
     out = Path(out)
@@ -142,8 +155,10 @@ def build_atlas(
     if len(ids) == 0:
         raise ValueError("no feature of this set fires on the store's rows; there is nothing to publish")
     if panels is None:
-        panels = [ExemplarsPanel(), HistogramPanel(histogram_rows), LogitEffectsPanel(effect_images), MapPanel(),
-                  ConceptsPanel(cavs)]
+        panels = [ExemplarsPanel(), HistogramPanel(histogram_rows), LogitEffectsPanel(effect_images)]
+        if causal:
+            panels.append(CausalEffectsPanel(causal_images))
+        panels += [MapPanel(), ConceptsPanel(cavs)]
         if visualize is not None:
             panels.append(FeatvisPanel(visualize))
         if attribute is not None:
@@ -155,7 +170,7 @@ def build_atlas(
         "id": int(i), "spec": features.spec(int(i)), "frequency": float(stats.frequency[i]), "mean": float(stats.mean[i]),
         "mean_active": float(stats.mean_active[i]), "max": float(stats.max[i]), "exemplars": [], "top_classes": [],
         "logit_up": [], "logit_down": [], "concepts": [], "concept": None, "concept_cos": None, "has_vis": False,
-        "histogram": [], "histogram_max": 0.0, "map": [float(n), 0.0], "attributions": [],
+        "histogram": [], "histogram_max": 0.0, "map": [float(n), 0.0], "attributions": [], "causal": None,
     } for n, i in enumerate(ids)]
     with eval_mode(net):
         for panel in panels:
@@ -172,6 +187,13 @@ def build_atlas(
         html = frame.render(f=page, body=Markup(body), title=title, layer=layer, rows=stats.rows,
                             prev_id=id_list[n - 1] if n else None, next_id=id_list[n + 1] if n + 1 < len(id_list) else None)
         (out / "features" / f"{page['id']}.html").write_text(html)
+    published = None
+    if circuit is not None:
+        published = write_circuit_page(out, circuit, features, pages, env=env, title=title,
+                                       class_names=list(class_names))
+    else:  # a rebuild without a circuit leaves no stale one behind
+        for stale in ("circuit.html", "circuit.json"):
+            (out / stale).unlink(missing_ok=True)
     map_method = ctx.shared.get("map_method", "index")
     coords = np.asarray([p["map"] for p in pages], dtype=float)
     summary = [("features", features.title), ("store", str(store.root)), ("rows", f"{stats.rows:,}"),
@@ -179,13 +201,14 @@ def build_atlas(
                ("panels", ", ".join(panel.name for panel in panels))]
     index_html = env.from_string(templates.INDEX).render(
         title=title, subtitle=f"model {store.manifest.model}", summary=summary, features=pages,
-        map_svg=_map_svg(coords, id_list, np.asarray([p["frequency"] for p in pages])), map_method=map_method)
+        map_svg=_map_svg(coords, id_list, np.asarray([p["frequency"] for p in pages])), map_method=map_method,
+        circuit=published)
     (out / "index.html").write_text(index_html)
     (out / "static" / "atlas.css").write_text(templates.CSS)
     (out / "static" / "atlas.js").write_text(templates.SORT_JS)
     data = {"layer": layer, "width": features.width, "rows": stats.rows, "class_names": list(class_names),
             "map_method": map_method, "panels": [panel.name for panel in panels],
-            "features": [{k: v for k, v in p.items() if k != "histogram_svg"} for p in pages]}
+            "features": [{k: v for k, v in p.items() if k != "histogram_svg"} for p in pages], "circuit": published}
     (out / "atlas.json").write_text(json_dumps(data))
     return AtlasResult(out=out, index=out / "index.html", features=id_list, seconds=time.perf_counter() - started,
-                       map_method=map_method, data=data)
+                       map_method=map_method, data=data, circuit=out / "circuit.html" if published else None)

@@ -1,9 +1,10 @@
-"""The atlas's computations and drawings: logit effects, histograms, the overview map's
-embedding, overlays and PNGs (shared by :mod:`mechlens.atlas.panels` and the page builder)."""
+"""The atlas's computations and drawings: logit effects (of added directions and of ablations),
+histograms, the overview map's embedding, overlays and PNGs (shared by
+:mod:`mechlens.atlas.panels` and the page builder)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from mechlens.engine import capture, eval_mode, unwrap_with_preprocessing
 from mechlens.features.layout import as_position_rows, infer_layouts
 from mechlens.models.loading import LoadedModel, Preprocessing
 
-__all__ = ["logit_effects"]
+__all__ = ["ablation_disagrees", "linear_ablation_effects", "logit_effects"]
 
 
 def _device(net: nn.Module) -> torch.device:
@@ -39,6 +40,23 @@ def _prepare(images: torch.Tensor, preprocessing: Preprocessing | None, device: 
     return x
 
 
+def _per_class(net: nn.Module, layer: str, x: torch.Tensor,
+               reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``[classes, ...]``: ``reduce(rows, gradient_rows)`` for each class logit, both ``[B, P, C]``
+    (the layer's activation and the gradient of the class logit summed over the batch): one
+    forward, one backward per class, nothing per class kept but what ``reduce`` returns."""
+    layout = infer_layouts(net, [layer], x)[layer].layout
+    with capture(net, layer, grads=True) as cap:
+        logits = net(x)
+    activation = cap[layer]
+    rows, _ = as_position_rows(activation.detach(), layout)
+    out = []
+    for cls in range(logits.shape[1]):
+        (g,) = torch.autograd.grad(logits[:, cls].sum(), activation, retain_graph=cls + 1 < logits.shape[1])
+        out.append(reduce(rows, as_position_rows(g, layout)[0]).detach())
+    return torch.stack(out)
+
+
 def logit_effects(model: LoadedModel | nn.Module, layer: str, images: torch.Tensor, directions: torch.Tensor) -> np.ndarray:
     """``[num_classes, F]``: the first-order change of each class logit (mean over ``images``)
     when ``directions`` ``[F, C]`` are added at every position of ``layer``."""
@@ -46,17 +64,66 @@ def logit_effects(model: LoadedModel | nn.Module, layer: str, images: torch.Tens
     device = _device(net)
     with eval_mode(net):
         x = _prepare(images, preprocessing, device)
-        layout = infer_layouts(net, [layer], x)[layer].layout
-        with capture(net, layer, grads=True) as cap:
-            logits = net(x)
-        activation = cap[layer]
-        grads = []
-        for cls in range(logits.shape[1]):
-            (g,) = torch.autograd.grad(logits[:, cls].sum(), activation, retain_graph=cls + 1 < logits.shape[1])
-            rows, _ = as_position_rows(g, layout)
-            grads.append(rows.sum(dim=1).mean(dim=0))  # broadcast over positions, mean over images
-        gradient = torch.stack(grads)  # [classes, C]
+        # broadcast over positions, mean over images
+        gradient = _per_class(net, layer, x, lambda rows, g: g.sum(dim=1).mean(dim=0))  # [classes, C]
     return (gradient @ directions.to(gradient).T).detach().cpu().numpy()
+
+
+def linear_ablation_effects(model: LoadedModel | nn.Module, features: Any, images: torch.Tensor,
+                            ids: Sequence[int] | None = None, *, batch_size: int = 64) -> np.ndarray:
+    """``[num_classes, F]``: the first-order estimate of each class logit's change (mean over
+    ``images``) when each feature of ``ids`` (a :class:`~mechlens.atlas.FeatureSet`; default all)
+    is ablated to 0 at every position, as :func:`mechlens.interventions.ablate` does it.
+
+    Ablating feature ``f`` changes the layer's row at position ``p`` by ``-v_f(p) w_f`` (``v_f``
+    its value, ``w_f`` :meth:`~mechlens.atlas.FeatureSet.write_directions`: an SAE latent's
+    decoder direction with the error term kept, a channel's basis vector, a unit direction
+    projected out), so the estimate is ``-sum_p grad(logit)(p) . w_f v_f(p)``. For SAE latents
+    this is attribution patching's zero-ablation estimate, for every class at once.
+    """
+    net, preprocessing = unwrap_with_preprocessing(model)
+    device = _device(net)
+    chosen = list(range(features.width)) if ids is None else [int(i) for i in ids]
+    columns = torch.as_tensor(chosen, dtype=torch.long, device=device)
+    write = features.write_directions(chosen).detach().to(device)  # [F, C]
+    total: torch.Tensor | None = None
+    with eval_mode(net):
+        for start in range(0, len(images), batch_size):
+            x = _prepare(images[start:start + batch_size], preprocessing, device)
+
+            def removed(rows: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+                b, p, c = rows.shape
+                with torch.no_grad():
+                    values = features.encode(rows.reshape(b * p, c))[:, columns].to(g.dtype)  # [B*P, F]
+                # sum_p (g . w_f) v_f = sum_c w_f[c] (sum_p g[c] v_f): a [C, F] product, not [B, P, F]
+                return -(write.to(g.dtype).T * (g.reshape(b * p, c).T @ values)).sum(dim=0)
+
+            part = _per_class(net, features.layer, x, removed).double()
+            total = part if total is None else total + part
+    if total is None:
+        raise ValueError("no images to estimate the ablation effects on")
+    return (total / len(images)).cpu().numpy()
+
+
+def ablation_disagrees(linear: np.ndarray, effect: np.ndarray, low: np.ndarray, high: np.ndarray, *,
+                       tolerance: float = 0.5, floor: float = 0.05) -> np.ndarray:
+    """Per class (arrays over one feature's classes), whether the linear estimate of an ablation
+    and its measured effect disagree. Effects smaller than ``floor`` times the feature's largest
+    (linear or measured, any class), plus 1e-6, count as noise. They disagree on a class when
+
+    * **opposite signs**: the interval ``[low, high]`` excludes 0 on the other side of a
+      non-negligible linear estimate, or
+    * **far apart**: the linear estimate lies outside the interval by more than ``tolerance``
+      times the larger of the two magnitudes (plus the noise level) -- a CI that merely misses
+      the estimate is not enough, the estimate must be off by a clear margin (within a factor of
+      about 2 agrees at the default 0.5).
+    """
+    linear, effect, low, high = (np.asarray(a, dtype=float) for a in (linear, effect, low, high))
+    noise = floor * max(float(np.abs(linear).max(initial=0.0)), float(np.abs(effect).max(initial=0.0))) + 1e-6
+    opposite = (np.abs(linear) > noise) & (((linear > 0) & (high < 0)) | ((linear < 0) & (low > 0)))
+    miss = np.maximum(low - linear, linear - high)  # > 0: the estimate lies outside the interval
+    far = miss > tolerance * np.maximum(np.abs(linear), np.abs(effect)) + noise
+    return opposite | far
 
 
 def _histograms(sae: Any, view: Any, latents: np.ndarray, max_rows: int, bins: int, device: torch.device

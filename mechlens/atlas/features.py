@@ -21,7 +21,10 @@ __all__ = ["FeatureSet", "channel_features", "direction_features", "sae_features
 
 class FeatureSet(nn.Module):
     """``width`` features of ``layer``: ``encode(rows [N, d_in]) -> [N, width]``, ``directions``
-    ``[width, d_in]``, a ``title`` and one ``spec`` string per feature (how to name it elsewhere)."""
+    ``[width, d_in]``, a ``title`` and one ``spec`` string per feature (how to name it elsewhere).
+    ``kind``: ``"latent"``, ``"channel"``, ``"direction"`` (what a feature id means to other tools)."""
+
+    kind = "feature"
 
     def __init__(self, layer: str, d_in: int, directions: torch.Tensor, title: str) -> None:
         super().__init__()
@@ -46,8 +49,15 @@ class FeatureSet(nn.Module):
         """Feature ``index`` as a :class:`mechlens.features.Feature` (to render or attribute it)."""
         raise NotImplementedError
 
+    def write_directions(self, ids: Sequence[int]) -> torch.Tensor:
+        """``[len(ids), d_in]``: how the layer's rows change per unit of each feature's value (what
+        an intervention on the feature writes); the ``directions`` where encoding is a projection."""
+        return self.directions[torch.as_tensor([int(i) for i in ids], dtype=torch.long, device=self.device)]
+
 
 class _SAEFeatures(FeatureSet):
+    kind = "latent"
+
     def __init__(self, sae: Any, source: str = "") -> None:
         super().__init__(sae.config.layer, sae.d_in, sae.W_dec.detach(),
                          f"{sae.width}-latent {type(sae).__name__} on {sae.config.layer}")
@@ -62,8 +72,16 @@ class _SAEFeatures(FeatureSet):
     def feature(self, index: int) -> Any:
         return self.sae.feature(index, source=self.source)
 
+    def write_directions(self, ids: Sequence[int]) -> torch.Tensor:
+        from mechlens.interventions import decoder_directions
+
+        # decode(e_i) - decode(0), not W_dec: an SAE that normalizes its input decodes through it
+        return decoder_directions(self.sae, ids)
+
 
 class _ChannelFeatures(FeatureSet):
+    kind = "channel"
+
     def __init__(self, layer: str, d_in: int, channels: Sequence[int]) -> None:
         channels = [int(c) for c in channels]
         bad = [c for c in channels if not 0 <= c < d_in]
@@ -83,6 +101,8 @@ class _ChannelFeatures(FeatureSet):
 
 
 class _DirectionFeatures(FeatureSet):
+    kind = "direction"
+
     def __init__(self, layer: str, vectors: torch.Tensor, names: Sequence[str]) -> None:
         unit = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
         super().__init__(layer, vectors.shape[1], unit, f"{len(names)} directions in {layer}")

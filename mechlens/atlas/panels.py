@@ -24,14 +24,16 @@ from mechlens.atlas.compute import (
     _overlay,
     _prepare,
     _save_png,
+    ablation_disagrees,
+    linear_ablation_effects,
     logit_effects,
 )
 from mechlens.engine import capture
 from mechlens.features.layout import as_position_rows, infer_layouts
 
 __all__ = [
-    "AtlasContext", "AttributionPanel", "ConceptsPanel", "ExemplarsPanel", "FeatvisPanel", "HistogramPanel",
-    "LogitEffectsPanel", "MapPanel", "Panel",
+    "AtlasContext", "AttributionPanel", "CausalEffectsPanel", "ConceptsPanel", "ExemplarsPanel", "FeatvisPanel",
+    "HistogramPanel", "LogitEffectsPanel", "MapPanel", "Panel",
 ]
 
 VisualizeFn = Callable[[Sequence[int]], torch.Tensor]
@@ -72,6 +74,11 @@ class AtlasContext:
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         return _prepare(images, self.preprocessing, self.device)
+
+    def effect_images(self, count: int) -> torch.Tensor:
+        """The images effects are measured on: the dataset's first ``count`` (pixels in ``[0, 1]``),
+        the same for every effect panel, so their numbers are about the same images."""
+        return self.images(np.arange(min(count, len(self.dataset))))
 
 
 class Panel:
@@ -194,7 +201,7 @@ class LogitEffectsPanel(Panel):
 
     def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
         
-        images = ctx.images(np.arange(min(self.count, len(ctx.dataset))))
+        images = ctx.effect_images(self.count)
         directions = ctx.features.directions[torch.as_tensor(ctx.ids, device=ctx.features.device)]
         effects = logit_effects(ctx.model, ctx.layer, images, directions)  # [classes, F]
         for column, page in enumerate(pages):
@@ -203,6 +210,95 @@ class LogitEffectsPanel(Panel):
                                 for c in np.argsort(-effect)[:3] if effect[c] > 0]
             page["logit_down"] = [{"name": ctx.name_of(int(c)), "effect": float(effect[c])}
                                   for c in np.argsort(effect)[:3] if effect[c] < 0]
+
+
+class CausalEffectsPanel(Panel):
+    """The measured effect of ablating each feature on every class logit, beside its linear
+    (first-order) estimate, over the dataset's first ``images`` as the logit-effects panel picks
+    them (:meth:`AtlasContext.effect_images`; both figures of a page read the same images).
+
+    Ablation is :func:`mechlens.interventions.ablate` of the feature at every position: an SAE
+    latent is zeroed in latent space (the SAE's error term kept), a channel zeroed, a direction
+    projected out. The measurement is :func:`~mechlens.interventions.intervention_effects` (mean
+    change of each class logit with a ``bootstrap`` percentile CI, seeded by the atlas's seed; one
+    intervened forward per feature and batch, all classes read from it); the estimate is
+    :func:`~mechlens.atlas.compute.linear_ablation_effects` -- the linear prediction of *the
+    same ablation*, not the logit-effects panel's "add the direction" figure, so the two compare
+    like with like. A class where they disagree (:func:`~mechlens.atlas.compute.ablation_disagrees`,
+    ``tolerance``) is flagged on the page. ``classes``: the class indices measured (default all:
+    the cost of the CI grows with their number); ``show``: how many classes the page's table lists
+    (the largest effects; disagreements always; ``atlas.json`` holds them all).
+    """
+
+    name = "causal effects"
+    template = """{% if f.causal %}<h2>Causal effects (ablation)</h2>
+{% if f.causal.skipped %}<p>not measured: {{ f.causal.skipped }}</p>{% else %}
+<p>Ablating the feature ({{ f.causal.ablation }}) over {{ f.causal.images }} images: the change of each class logit
+as the linear (first-order) estimate predicts it and as measured, with its {{ '%.0f' % (100 * f.causal.confidence) }}% bootstrap interval.</p>
+{% for c in f.causal.classes if c.disagree %}<p class="disagree"><span class="badge">disagree</span> the linear estimate says
+{{ '%+.3g' % c.linear }} on {{ c.name }}; ablation measures {{ '%+.3g' % c.effect }} [{{ '%+.3g' % c.ci_low }}, {{ '%+.3g' % c.ci_high }}]: they disagree</p>{% else %}
+<p>The linear estimate and the measurement agree on every class.</p>{% endfor %}
+<table class="causal"><thead><tr><th>class</th><th>linear estimate</th><th>measured ablation effect [CI]</th><th></th></tr></thead><tbody>
+{% for c in f.causal.classes if c.shown %}<tr{% if c.disagree %} class="disagree"{% endif %}><td>{{ c.name }}</td>
+<td class="num">{{ '%+.3g' % c.linear }}</td><td class="num">{{ '%+.3g' % c.effect }} [{{ '%+.3g' % c.ci_low }}, {{ '%+.3g' % c.ci_high }}]</td>
+<td>{% if c.disagree %}<span class="badge">disagree</span>{% endif %}</td></tr>{% endfor %}
+</tbody></table>{% endif %}{% endif %}"""
+
+    ABLATIONS = {"latent": "zeroed, the SAE's error term kept", "channel": "channel zeroed",
+                 "direction": "direction projected out"}
+
+    def __init__(self, images: int = 64, *, bootstrap: int = 500, tolerance: float = 0.5,
+                 classes: Sequence[int] | None = None, show: int = 10, chunk: int = 32) -> None:
+        self.count, self.bootstrap, self.tolerance = images, bootstrap, tolerance
+        self.classes = None if classes is None else [int(c) for c in classes]
+        self.show, self.chunk = show, max(1, chunk)
+
+    def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
+        from tqdm.auto import tqdm
+
+        from mechlens.interventions import ablate, intervention_effects
+
+        edits: dict[int, Any] = {}
+        for column, (feature, page) in enumerate(zip(ctx.ids, pages)):
+            try:
+                edits[column] = ablate(ctx.features.feature(int(feature)))
+            except (NotImplementedError, TypeError, ValueError) as error:  # a third-party set or feature kind
+                page["causal"] = {"skipped": str(error) or f"{type(ctx.features).__name__} names no feature to ablate"}
+        if not edits:
+            return
+        images = ctx.effect_images(self.count)
+        linear = linear_ablation_effects(ctx.model, ctx.features, images, ctx.ids, batch_size=ctx.batch_size)
+        classes = self.classes if self.classes is not None else list(range(linear.shape[0]))
+        targets = [f"class:{c}" for c in classes]
+        x = ctx.prepare(images)  # the module's own input: the estimate above read the same tensor
+        ablation = self.ABLATIONS.get(getattr(ctx.features, "kind", ""), "set to 0")
+        bar = tqdm(total=len(edits), desc="atlas causal effects", unit="feature", disable=not ctx.progress)
+        columns = list(edits)
+        for start in range(0, len(columns), self.chunk):
+            chunk = columns[start:start + self.chunk]
+            # one call per chunk of features (the clean forward is shared within it); the seeded
+            # resamples depend only on the image count, so chunking does not change any interval
+            table = intervention_effects(ctx.net, x, {str(c): edits[c] for c in chunk}, targets,
+                                         batch_size=ctx.batch_size, bootstrap=self.bootstrap, seed=ctx.seed)
+            for column in chunk:
+                rows = [table.row(str(column), target) for target in targets]
+                pages[column]["causal"] = self._record(ctx, classes, linear[classes, column], rows, ablation, len(x),
+                                                       table.confidence)
+            bar.update(len(chunk))
+        bar.close()
+
+    def _record(self, ctx: AtlasContext, classes: list[int], linear: np.ndarray, rows: list[dict], ablation: str,
+                images: int, confidence: float) -> dict:
+        effect, low, high = (np.array([r[key] for r in rows]) for key in ("mean_effect", "ci_low", "ci_high"))
+        linear = linear + 0.0  # no "-0" on the page: the estimate of a feature that is 0 throughout
+        disagree = ablation_disagrees(linear, effect, low, high, tolerance=self.tolerance)
+        size = np.maximum(np.abs(linear), np.abs(effect))
+        shown = set(np.argsort(-size, kind="stable")[:self.show].tolist()) | set(np.flatnonzero(disagree).tolist())
+        return {"ablation": ablation, "images": images, "confidence": confidence, "bootstrap": self.bootstrap,
+                "disagrees": bool(disagree.any()),
+                "classes": [{"class": c, "name": ctx.name_of(c), "linear": float(linear[n]), "effect": float(effect[n]),
+                             "ci_low": float(low[n]), "ci_high": float(high[n]), "disagree": bool(disagree[n]),
+                             "shown": n in shown} for n, c in enumerate(classes)]}
 
 
 class ConceptsPanel(Panel):

@@ -19,6 +19,10 @@ input#filter{font-size:14px;padding:4px 8px;width:320px;margin:8px 0}
 svg.map circle{fill:#4a7bd0;fill-opacity:.7}svg.map a:hover circle{fill:#e0552f;fill-opacity:1}
 .pill{display:inline-block;background:#eef;border-radius:10px;padding:1px 8px;margin:1px;font-size:12px}
 .up{color:#19733a}.down{color:#a12a2a}
+.badge{display:inline-block;background:#a12a2a;color:#fff;border-radius:4px;padding:0 6px;font-size:12px;font-weight:bold}
+p.disagree{background:#fdecea;border-left:4px solid #a12a2a;padding:4px 8px}tr.disagree td{background:#fdecea}
+table.causal,table.nodes{width:auto}table.causal th,table.nodes th{cursor:default;position:static}
+svg a:hover rect{stroke:#e0552f;stroke-width:2}
 """
 
 SORT_JS = """
@@ -52,6 +56,9 @@ INDEX = """<!doctype html>
 <div>{{ subtitle }}</div></header>
 <main>
 <table class="meta">{% for k, v in summary %}<tr><td><b>{{ k }}</b></td><td>{{ v }}</td></tr>{% endfor %}</table>
+{% if circuit %}<h2>Circuit</h2>
+<p><a id="circuit-link" href="{{ circuit.page }}">The circuit for {{ circuit.target }}</a>: {{ circuit.nodes | length }} nodes over
+{{ circuit.layers | join(', ') }}, faithfulness {{ '%.3f' % circuit.faithfulness }}, completeness {{ '%.3f' % circuit.completeness }}.</p>{% endif %}
 <h2>Overview map</h2>
 <p>Features laid out by {{ map_method }} of their decoder directions; click a point to open the feature.</p>
 {{ map_svg | safe }}
@@ -62,7 +69,8 @@ INDEX = """<!doctype html>
 <th data-type="num">max</th><th>top classes</th><th>pushes up</th><th>best concept</th><th data-type="num">concept cos</th>
 </tr></thead><tbody>
 {% for f in features %}<tr id="f{{ f.id }}">
-<td class="num" data-value="{{ f.id }}"><a href="features/{{ f.id }}.html">#{{ f.id }}</a></td>
+<td class="num" data-value="{{ f.id }}"><a href="features/{{ f.id }}.html">#{{ f.id }}</a>{% if f.causal and f.causal.disagrees %}
+<span class="badge" title="its linear logit estimate and its measured ablation effect disagree">disagree</span>{% endif %}</td>
 <td><a href="features/{{ f.id }}.html"><img class="thumb" loading="lazy" src="img/{{ f.id }}-exemplars.png" alt="exemplars of feature {{ f.id }}"></a></td>
 <td class="num" data-value="{{ f.frequency }}">{{ '%.4f' % f.frequency }}</td>
 <td class="num" data-value="{{ f.mean_active }}">{{ '%.3g' % f.mean_active }}</td>
@@ -92,5 +100,29 @@ FEATURE = """<!doctype html>
 <tr><td><b>max activation</b></td><td>{{ '%.4g' % f.max }}</td></tr>
 </table>
 {{ body }}
+</main></body></html>
+"""
+
+CIRCUIT = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Circuit for {{ target }} - {{ title }}</title>
+<link rel="stylesheet" href="static/atlas.css"></head>
+<body><header><a href="index.html">&larr; atlas</a>
+<h1 style="margin:4px 0 0 0;font-size:20px">Circuit for {{ target }}</h1></header>
+<main>
+<table class="meta">
+<tr><td><b>faithfulness</b></td><td>{{ '%.3f' % circuit.faithfulness }} (the target with only the circuit's nodes kept, every other latent mean-ablated, relative to the model)</td></tr>
+<tr><td><b>completeness</b></td><td>{{ '%.3f' % circuit.completeness }} (the same with the circuit's own nodes ablated: near 0 when it holds it all)</td></tr>
+<tr><td><b>nodes</b></td><td>{{ nodes | length }} over {{ circuit.layers | join(', ') }}; {{ circuit.edges | length }} edges; {{ circuit.images }} images</td></tr>
+<tr><td><b>in this atlas</b></td><td>{{ published }} node(s) link to their feature page</td></tr>
+</table>
+<p>Layers bottom to top, the target on top; edge width is the edge's weight (blue raises the target, red lowers it).
+A node's number is its effect on the target when mean-ablated.</p>
+<div class="card" style="overflow:auto">{{ svg }}</div>
+<h2>Nodes</h2>
+<table class="nodes"><thead><tr><th>layer</th><th>latent</th><th>effect</th><th></th></tr></thead><tbody>
+{% for n in nodes %}<tr><td>{{ n.layer }}</td><td>{% if n.page %}<a href="{{ n.page }}">{{ n.label }}</a>{% else %}{{ n.label }}{% endif %}</td>
+<td class="num">{{ '%+.4g' % n.effect }}</td>
+<td>{% if n.thumbnail %}<img class="thumb" src="{{ n.thumbnail }}" alt="{{ n.name }}">{% endif %}</td></tr>{% endfor %}
+</tbody></table>
 </main></body></html>
 """

@@ -8,6 +8,7 @@ from mechlens.capture.job import (
     CaptureResult,
     SkippedSample,
     capture_to_store,
+    captured_dataset,
     model_fingerprint,
     random_positions,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "SkippedSample",
     "capture",
     "capture_to_store",
+    "captured_dataset",
     "model_fingerprint",
     "random_positions",
 ]

@@ -744,3 +744,18 @@ def _run_batches(loader: DataLoader, forward: Callable, writer: StoreWriter, res
     finally:
         stop.__exit__()
         bar.close()
+
+
+def captured_dataset(store: Any, *, image_size: Any = None) -> Any:
+    """The dataset ``store`` was captured from, rebuilt from the spec its capture recorded, with the
+    capture's own policies (so sample ``i`` of the store is item ``i`` of the dataset). Raises when
+    the capture was given a dataset object rather than a spec (pass that dataset yourself)."""
+    from activation_store import ActivationStore
+
+    store = store if isinstance(store, ActivationStore) else ActivationStore(store)
+    recorded = store.manifest.provenance.get("capture", {})
+    spec = recorded.get("dataset_spec")
+    if not spec:
+        raise ValueError("the store does not record the dataset it was captured from (it was given a dataset object, "
+                         "not a spec); pass the dataset yourself")
+    return build_dataset(spec, image_size=image_size, **recorded.get("dataset_options", {}))

@@ -24,6 +24,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mechlens.cli.dream",
     "mechlens.cli.intervene",
     "mechlens.cli.circuit",
+    "mechlens.cli.audit",
     "mechlens.cli.run",
 )
 

@@ -38,7 +38,7 @@ from mechlens.cli import options
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MODEL_COMMANDS = {"layers", "attribute", "capture", "tcav", "atlas", "visualize", "dream", "sae eval", "intervene",
-                  "circuit"}
+                  "circuit", "audit"}
 QUICK = {"store info", "layers"}
 NO_BAR = {"tcav", "run", "demo"}
 MODEL_GROUP = ("--model", "--weights", "--pretrained", "--num-classes")
@@ -68,7 +68,7 @@ def _reference(option: options.Option) -> argparse.Action:
 
 def test_the_walk_sees_every_command():
     assert set(COMMANDS) == {"store info", "store verify", "layers", "attribute", "sae train", "sae eval", "sae stats",
-                             "capture", "tcav", "atlas", "visualize", "dream", "intervene", "circuit", "run", "demo"}
+                             "capture", "tcav", "atlas", "visualize", "dream", "intervene", "circuit", "audit", "run", "demo"}
 
 
 # ----------------------------------------------------------------------------- rule 1
@@ -105,6 +105,7 @@ def _command_argv(command: str, tmp: Path) -> list[str]:
         "dream": ["dream", *model, "--image", "x.png", "--layer", "stage2", "--out", str(tmp / "d.png")],
         "sae eval": ["sae", "eval", str(tmp), "--store", str(tmp), *model, "--data", "digits"],
         "intervene": ["intervene", *model, "--data", "digits", "--ablate", "channel:stage1:0", "--out", str(tmp)],
+        "audit": ["audit", *model, "--sae", str(tmp), "--store", str(tmp), "--out", str(tmp)],
         "circuit": ["circuit", *model, "--data", "digits", "--sae", str(tmp), str(tmp), "--target", "class:0", "--out", str(tmp)],
     }[command]
 

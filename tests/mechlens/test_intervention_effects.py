@@ -136,3 +136,31 @@ def test_interventions_benchmark_quick_runs_and_ends_with_its_json_line() -> Non
     assert line["benchmark"] == "interventions"
     assert line["figures"]["exhaustive_forwards"] > line["figures"]["width"]
     assert line["ratios"]["exhaustive_over_attribution"] > 1
+
+
+def test_audit_command_ranks_latents_and_channels_and_writes_its_report(tmp_path, capsys) -> None:
+    from mechlens.capture import capture_to_store
+    from mechlens.cli import main
+    from mechlens.models import load_model
+    from mechlens.sae import TopKConfig, build_sae
+
+    loaded = load_model("mechlens:small_cnn_tiny")
+    store = tmp_path / "store"
+    capture_to_store(loaded, "synthetic:shapes?n=40&size=64", store, layers=["stage2"], spatial="all", progress=False)
+    from activation_store import ActivationStore
+
+    sae = build_sae(TopKConfig(width=16, k=4, d_in=ActivationStore(store)["stage2"].dim, layer="stage2", layout="nchw"), seed=1)
+    path = str(sae.save(tmp_path / "sae"))
+    common = ["--model", "mechlens:small_cnn_tiny", "--store", str(store), "--images-per-class", "4", "--verify", "3",
+              "--json", "--no-progress"]
+    assert main(["audit", "--sae", path, *common, "--out", str(tmp_path / "a")]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["layer"] == "stage2" and line["spatial_evidence"] == "off_object"  # synthetic shapes know their objects
+    scores = [s["score"] for s in line["suspects"]]
+    assert scores == sorted(scores, reverse=True) and [s["rank"] for s in line["suspects"]] == list(range(1, len(scores) + 1))
+    for name in ("audit.csv", "audit.json", "audit.png", "audit.html"):
+        assert (tmp_path / "a" / name).stat().st_size > 0
+    assert main(["audit", "--channels", "stage2", *common, "--out", str(tmp_path / "c")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["suspects"]
+    assert main(["audit", "--channels", "stage9", *common, "--out", str(tmp_path / "bad")]) == 2
+    assert "not in the store" in capsys.readouterr().err
