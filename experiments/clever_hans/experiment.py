@@ -4,9 +4,10 @@ The training split of the synthetic shapes carries a small ruler-like watermark 
 ``square`` images (as dermoscopy photos of melanomas often carry a ruler). A small CNN trained
 on it learns to read the ruler. Every step below goes through mechlens's public API:
 
-    train (cached) -> reliance -> capture -> SAE -> feature statistics -> artefact latents
-    -> TCAV for a "ruler" concept -> feature visualization -> attributions (pointing game)
-    -> atlas -> report (Markdown + HTML)
+    train (cached) -> reliance -> capture -> SAEs -> feature statistics -> artefact latents
+    -> interventions (ablate / steer / patch the latents that carry the ruler) -> shortcut audit
+    (no mask, no concept) -> circuit -> TCAV for a "ruler" concept -> feature visualization
+    -> attributions (pointing game) -> atlas (with the circuit) -> report (Markdown + HTML)
 
 Every figure in the report is computed here; the verdict is derived from them.
 Run: ``mechlens demo --out runs/demo`` or ``mechlens run experiments/clever_hans --out DIR``.
@@ -43,6 +44,50 @@ def artefact_hits(stats: Any, dataset: Any, spatial: tuple[int, int], image_size
     hit = valid & flags[safe] & overlap & (positions >= 0)
     count = valid.sum(axis=1)
     return np.where(count > 0, hit.sum(axis=1) / np.maximum(count, 1), 0.0)
+
+
+def _intervention_evidence(loaded: Any, sae: Any, clean: torch.Tensor, ruler: torch.Tensor, labels: torch.Tensor,
+                           square: int, layer: str) -> dict[str, Any]:
+    """Which latents carry the ruler's push on the square logit (attribution patching of the clean
+    twins' values, the fewest explaining 80%), then: ablating them on ruler squares (along their
+    decoder directions), steering them up on clean images of other classes, patching them from
+    ruler images into their clean copies."""
+    from mechlens.engine import capture
+    from mechlens.interventions import ablate, intervened_forward, patch, responsible_latents, steer
+
+    is_square = labels == square
+    found = responsible_latents(loaded, sae, ruler[is_square], clean[is_square], f"class:{square}", coverage=0.8)
+    latents = [sae.feature(i) for i in found.latents]
+
+    def logits(images: torch.Tensor, edits: Any = None) -> torch.Tensor:
+        with torch.no_grad():
+            return loaded.model(loaded.preprocessing.normalize(images)) if edits is None else intervened_forward(loaded, images, edits)
+
+    def accuracy(out: torch.Tensor, chosen: torch.Tensor) -> float:
+        return float((out.argmax(1) == labels[chosen]).float().mean())
+
+    others = ~is_square
+    with_ruler, without = accuracy(logits(ruler[is_square]), is_square), accuracy(logits(clean[is_square]), is_square)
+    ablated = accuracy(logits(ruler[is_square], ablate(latents, space="decoder")), is_square)
+    ablated_latent_space = accuracy(logits(ruler[is_square], ablate(latents)), is_square)
+    others_before = accuracy(logits(clean[others]), others)
+    others_after = accuracy(logits(clean[others], ablate(latents, space="decoder")), others)
+    with torch.no_grad(), capture(loaded.model, [layer]) as cap:
+        loaded.model(loaded.preprocessing.normalize(ruler[is_square]))
+        rows = cap[layer].permute(0, 2, 3, 1).reshape(-1, cap[layer].shape[1])
+        peak = sae.encode(rows).amax(dim=0)
+    steered = logits(clean[others], [steer(f, float(peak[f.index])) for f in latents])
+    before, after = logits(clean), logits(ruler)
+    patched = logits(clean, patch(latents, ruler, space="decoder"))
+    gap = with_ruler - without
+    return {"latents": found.latents, "explained": found.explained, "square_logit_change": found.change,
+            "square_with_ruler": with_ruler, "square_without_ruler": without, "square_with_ruler_ablated": ablated,
+            "square_with_ruler_ablated_latent_space": ablated_latent_space,
+            "gap_removed": (with_ruler - ablated) / gap if gap else 0.0,
+            "gap_removed_latent_space": (with_ruler - ablated_latent_space) / gap if gap else 0.0,
+            "others_clean_accuracy": others_before, "others_clean_accuracy_ablated": others_after,
+            "flipped": float((steered.argmax(1) == square).float().mean()),
+            "restored": float((patched[:, square] - before[:, square]).mean() / (after[:, square] - before[:, square]).mean())}
 
 
 def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -88,11 +133,12 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
     # 3. capture the training distribution (ruler on squares) into the store
     t0 = time.perf_counter()
     layer = config.get("layer", "stage3")
+    upstream = config.get("circuit_layer", "stage2")  # the second SAE layer of the circuit
     capture_n = int(config.get("capture_images", 1000))
     spec = (f"synthetic:shapes?n={capture_n}&size={recipe.train_data.image_size}&seed={seed + 7}&split=capture"
             f"&artefact_class={square}&artefact_p={recipe.train_data.artefact_probability}")
     store_path = out / "store"
-    capture_to_store(loaded, spec, store_path, layers=[layer], spatial="all", dtype="float16",
+    capture_to_store(loaded, spec, store_path, layers=[upstream, layer], spatial="all", dtype="float16",
                      batch_size=128, num_workers=int(config.get("workers", 0)), progress=False)
     from mechlens.data import build_dataset
 
@@ -108,6 +154,10 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
                                    seed=seed),
                        out=out / "sae", progress=False)
     sae = result.sae if hasattr(result, "sae") else result.saes[0]
+    upstream_result = train_sae(store_path, upstream, TopKConfig(width=int(sae_cfg.get("width", 512)), k=int(sae_cfg.get("k", 8))),
+                                TrainConfig(steps=int(sae_cfg.get("steps", 1500)), batch_size=int(sae_cfg.get("batch_size", 1024)),
+                                            seed=seed), out=out / "sae-upstream", progress=False)
+    upstream_sae = upstream_result.sae if hasattr(upstream_result, "sae") else upstream_result.saes[0]
     metrics = evaluate_store(sae, store_path)
     stats = feature_statistics(sae, store_path, top_k=top_k)
     stats.save(out / "sae")
@@ -122,6 +172,38 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
     ruler_latents = [int(i) for i in ranked if eligible[i] and hits[i] >= 0.75]
     # The most frequent ruler latent covers the most rulers (a rare one may only know one corner).
     best_latent = max(ruler_latents, key=lambda i: stats.frequency[i]) if ruler_latents else int(ranked[0])
+
+    # 5b. causal: the latents that carry the ruler (patching the clean twins' values in), and what
+    # switching them off, on and across does (ablated along their decoder directions: the SAE's
+    # error term holds much of the rare ruler rows)
+    t0 = time.perf_counter()
+    twin_ids = np.arange(len(test))
+    clean_images, ruler_images = test.with_artefact(False).render(twin_ids), test.with_artefact(True).render(twin_ids)
+    labels = torch.as_tensor(test.labels)
+    interventions_figures = _intervention_evidence(loaded, sae, clean_images, ruler_images, labels, square, layer)
+    causal_latents = interventions_figures["latents"]
+    lap("interventions", t0)
+
+    # 5c. the shortcut audit: the same question without the ruler's mask or concept
+    t0 = time.perf_counter()
+    from mechlens.evaluation.audit import audit_store
+
+    audit = audit_store(loaded, store_path, sae=sae, dataset=captured, exemplars=top_k,
+                        images_per_class=int(config.get("audit_images", 100)), seed=seed)
+    audit.write(out / "audit", captured)
+    audit_top = audit.top(1)[0] if audit.suspects else None
+    lap("audit", t0)
+
+    # 5d. the circuit for square on ruler images through both SAE layers
+    t0 = time.perf_counter()
+    from mechlens.interventions import feature_circuit
+
+    is_square = (labels == square).numpy()
+    circuit = feature_circuit(loaded, [upstream_sae, sae], ruler_images[is_square][:100], f"class:{square}",
+                              nodes_per_layer=None, faithfulness=float(config.get("circuit_faithfulness", 0.8)),
+                              reference=clean_images[:500])
+    (out / "circuit.json").write_text(circuit.to_json())
+    lap("circuit", t0)
 
     # 6. TCAV for a "ruler" concept on the square class
     t0 = time.perf_counter()
@@ -184,7 +266,8 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
     atlas = build_atlas(out / "sae", store_path, loaded, out / "atlas", dataset=captured, stats=stats,
                         class_names=class_names, cavs=[c for c in report.cavs if c.concept == "ruler" and c.layer == layer][:1],
                         visualize=visualize if vcfg.get("atlas", True) else None, attribute=attribute_latent,
-                        max_features=int(config.get("atlas_features", 256)), exemplars=top_k, progress=False)
+                        max_features=int(config.get("atlas_features", 256)), exemplars=top_k, circuit=circuit,
+                        progress=False)
     lap("atlas", t0)
 
     # 10. the verdict, from the figures
@@ -195,6 +278,8 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
         "tcav": bool(tcav_best.significant),
         "sae": bool(ruler_latents),
         "attribution": point >= 0.5,
+        "interventions": interventions_figures["gap_removed"] >= 0.5 and interventions_figures["flipped"] >= 0.5,
+        "audit": audit_top is not None and audit_top.latent in causal_latents,
     }
     figures = {
         "accuracy": {"test": reliance.accuracy, "clean": reliance.clean_accuracy,
@@ -207,6 +292,12 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
                 "width": sae.width, "ruler_latents": ruler_latents[:10],
                 "best_latent": best_latent, "best_latent_ruler_fraction": float(hits[best_latent]),
                 "best_latent_frequency": float(stats.frequency[best_latent])},
+        "interventions": interventions_figures,
+        "audit": {"top": [s.row() for s in audit.top(5)], "spatial_evidence": audit.spatial_evidence,
+                  "first_is_causal_ruler_latent": checks["audit"]},
+        "circuit": {"layers": circuit.layers, "size": circuit.size, "faithfulness": circuit.faithfulness,
+                    "completeness": circuit.completeness, "edges": len(circuit.edges),
+                    "top_nodes": [n.name for n in sorted(circuit.nodes, key=lambda n: -abs(n.effect))[:5]]},
         "pointing_game": pointing, "pointing_chance": chance,
         "checks": checks, "shortcut_found": all(checks.values()),
         "atlas": str(atlas.index.relative_to(out)), "atlas_features": len(atlas.features),
@@ -221,7 +312,8 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
 def _write_report(out: Path, f: dict[str, Any], square: str, layer: str, tcav_best: Any, spatial: tuple) -> None:
     from jinja2 import Environment
 
-    acc, sae, checks = f["accuracy"], f["sae"], f["checks"]
+    acc, sae, checks, iv = f["accuracy"], f["sae"], f["checks"], f["interventions"]
+    audit_top = f["audit"]["top"][0]
     verdict = ("The shortcut was found." if f["shortcut_found"] else
                "The shortcut was NOT established by every probe (see the failed checks below).")
     md = f"""# Clever Hans report
@@ -246,11 +338,26 @@ def _write_report(out: Path, f: dict[str, Any], square: str, layer: str, tcav_be
 - The most frequent of them: latent {sae['best_latent']}, {100 * sae['best_latent_ruler_fraction']:.0f}% of its top exemplars on the ruler,
   firing on {100 * sae['best_latent_frequency']:.2f}% of rows (check: {'passed' if checks['sae'] else 'failed'}).
 
-## 4. Attribution: pointing game on the ruler ({square} images with the ruler)
+## 4. Interventions: the latents that carry the ruler, switched off, on and across
+- Patching the clean twins' values in, latents {iv['latents']} carry {100 * iv['explained']:.0f}% of the ruler's push on the {square} logit ({iv['square_logit_change']:+.2f}).
+- Ablated (along their decoder directions) on {square} images with the ruler: accuracy {iv['square_with_ruler']:.3f} -> {iv['square_with_ruler_ablated']:.3f}
+  (without the ruler: {iv['square_without_ruler']:.3f}; {100 * iv['gap_removed']:.0f}% of the gap removed; in latent space, the SAE's error term kept: {100 * iv['gap_removed_latent_space']:.0f}%).
+- Other classes' clean accuracy: {iv['others_clean_accuracy']:.3f} -> {iv['others_clean_accuracy_ablated']:.3f} with them ablated.
+- Steered up on clean images of other classes: {100 * iv['flipped']:.0f}% flip to {square}. Patched from ruler images into their clean copies: {100 * iv['restored']:.0f}% of the {square}-logit difference restored
+  (check: {'passed' if checks['interventions'] else 'failed'}).
+
+## 5. Shortcut audit, without the ruler's mask or concept
+- Top suspect: latent {audit_top['latent']} -> {audit_top['class_name']} (score {audit_top['score']:.2f}: causal {audit_top['causal']:.2f}, purity {audit_top['purity']:.2f}, survives erasing the object {audit_top['spatial']:.2f});
+  {'one of the latents that carry the ruler' if checks['audit'] else 'NOT one of the latents that carry the ruler'} (check: {'passed' if checks['audit'] else 'failed'}). Report: `audit/audit.html`.
+
+## 6. Circuit for {square} on ruler images ({' -> '.join(f['circuit']['layers'])})
+- {f['circuit']['size']} nodes reach faithfulness {f['circuit']['faithfulness']:.3f} (completeness {f['circuit']['completeness']:.3f}); strongest: {', '.join(f['circuit']['top_nodes'])}. In the atlas: `atlas/circuit.html`.
+
+## 7. Attribution: pointing game on the ruler ({square} images with the ruler)
 """ + "".join(f"- {k}: {v:.3f}\n" for k, v in f["pointing_game"].items()) + f"""- chance (ruler area fraction): {f['pointing_chance']:.3f}; check (class maps ≥ 0.5): {'passed' if checks['attribution'] else 'failed'}.
 - Figure: `attribution.png`; feature visualizations: `featvis/`.
 
-## 5. Atlas
+## 8. Atlas
 {f['atlas_features']} features published: open `{f['atlas']}`.
 
 Run time: {f['seconds']} s ({', '.join(f'{k} {v}s' for k, v in f['timings_seconds'].items())}).
