@@ -38,6 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--visualize", action="store_true", help="add a feature visualization per feature (batched)")
     parser.add_argument("--vis-steps", type=int, default=64, help="optimization steps of --visualize (default 64)")
     parser.add_argument("--attribution", action="store_true", help="add a Grad-CAM overlay on each feature's top exemplar")
+    parser.add_argument("--no-causal", action="store_true",
+                        help="skip the measured ablation effects per class (one intervened forward per feature)")
+    parser.add_argument("--causal-images", type=int, default=64, help="images the ablation effects are measured on (default 64)")
+    parser.add_argument("--circuit", metavar="CIRCUIT.json", default=None,
+                        help="publish a circuit (mechlens circuit's circuit.json) as the atlas's circuit page")
     options.add_run_options(parser, device="cpu", out={"required": True})
     parser.set_defaults(handler=run)
 
@@ -46,6 +51,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Handler of ``mechlens atlas``; returns the exit code."""
     from mechlens.atlas import build_atlas
     from mechlens.data import build_dataset
+    from mechlens.interventions import Circuit
     from mechlens.probes import CAV
 
     out = out or sys.stdout
@@ -67,7 +73,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         attribute = feature_attributor(loaded, feature_set) if args.attribution else None
     result = build_atlas(published, args.store, loaded, args.out, dataset=dataset, cavs=[CAV.load(p) for p in args.cav],
                          visualize=visualize, attribute=attribute, max_features=args.max_features, exemplars=args.exemplars,
-                         progress=not args.no_progress)
+                         causal=not args.no_causal, causal_images=args.causal_images,
+                         circuit=Circuit.load(args.circuit) if args.circuit else None, progress=not args.no_progress)
     if args.json:
         options.print_json({"out": str(args.out), "index": str(result.index), "features": len(result.features),
                             "seconds": round(result.seconds, 3)}, out)

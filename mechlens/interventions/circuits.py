@@ -77,6 +77,25 @@ class Circuit:
     def to_json(self) -> str:
         return json_dumps(self.to_dict())
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Circuit":
+        """The circuit :meth:`to_dict` / :meth:`to_json` wrote (``mechlens circuit``'s circuit.json)."""
+        try:
+            return cls(target=data["target"], layers=list(data["layers"]),
+                       nodes=[CircuitNode(n["layer"], int(n["latent"]), float(n["effect"])) for n in data["nodes"]],
+                       edges=[(e["source"], e["dest"], float(e["weight"])) for e in data["edges"]],
+                       faithfulness=float(data["faithfulness"]), completeness=float(data["completeness"]),
+                       metric=dict(data["metric"]), images=int(data["images"]), seconds=float(data.get("seconds", 0.0)))
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"not a circuit (as Circuit.to_json writes it): missing or malformed {error}") from None
+
+    @classmethod
+    def load(cls, path: Any) -> "Circuit":
+        import json
+
+        with open(path) as handle:
+            return cls.from_dict(json.load(handle))
+
     def to_dot(self) -> str:
         """The circuit in graphviz's DOT language (``dot -Tsvg circuit.dot``)."""
         lines = ["digraph circuit {", "  rankdir=BT;", '  node [shape=box, fontname="Helvetica"];']

@@ -283,3 +283,24 @@ def test_the_circuit_page_in_a_real_headless_browser(sae_atlas):
             browser.close()
     assert not errors, errors
     assert not failed, failed
+
+
+def test_the_atlas_command_publishes_a_saved_circuit_and_can_skip_causal_effects(inputs, circuit, tmp_path, capsys):
+    import json
+
+    from mechlens.cli import main
+    from mechlens.interventions import Circuit
+
+    (tmp_path / "circuit.json").write_text(circuit.to_json())
+    again = Circuit.load(tmp_path / "circuit.json")
+    assert again.to_dict() == json.loads(circuit.to_json()) and again.to_svg() == circuit.to_svg()
+    sae_dir = inputs["sae2"].save(tmp_path / "sae")
+    argv = ["atlas", "--sae", str(sae_dir), "--store", str(inputs["root"] / "store"), "--model", "mechlens:small_cnn_tiny",
+            "--circuit", str(tmp_path / "circuit.json"), "--no-causal", "--out", str(tmp_path / "site"), "--json", "--no-progress"]
+    assert main(argv) == 0
+    assert (tmp_path / "site" / "circuit.html").exists()
+    data = json.loads((tmp_path / "site" / "atlas.json").read_text())
+    assert all(not f.get("causal") for f in data["features"])
+    (tmp_path / "bad.json").write_text("{}")
+    assert main([*argv[:-5], "--circuit", str(tmp_path / "bad.json"), "--out", str(tmp_path / "site2")]) == 2
+    assert "not a circuit" in capsys.readouterr().err
