@@ -17,15 +17,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "intervene",
         help="measure what features do: ablate / clamp / scale / steer them, effect on targets with CIs",
         description=(
-            "Run each intervention over the images of --data and measure its effect on each --target "
+            "Run each intervention over the images of --data (or the images behind --store) and measure its effect on each --target "
             "(the mean change of its value, with a percentile-bootstrap interval, and accuracy per class). "
             "Each --ablate/--clamp/--scale/--steer is one named intervention. Writes effects.csv, "
             "effects.json and effects.png to --out."
         ),
     )
     options.add_model_options(parser)
-    options.add_data_options(parser, required=True)
+    options.add_data_options(parser)
+    options.STORE.add(parser)  # the images its capture recorded, instead of --data
     parser.add_argument("--ablate", nargs="+", default=[], metavar="FEATURE", help="set FEATURE to 0 (e.g. channel:stage2:3)")
+    parser.add_argument("--resample", nargs="+", default=[], metavar="FEATURE",
+                        help="resampling ablation: FEATURE takes its value on another image of the batch (seeded by --seed)")
     parser.add_argument("--clamp", nargs="+", default=[], metavar="FEATURE=VALUE", help="hold FEATURE at VALUE")
     parser.add_argument("--scale", nargs="+", default=[], metavar="FEATURE=FACTOR", help="multiply FEATURE by FACTOR")
     parser.add_argument("--steer", nargs="+", default=[], metavar="FEATURE=ALPHA", help="add ALPHA to FEATURE")
@@ -58,15 +61,23 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     from mechlens.interventions import ablate, clamp, intervention_effects, scale, steer
 
     out = out or sys.stdout
+    if (args.data is None) == (args.store is None):
+        raise ValueError("give the images as --data SPEC or --store STORE (the images its capture recorded), one of the two")
     chosen = {f"ablate {f}": ablate(f) for f in args.ablate}
+    chosen.update({f"resample {f}": ablate(f, "resample", seed=args.seed) for f in args.resample})
     for flag, make, items in (("--clamp", clamp, args.clamp), ("--scale", scale, args.scale), ("--steer", steer, args.steer)):
         for text in items:
             feature, value = _valued(text, flag)
             chosen[f"{flag[2:]} {feature}={value:g}"] = make(feature, value)
     if not chosen:
-        raise ValueError("give at least one intervention: --ablate, --clamp, --scale or --steer")
+        raise ValueError("give at least one intervention: --ablate, --resample, --clamp, --scale or --steer")
     loaded = options.load_model_from_args(args, device=options.resolved_device(args))
-    dataset = build_dataset(args.data, image_size=loaded.preprocessing.image_size, **options.dataset_options(args))
+    if args.store:
+        from mechlens.capture import captured_dataset
+
+        dataset = captured_dataset(args.store, image_size=loaded.preprocessing.image_size)
+    else:
+        dataset = build_dataset(args.data, image_size=loaded.preprocessing.image_size, **options.dataset_options(args))
     if args.max_images is not None:
         dataset = torch.utils.data.Subset(dataset, range(min(args.max_images, len(dataset))))
     torch.manual_seed(args.seed)

@@ -19,17 +19,18 @@ from mechlens.models.layers import get_module
 __all__ = ["Intervention", "ablate", "clamp", "decoder_directions", "intervene", "intervened_forward", "patch", "scale",
            "steer"]
 
-OPERATIONS = ("zero", "mean", "clamp", "scale", "add", "patch")
+OPERATIONS = ("zero", "mean", "resample", "clamp", "scale", "add", "patch")
 SPACES = ("latent", "decoder")
 # a span of several directions has coordinates but no natural "value" to clamp or add to
-SPAN_OPERATIONS = ("zero", "scale", "patch")
+SPAN_OPERATIONS = ("zero", "resample", "scale", "patch")
 
 
 @dataclass
 class Intervention:
     """Set ``feature``'s value ``v`` to ``op(v)``: ``zero`` (0), ``mean`` (``value``: the feature's
-    mean value), ``clamp`` (``value``), ``scale`` (``value * v``), ``add`` (``v + value``: steering),
-    ``patch`` (the value the feature takes on ``source`` images, sample by sample). ``mask``: only
+    mean value), ``resample`` (its value on another image of the batch: image ``i`` takes image
+    ``(i - s) % B``'s, ``s`` in ``[1, B)`` drawn from the seed ``value``), ``clamp`` (``value``),
+    ``scale`` (``value * v``), ``add`` (``v + value``: steering), ``patch`` (the value the feature takes on ``source`` images, sample by sample). ``mask``: only
     at these positions — a bool tensor ``[*spatial]`` or ``[B, *spatial]`` of the layer's map.
 
     ``feature`` may be a list of features of one layer, edited together: SAE latents of one SAE
@@ -77,6 +78,8 @@ class Intervention:
         if self.is_span and len(members) > 1 and self.op not in SPAN_OPERATIONS:
             raise ValueError(f"{self.op!r} on several directions at once is ambiguous; use one of {', '.join(SPAN_OPERATIONS)} "
                              "or one intervention per direction")
+        if self.op == "resample" and (not isinstance(self.value, int) or isinstance(self.value, bool)):
+            raise ValueError(f"resample ablation of {self.name} needs an integer seed, got {self.value!r}")
         if self.op in ("mean", "clamp", "scale", "add"):
             self.value = _finite_values(self.value, len(members), f"intervention {self.op!r} on {self.name}")
         if self.op == "patch" and not isinstance(self.source, torch.Tensor):
@@ -118,12 +121,15 @@ def _kind(feature: Any) -> str:
     return "channel" if isinstance(feature, (Channel, Neuron)) else "direction" if isinstance(feature, Direction) else "latent"
 
 
-def ablate(feature: Any, how: str = "zero", *, mean: float | None = None, mask: torch.Tensor | None = None,
+def ablate(feature: Any, how: str = "zero", *, mean: float | None = None, seed: int = 0, mask: torch.Tensor | None = None,
            space: str = "latent") -> Intervention:
-    """Switch ``feature`` (or a list of features) off: to 0 (``how="zero"``) or to its mean value
-    (``how="mean"``, ``mean=``)."""
-    if how not in ("zero", "mean"):
-        raise ValueError(f"ablate how={how!r}; expected 'zero' or 'mean' (pass the dataset mean as mean=)")
+    """Switch ``feature`` (or a list of features) off: to 0 (``how="zero"``), to its mean value
+    (``how="mean"``, ``mean=``), or to its value on another image of the batch
+    (``how="resample"``, seeded: a resampling ablation keeps the feature's distribution)."""
+    if how not in ("zero", "mean", "resample"):
+        raise ValueError(f"ablate how={how!r}; expected 'zero', 'mean' (pass the dataset mean as mean=) or 'resample'")
+    if how == "resample":
+        return Intervention(feature, how, value=int(seed), mask=mask, space=space)
     return Intervention(feature, how, value=mean, mask=mask, space=space)
 
 
@@ -289,6 +295,13 @@ class _LayerEdit:
         value = intervention.value.to(old) if isinstance(intervention.value, torch.Tensor) else intervention.value
         if op == "zero":
             return torch.zeros_like(old)
+        if op == "resample":
+            batch = old.shape[0]
+            if batch < 2:
+                raise ValueError(f"resample ablation of {intervention.name} needs at least 2 images in the batch")
+            generator = torch.Generator().manual_seed(int(intervention.value) + self.calls)
+            shift = int(torch.randint(1, batch, (1,), generator=generator))
+            return old.roll(shift, dims=0)  # image i gets image (i - shift) % B's value: never its own
         if op in ("mean", "clamp"):
             return torch.zeros_like(old) + value
         if op == "scale":

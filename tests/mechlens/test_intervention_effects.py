@@ -164,3 +164,20 @@ def test_audit_command_ranks_latents_and_channels_and_writes_its_report(tmp_path
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["suspects"]
     assert main(["audit", "--channels", "stage9", *common, "--out", str(tmp_path / "bad")]) == 2
     assert "not in the store" in capsys.readouterr().err
+
+
+def test_intervene_reads_the_images_behind_a_store_and_resamples(tmp_path, capsys) -> None:
+    from mechlens.capture import capture_to_store
+    from mechlens.cli import main
+    from mechlens.models import load_model
+
+    store = tmp_path / "store"
+    capture_to_store(load_model("mechlens:small_cnn_tiny"), "synthetic:shapes?n=12&size=64", store, layers=["stage1"],
+                     progress=False)
+    argv = ["intervene", "--model", "mechlens:small_cnn_tiny", "--store", str(store), "--resample", "channel:stage1:0",
+            "--target", "class:0", "--bootstrap", "200", "--out", str(tmp_path / "run"), "--json", "--no-progress"]
+    assert main(argv) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["effects"][0]["intervention"] == "resample channel:stage1:0" and line["effects"][0]["images"] == 12
+    assert main([*argv[:3], "--data", "synthetic:shapes?n=4", *argv[3:]]) == 2
+    assert "one of the two" in capsys.readouterr().err

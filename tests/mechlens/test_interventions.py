@@ -234,3 +234,18 @@ def test_attribution_patching_and_circuits_refuse_bad_input(model, images) -> No
     assert silent.any() and (~silent).any()
     assert np.all(exact.effects[silent] == 0) and np.all(estimated.effects[silent] == 0)
     assert estimated.forwards == 1 and exact.forwards == 1 + int((~silent).sum())
+
+
+def test_resample_ablation_gives_each_image_another_images_value(model, images) -> None:
+    clean = _hooked(model, images, "stage1")
+    out = _hooked(model, images, "stage1", ablate(Channel("stage1", 2), "resample", seed=3))
+    shifts = [s for s in range(1, len(images)) if torch.equal(out[:, 2], clean[:, 2].roll(s, dims=0))]
+    assert len(shifts) == 1  # a derangement: no image keeps its own value
+    assert torch.equal(out[:, :2], clean[:, :2]) and torch.equal(out[:, 3:], clean[:, 3:])
+    again = _hooked(model, images, "stage1", ablate(Channel("stage1", 2), "resample", seed=3))
+    assert torch.equal(again, out)  # seeded
+    with pytest.raises(ValueError, match="at least 2 images"):
+        intervened_forward(model, images[:1], ablate(Channel("stage1", 2), "resample"))
+    with pytest.raises(ValueError, match="'resample'"):
+        ablate(Channel("stage1", 2), "shuffle")
+    assert _hooks_left(model) == 0
