@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Rank every latent (and each SAE's error term) of the --sae layers by its mean-ablation effect on "
             "--target over the images of --data (attribution patching), keep the strongest per layer, weigh the "
             "edges between consecutive layers, and measure the circuit's faithfulness and completeness by "
-            "ablation. Writes circuit.json, circuit.svg and circuit.dot to --out."
+            "ablation. Writes circuit.json, circuit.svg, circuit.png, circuit.dot, circuit_nodes.csv and "
+            "circuit_edges.csv to --out."
         ),
     )
     options.add_model_options(parser)
@@ -74,6 +75,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     (folder / "circuit.json").write_text(circuit.to_json())
     circuit.to_svg(folder / "circuit.svg")
     (folder / "circuit.dot").write_text(circuit.to_dot())
+    circuit.to_csv(folder / "circuit_nodes.csv", folder / "circuit_edges.csv")
+    circuit.plot().savefig(folder / "circuit.png", dpi=120)
     if args.json:
         options.print_json({"out": str(folder), **circuit.to_dict()}, out)
     else:
@@ -82,5 +85,6 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
               file=out)
         for node in sorted(circuit.nodes, key=lambda n: -abs(n.effect))[:10]:
             print(f"  {node.name:<20} effect {node.effect:+.4g}", file=out)
-        print(f"wrote {folder / 'circuit.json'}, circuit.svg, circuit.dot", file=out)
+        print(f"wrote {folder / 'circuit.json'}, circuit.svg, circuit.png, circuit.dot, circuit_nodes.csv, circuit_edges.csv",
+              file=out)
     return 0

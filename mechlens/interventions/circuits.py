@@ -32,6 +32,9 @@ from mechlens.models.layers import get_module
 
 __all__ = ["Circuit", "CircuitNode", "feature_circuit"]
 
+# weights and effects are ablation effects: negative when the node holds its destination up
+_SUPPORTS, _OPPOSES = "#2e6fd0", "#c0392b"
+
 
 @dataclass(frozen=True)
 class CircuitNode:
@@ -96,6 +99,61 @@ class Circuit:
         with open(path) as handle:
             return cls.from_dict(json.load(handle))
 
+    def to_csv(self, nodes_path: Any = None, edges_path: Any = None) -> tuple[str, str]:
+        """Two CSV tables: the nodes (layer, latent, effect) and the edges (source, dest, weight)."""
+        import csv
+        import io
+
+        tables = []
+        for header, rows, path in ((("layer", "latent", "effect"), [(n.layer, n.latent, n.effect) for n in self.nodes], nodes_path),
+                                   (("source", "dest", "weight"), self.edges, edges_path)):
+            buffer = io.StringIO()
+            writer = csv.writer(buffer)
+            writer.writerow(header)
+            writer.writerows(rows)
+            tables.append(buffer.getvalue())
+            if path is not None:
+                with open(path, "w", newline="") as handle:
+                    handle.write(tables[-1])
+        return tables[0], tables[1]
+
+    def plot(self, ax: Any = None, *, max_nodes_per_layer: int = 10, max_edges: int = 40) -> Any:
+        """The circuit as a matplotlib figure (the strongest nodes and edges, as :meth:`to_svg` draws them)."""
+        import matplotlib.pyplot as plt
+
+        nodes, edges = self.shown(max_nodes_per_layer, max_edges)
+        rows = [[n for n in nodes if n.layer == layer] for layer in self.layers]
+        width = max([len(r) for r in rows] + [1])
+        if ax is None:
+            _, ax = plt.subplots(figsize=(max(5.0, 1.3 * width + 1.5), 1.6 * (len(rows) + 1) + 0.6))
+        where = {"target": ((width - 1) / 2, len(rows))}
+        for level, row in enumerate(rows):
+            left = (width - len(row)) / 2
+            for i, node in enumerate(row):
+                where[node.name] = (left + i, level)
+        scale = max((abs(w) for _, _, w in edges), default=1.0) or 1.0
+        for source, dest, weight in edges:
+            (x0, y0), (x1, y1) = where[source], where[dest]
+            ax.plot([x0, x1], [y0, y1], color=_SUPPORTS if weight < 0 else _OPPOSES, alpha=0.6,
+                    linewidth=0.5 + 4 * abs(weight) / scale, zorder=1)
+        for node in nodes:
+            x, y = where[node.name]
+            ax.text(x, y, f"{node.label}\n{node.effect:+.3g}", ha="center", va="center", fontsize=7, zorder=2,
+                    bbox={"boxstyle": "round", "facecolor": "#f4f6fa", "edgecolor": "#555"})
+        x, y = where["target"]
+        ax.text(x, y, self.target, ha="center", va="center", fontsize=8, zorder=2,
+                bbox={"boxstyle": "round", "facecolor": "#fff4dd", "edgecolor": "#555"})
+        ax.set_yticks(range(len(rows) + 1), [*self.layers, "target"])
+        ax.set_xticks([])
+        ax.set_xlim(-0.8, width - 0.2)
+        ax.set_ylim(-0.6, len(rows) + 0.6)
+        for side in ("top", "right", "bottom"):
+            ax.spines[side].set_visible(False)
+        ax.set_title(f"circuit for {self.target}: faithfulness {self.faithfulness:.3f}, completeness "
+                     f"{self.completeness:.3f}, {self.size} nodes ({len(nodes)} shown)", fontsize=9)
+        ax.figure.tight_layout()
+        return ax.figure
+
     def to_dot(self) -> str:
         """The circuit in graphviz's DOT language (``dot -Tsvg circuit.dot``)."""
         lines = ["digraph circuit {", "  rankdir=BT;", '  node [shape=box, fontname="Helvetica"];']
@@ -106,7 +164,7 @@ class Circuit:
         lines.append(f'  "target" [label="{self.target}", shape=ellipse];')
         scale = max((abs(w) for _, _, w in self.edges), default=1.0) or 1.0
         for source, dest, weight in self.edges:
-            colour = "#c0392b" if weight < 0 else "#2e6fd0"
+            colour = _SUPPORTS if weight < 0 else _OPPOSES
             lines.append(f'  "{source}" -> "{dest}" [penwidth={0.5 + 4 * abs(weight) / scale:.2f}, color="{colour}"];')
         lines.append("}")
         return "\n".join(lines) + "\n"
@@ -122,7 +180,8 @@ class Circuit:
     def to_svg(self, path: Any = None, *, thumbnails: Mapping[str, str] | None = None, max_nodes_per_layer: int = 10,
                max_edges: int = 40) -> str:
         """The circuit as a standalone SVG, layers bottom to top, the target on top; edge width is
-        the edge's weight (blue: raises the target, red: lowers it). ``thumbnails``: node name ->
+        the edge's weight (blue: the source supports the destination, i.e. ablating it lowers the
+        destination; red: it opposes). ``thumbnails``: node name ->
         image URL (an exemplar or feature visualization) drawn on the node. Only the strongest
         nodes and edges are drawn (:meth:`shown`); the caption says how many."""
         thumbnails = dict(thumbnails or {})
@@ -146,7 +205,7 @@ class Circuit:
             if source not in centre or dest not in centre:
                 continue
             (x0, y0), (x1, y1) = centre[source], centre[dest]
-            colour = "#c0392b" if weight < 0 else "#2e6fd0"
+            colour = _SUPPORTS if weight < 0 else _OPPOSES
             parts.append(f'<line x1="{x0:.1f}" y1="{y0 - box_h / 2:.1f}" x2="{x1:.1f}" y2="{y1 + box_h / 2:.1f}" '
                          f'stroke="{colour}" stroke-opacity="0.7" stroke-width="{0.5 + 5 * abs(weight) / scale:.2f}">'
                          f'<title>{html.escape(source)} -> {html.escape(dest)}: {weight:+.4g}</title></line>')

@@ -116,8 +116,10 @@ def test_circuit_command_writes_the_circuit_and_refuses_one_layer(tmp_path, caps
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["layers"] == ["stage1", "stage2"] and line["size"] <= 6 and line["images"] == 8
     assert {"faithfulness", "completeness", "edges", "nodes"} <= set(line)
-    for name in ("circuit.json", "circuit.svg", "circuit.dot"):
+    for name in ("circuit.json", "circuit.svg", "circuit.dot", "circuit.png", "circuit_nodes.csv", "circuit_edges.csv"):
         assert (tmp_path / "run" / name).stat().st_size > 0
+    nodes = list(csv.DictReader(open(tmp_path / "run" / "circuit_nodes.csv")))
+    assert len(nodes) == line["size"] and {n["layer"] for n in nodes} <= {"stage1", "stage2"}
     assert main(["circuit", "--model", "mechlens:small_cnn_tiny", "--data", "synthetic:shapes?n=8", "--sae", paths[0],
                  "--target", "class:1", "--out", str(tmp_path / "bad")]) == 2
     assert "two or more layers" in capsys.readouterr().err
