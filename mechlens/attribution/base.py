@@ -333,6 +333,50 @@ class Attribution:
             heat = F.interpolate(heat.unsqueeze(1).float(), size=target, mode="bilinear", align_corners=False).squeeze(1)
         return heat
 
+    def __repr__(self) -> str:
+        values = self.values.detach().float().reshape(-1)
+        extra = f", extras={sorted(self.extras)}" if self.extras else ""
+        return (f"Attribution(method={self.method!r}, feature={self.feature!r}, kind={self.kind!r}, "
+                f"map={list(self.map.shape)}, values=[{float(values.min()):.4g}, {float(values.max()):.4g}]{extra})")
+
+    def plot(self, images: Any = None, *, index: int | Sequence[int] | None = None, sign: str = "auto",
+             outlier_percent: float = 2.0, alpha: float = 0.5, preprocessing: Any = None, max_samples: int = 8) -> Any:
+        """A figure of the maps (over ``images``, the explained inputs, when given), one panel per
+        sample (``index``: which; default the first ``max_samples``), normalised as Captum's
+        ``visualize_image_attr`` does (``sign``: ``auto`` | ``all`` | ``positive`` | ``negative`` |
+        ``absolute``; the top ``outlier_percent`` % of the mass clipped), each titled with its
+        target and value, with a labelled colour bar; degenerate maps are flagged, not blank."""
+        from mechlens.attribution.display import draw_map, figure
+
+        chosen = list(range(min(max_samples, self.map.shape[0]))) if index is None else (
+            [index] if isinstance(index, int) else list(index))
+        if not chosen:
+            raise ValueError("nothing to plot: no sample chosen")
+        heat = self.heatmap()
+        cols = min(4, len(chosen))
+        rows = (len(chosen) + cols - 1) // cols
+        fig = figure(3.3 * cols, 3.0 * rows)
+        for k, i in enumerate(chosen):
+            ax = fig.add_subplot(rows, cols, k + 1)
+            shown = None
+            if images is not None:
+                from mechlens.attribution.display import as_rgb
+
+                shown = as_rgb(images[i] if torch.as_tensor(images).dim() == 4 else images, preprocessing)
+            draw_map(ax, fig, heat[i].float().cpu().numpy(), shown, sign=sign, outlier_percent=outlier_percent,
+                     alpha=alpha, title=f"{self.method} · {self.features[i]} = {float(self.values.reshape(-1)[i]):.3g}")
+        fig.tight_layout()
+        return fig
+
+    def _repr_png_(self) -> bytes:
+        import warnings
+
+        from mechlens.attribution.display import DegenerateMapWarning, png_bytes
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DegenerateMapWarning)  # the panel title says it
+            return png_bytes(self.plot())
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready statistics of the raw map and scalar extras (what the CLI writes)."""
         m = self.map.detach().float()

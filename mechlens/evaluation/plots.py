@@ -7,7 +7,9 @@ state, safe on headless machines and in threads).
   similarity curves);
 * :func:`plot_curves`: deletion / insertion curves of several maps.
 
-Signed maps use a diverging colour map centred on zero; non-negative maps a sequential one.
+Maps are normalised as Captum's ``visualize_image_attr`` does (:mod:`mechlens.attribution.display`:
+the top 2% of the mass clipped, ``sign`` modes); signed maps use a diverging colour map centred
+on zero, non-negative maps a sequential one; a degenerate map is flagged, not drawn blank.
 """
 from __future__ import annotations
 
@@ -18,39 +20,10 @@ import numpy as np
 import torch
 
 from mechlens.attribution.base import Attribution
+from mechlens.attribution.display import as_rgb as display_image
+from mechlens.attribution.display import draw_map, figure
 
 __all__ = ["display_image", "plot_curves", "plot_methods", "plot_overlay", "plot_randomization", "save_figure"]
-
-
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def display_image(image: Any, preprocessing: Any = None) -> np.ndarray:
-    """An image ``[C, H, W]`` (tensor or array; ``[H, W, C]`` arrays too) as ``[H, W, 3]`` floats
-    in [0, 1]: undo ``preprocessing`` (a :class:`~mechlens.models.Preprocessing`) if given, then
-    clip, or min-max scale when the values are not in [0, 1]."""
-    tensor = torch.as_tensor(image).detach().float().cpu()
-    if tensor.dim() == 4:
-        tensor = tensor[0]
-    if tensor.dim() == 3 and tensor.shape[0] not in (1, 3) and tensor.shape[-1] in (1, 3):
-        tensor = tensor.permute(2, 0, 1)
-    if tensor.dim() == 2:
-        tensor = tensor.unsqueeze(0)
-    if preprocessing is not None:
-        tensor = preprocessing.denormalize(tensor)
-    lo, hi = float(tensor.min()), float(tensor.max())
-    if lo < -1e-3 or hi > 1 + 1e-3:
-        tensor = (tensor - lo) / (hi - lo) if hi > lo else torch.zeros_like(tensor)
-    tensor = tensor.clamp(0, 1)
-    if tensor.shape[0] == 1:
-        tensor = tensor.expand(3, -1, -1)
-    return tensor.permute(1, 2, 0).numpy()
 
 
 def _heat(saliency: Attribution | torch.Tensor, index: int, size: tuple[int, int]) -> np.ndarray:
@@ -66,23 +39,10 @@ def _heat(saliency: Attribution | torch.Tensor, index: int, size: tuple[int, int
     return heat.numpy()
 
 
-def _draw(ax: Any, fig: Any, image: np.ndarray | None, heat: np.ndarray, *, alpha: float, cmap: str | None, colorbar: bool, title: str | None) -> None:
-    signed = float(heat.min()) < 0 < float(heat.max())
-    if signed:
-        bound = float(np.abs(heat).max()) or 1.0
-        kwargs = {"cmap": cmap or "RdBu_r", "vmin": -bound, "vmax": bound}
-    else:
-        kwargs = {"cmap": cmap or "jet"}
-    if image is not None:
-        ax.imshow(image)
-        im = ax.imshow(heat, alpha=alpha, **kwargs)
-    else:
-        im = ax.imshow(heat, **kwargs)
-    if colorbar:
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
+def _draw(ax: Any, fig: Any, image: np.ndarray | None, heat: np.ndarray, *, alpha: float, cmap: str | None, colorbar: bool,
+          title: str | None, sign: str = "auto", outlier_percent: float = 2.0) -> None:
+    draw_map(ax, fig, heat, image, sign=sign, outlier_percent=outlier_percent, alpha=alpha, cmap=cmap, colorbar=colorbar,
+             title=title)
 
 
 def plot_overlay(
@@ -95,16 +55,20 @@ def plot_overlay(
     cmap: str | None = None,
     colorbar: bool = True,
     preprocessing: Any = None,
+    sign: str = "auto",
+    outlier_percent: float = 2.0,
 ):
-    """Heatmap of sample ``index`` over ``image`` with a colour bar; returns the Figure."""
+    """Heatmap of sample ``index`` over ``image`` with a colour bar (normalised as
+    :func:`~mechlens.attribution.display.normalize_map`: ``sign``, ``outlier_percent``); returns the Figure."""
     shown = display_image(image, preprocessing)
     heat = _heat(saliency, index, shown.shape[:2])
     if title is None and isinstance(saliency, Attribution):
         feature = saliency.features[index]
         title = f"{saliency.method} · {feature}"
-    fig = _figure(4.2, 3.6)
+    fig = figure(4.2, 3.6)
     ax = fig.add_subplot(1, 1, 1)
-    _draw(ax, fig, shown, heat, alpha=alpha, cmap=cmap, colorbar=colorbar, title=title)
+    _draw(ax, fig, shown, heat, alpha=alpha, cmap=cmap, colorbar=colorbar, title=title, sign=sign,
+          outlier_percent=outlier_percent)
     fig.tight_layout()
     return fig
 
@@ -118,22 +82,25 @@ def plot_methods(
     ncols: int | None = None,
     preprocessing: Any = None,
     title: str | None = None,
+    sign: str = "auto",
+    outlier_percent: float = 2.0,
 ):
-    """The image and each method's map (overlaid, each with its colour bar) in one figure."""
+    """The image and each method's map (overlaid, each with its colour bar, normalised alike) in one figure."""
     if not maps:
         raise ValueError("plot_methods needs at least one map")
     shown = display_image(image, preprocessing)
     panels = len(maps) + 1
     ncols = ncols or min(panels, 4)
     nrows = (panels + ncols - 1) // ncols
-    fig = _figure(3.4 * ncols, 3.0 * nrows)
+    fig = figure(3.4 * ncols, 3.0 * nrows)
     ax = fig.add_subplot(nrows, ncols, 1)
     ax.imshow(shown)
     ax.set_title("input", fontsize=9)
     ax.set_axis_off()
     for k, (name, saliency) in enumerate(maps.items(), start=2):
         ax = fig.add_subplot(nrows, ncols, k)
-        _draw(ax, fig, shown, _heat(saliency, index, shown.shape[:2]), alpha=alpha, cmap=None, colorbar=True, title=name)
+        _draw(ax, fig, shown, _heat(saliency, index, shown.shape[:2]), alpha=alpha, cmap=None, colorbar=True, title=name,
+              sign=sign, outlier_percent=outlier_percent)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -147,7 +114,7 @@ def plot_randomization(result: Any, *, image: Any = None, index: int = 0, prepro
     steps = len(result.layers)
     has_maps = result.maps is not None
     cols = steps + 1 if has_maps else 1
-    fig = _figure(max(6.0, 1.9 * cols), 4.4 if has_maps else 3.2)
+    fig = figure(max(6.0, 1.9 * cols), 4.4 if has_maps else 3.2)
     grid = fig.add_gridspec(2 if has_maps else 1, cols)
     shown = display_image(image, preprocessing) if image is not None else None
     if has_maps:
@@ -175,7 +142,7 @@ def plot_randomization(result: Any, *, image: Any = None, index: int = 0, prepro
 def plot_curves(curves: Mapping[str, Any], *, title: str | None = None):
     """Mean deletion / insertion curves (:class:`~mechlens.evaluation.PerturbationCurve`) of
     several maps, with their mean AUC in the legend."""
-    fig = _figure(4.6, 3.4)
+    fig = figure(4.6, 3.4)
     ax = fig.add_subplot(1, 1, 1)
     for name, curve in curves.items():
         ax.plot(curve.fractions.numpy(), curve.scores.mean(dim=0).numpy(), label=f"{name} (AUC {curve.mean_auc:.3g})")
