@@ -495,8 +495,28 @@ def list_methods(pattern: str = "*", *, family: str | None = None) -> list[str]:
 def attribute(model: Any, inputs: torch.Tensor, target: Any = None, *, method: str = "saliency", **kwargs: Any) -> Attribution:
     """Explain ``target`` (any feature; see :func:`resolve_target`) on ``inputs`` with the
     registered ``method``; ``kwargs`` go to the method (``layer=`` for CAMs, ``n_steps=`` for IG,
-    ``internal_batch_size=`` wherever a method multiplies the batch...)."""
-    return get_method(method).fn(model, inputs, target, **kwargs)
+    ``internal_batch_size=`` wherever a method multiplies the batch...).
+
+    A method that needs a layer and gets none takes the CLI's default, the last top-level module
+    with a spatial map (:func:`~mechlens.attribution.suggest_cam_layer`; ``extras["layer"]`` says
+    which). For a ``LoadedModel`` one image ``[C, H, W]`` of its input size is a batch of one
+    (:func:`mechlens.to_input` makes any image one)."""
+    info = get_method(method)
+    preprocessing = getattr(model, "preprocessing", None)
+    if (isinstance(inputs, torch.Tensor) and inputs.dim() == 3 and preprocessing is not None
+            and tuple(inputs.shape) == tuple(preprocessing.input_size)):
+        inputs = inputs.unsqueeze(0)
+    chosen = None
+    if info.needs_layer and kwargs.get("layer") is None:
+        from mechlens.attribution.cam import suggest_cam_layer
+
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+            raise ValueError(f"{method} needs layer= (or a batch of images to pick the default layer from)")
+        chosen = kwargs["layer"] = suggest_cam_layer(model, tuple(inputs.shape[1:]))
+    result = info.fn(model, inputs, target, **kwargs)
+    if chosen is not None:
+        result.extras.setdefault("layer", chosen)
+    return result
 
 
 # ---------------------------------------------------------------------------- non-finite results

@@ -12,6 +12,7 @@ from mechlens.data.adapters import (
     build_dataset,
     check_nonempty,
 )
+from mechlens.data.images import load_image
 from mechlens.data.synthetic import (
     ARTEFACT_CORNERS,
     ARTEFACT_KINDS,
@@ -25,5 +26,5 @@ __all__ = [
     "ARTEFACT_CORNERS", "ARTEFACT_KINDS", "SHAPE_CLASSES", "SyntheticSampleInfo", "SyntheticShapes",
     "SyntheticShapesConfig",
     "IMAGE_EXTENSIONS", "SKIMAGE_IMAGES", "DigitsDataset", "ImageFolderDataset", "SkimagePhotos",
-    "SkippedFile", "UnreadableImageError", "build_dataset", "check_nonempty",
+    "SkippedFile", "UnreadableImageError", "build_dataset", "check_nonempty", "load_image",
 ]

@@ -83,6 +83,11 @@ class ShortcutAudit:
     def top(self, n: int = 10) -> list[Suspect]:
         return self.suspects[:n]
 
+    def __repr__(self) -> str:
+        first = (f"; first: latent {self.suspects[0].latent} -> {self.suspects[0].class_name} "
+                 f"(score {self.suspects[0].score:.3f})") if self.suspects else ""
+        return f"ShortcutAudit({self.layer!r}: {len(self.suspects)} features ranked, {self.spatial_evidence} evidence{first})"
+
     def to_csv(self, path: Any = None) -> str:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
@@ -157,11 +162,16 @@ Images per class for the causal effects: {self.images_per_class}.</p>
         (out / "audit.html").write_text(page)
         return out / "audit.html"
 
+    def to_pandas(self) -> Any:
+        """Every suspect as a row of a ``pandas.DataFrame`` (pandas is optional)."""
+        from mechlens._display import to_pandas
+
+        return to_pandas([s.row() for s in self.suspects], COLUMNS)
+
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{c}</th>" for c in COLUMNS)
-        body = "".join("<tr>" + "".join(f"<td>{v:.3g}</td>" if isinstance(v, float) else f"<td>{'' if v is None else v}</td>"
-                                        for v in s.row().values()) + "</tr>" for s in self.top(15))
-        return f"<table><tr>{head}</tr>{body}</table>"
+        from mechlens._display import html_table
+
+        return html_table([s.row() for s in self.suspects], COLUMNS, caption=f"shortcut audit of {self.layer}", max_rows=15)
 
 
 def _image(dataset: Any, index: int) -> torch.Tensor:

@@ -71,6 +71,10 @@ class Circuit:
     def size(self) -> int:
         return len(self.nodes)
 
+    def __repr__(self) -> str:
+        return (f"Circuit({self.target} through {' -> '.join(self.layers)}: {self.size} nodes, {len(self.edges)} edges, "
+                f"faithfulness {self.faithfulness:.3f}, completeness {self.completeness:.3f}, {self.images} images)")
+
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "layers": self.layers, "images": self.images, "size": self.size,
                 "faithfulness": self.faithfulness, "completeness": self.completeness, "metric": self.metric,

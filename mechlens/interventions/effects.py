@@ -74,11 +74,26 @@ class EffectTable:
         ax.figure.tight_layout()
         return ax.figure
 
+    def __repr__(self) -> str:
+        names = list(dict.fromkeys(r["intervention"] for r in self.rows))
+        targets = list(dict.fromkeys(r["target"] for r in self.rows))
+        images = self.rows[0]["images"] if self.rows else 0
+        return (f"EffectTable({len(names)} intervention(s) x {len(targets)} target(s) over {images} images, "
+                f"{int(100 * self.confidence)}% CIs{', accuracy per class' if self.accuracy else ''})")
+
+    def to_pandas(self) -> Any:
+        """The rows as a ``pandas.DataFrame`` (pandas is optional)."""
+        from mechlens._display import to_pandas
+
+        return to_pandas(self.rows, COLUMNS)
+
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{c}</th>" for c in COLUMNS)
-        body = "".join("<tr>" + "".join(f"<td>{r[c]:.4g}</td>" if isinstance(r[c], float) else f"<td>{r[c]}</td>"
-                                        for c in COLUMNS) + "</tr>" for r in self.rows)
-        return f"<table><tr>{head}</tr>{body}</table>"
+        from mechlens._display import html_table
+
+        table = html_table(self.rows, COLUMNS, caption=f"intervention effects ({int(100 * self.confidence)}% bootstrap CI)")
+        if self.accuracy:
+            table += html_table(self.accuracy, caption="accuracy per class")
+        return table
 
 
 def _batches(data: Any, batch_size: int):

@@ -63,6 +63,27 @@ class LatentEffects:
             raise KeyError(f"latent(s) {missing[:5]} were not measured")
         return self.effects[[where[int(latent)] for latent in latents]]
 
+    def __repr__(self) -> str:
+        top = ", ".join(f"{int(i)}: {float(e):+.3g}" for i, e in zip(self.top(3), self.effect_of(self.top(3))))
+        return (f"LatentEffects({self.method}, {len(self.latents)} latents of {self.layer!r} on {self.target}, "
+                f"{self.ablation} ablation, {self.images} images; strongest {top})")
+
+    def rows(self, n: int | None = None) -> list[dict[str, Any]]:
+        """The latents, strongest effect first: latent, effect, images where it fired."""
+        order = np.argsort(-np.abs(self.effects), kind="stable")[:n]
+        return [{"latent": int(self.latents[i]), "effect": float(self.effects[i]), "active_images": int(self.active[i])}
+                for i in order]
+
+    def to_pandas(self) -> Any:
+        from mechlens._display import to_pandas
+
+        return to_pandas(self.rows())
+
+    def _repr_html_(self) -> str:
+        from mechlens._display import html_table
+
+        return html_table(self.rows(20), caption=repr(self))
+
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "layer": self.layer, "ablation": self.ablation, "method": self.method,
                 "steps": self.steps, "images": self.images, "seconds": self.seconds, "forwards": self.forwards,

@@ -20,6 +20,7 @@ from mechlens.models.loading import (
     load_model,
     load_state_dict_file,
     register_model,
+    to_input,
 )
 from mechlens.models.shapes import (
     ArtefactReliance,
@@ -46,7 +47,7 @@ from mechlens.models.training import (
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "LoadedModel", "ModelEntry", "Preprocessing",
     "PretrainedWeightsUnavailableError", "get_model_entry", "list_models", "load_model",
-    "load_state_dict_file", "register_model",
+    "load_state_dict_file", "register_model", "to_input",
     "LayerNotFoundError", "get_module", "is_pattern", "layer_names",
     "match_layer_pattern", "resolve_layers",
     "ArtefactReliance", "ShapesClassifier", "ShapesRecipe", "artefact_reliance",

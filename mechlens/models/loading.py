@@ -45,6 +45,7 @@ __all__ = [
     "PretrainedWeightsUnavailableError",
     "load_model",
     "register_model",
+    "to_input",
     "list_models",
     "get_model_entry",
     "load_state_dict_file",
@@ -232,6 +233,12 @@ class LoadedModel:
     def device(self) -> torch.device:
         first = next(self.model.parameters(), None)
         return first.device if first is not None else torch.device("cpu")
+
+    def __repr__(self) -> str:
+        parameters = sum(p.numel() for p in self.model.parameters())
+        weights = "pretrained" if self.pretrained else (f"weights={self.weights!r}" if self.weights else "random weights")
+        return (f"LoadedModel({self.spec!r}: {type(self.model).__name__}, {parameters:,} parameters, {weights}, "
+                f"input {list(self.preprocessing.input_size)}, on {self.device})")
 
     def to(self, device: str | torch.device) -> "LoadedModel":
         self.model.to(device)
@@ -731,3 +738,39 @@ def _register_builtins() -> None:
 
 
 _register_builtins()
+
+
+def to_input(images: Any, model: "LoadedModel | Preprocessing") -> torch.Tensor:
+    """Images as ``model`` takes them: ``[B, C, H, W]`` pixels in [0, 1] at its input size,
+    resized and centre-cropped as its preprocessing says (not normalised: a ``LoadedModel``
+    normalises inside, and every mechlens function that takes a ``LoadedModel`` takes pixels).
+    ``images``: one image ``[C, H, W]``, a batch ``[B, C, H, W]``, or a list of images, paths,
+    ``"skimage:NAME"`` photos or PIL images (anything :func:`mechlens.data.load_image` reads)."""
+    from mechlens.data.images import load_image
+
+    preprocessing = model.preprocessing if isinstance(model, LoadedModel) else model
+    if not isinstance(preprocessing, Preprocessing):
+        raise TypeError(f"to_input needs a LoadedModel or a Preprocessing, got {type(model).__name__}")
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        items = list(images)
+    elif isinstance(images, torch.Tensor) and images.dim() == 3:
+        items = [images]
+    elif isinstance(images, (list, tuple)):
+        items = list(images)
+    else:
+        items = [images]
+    if not items:
+        raise ValueError("to_input got no images")
+    transform = preprocessing.transform(normalize=False)
+    batch = []
+    for item in items:
+        image = item.detach().float().cpu() if isinstance(item, torch.Tensor) else load_image(item)
+        if image.dim() != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"expected an image [C, H, W] with 1 or 3 channels, got {tuple(image.shape)}")
+        if float(image.min()) < 0 or float(image.max()) > 1:
+            raise ValueError("image tensors must hold pixels in [0, 1] (the model normalises them itself); "
+                             f"got values in [{float(image.min()):.3g}, {float(image.max()):.3g}]")
+        if image.shape[0] == 1 and preprocessing.input_size[0] == 3:
+            image = image.expand(3, -1, -1)
+        batch.append(transform(image))
+    return torch.stack(batch)

@@ -237,6 +237,22 @@ class TCAVReport:
     def rows(self) -> list[dict[str, Any]]:
         return [r.row() for r in self.results]
 
+    def __repr__(self) -> str:
+        significant = sum(r.significant for r in self.results)
+        return (f"TCAVReport({len(self.results)} results, {significant} significant at {self.alpha} "
+                f"(Bonferroni over {self.num_tests} tests))")
+
+    def to_pandas(self) -> Any:
+        """:meth:`rows` as a ``pandas.DataFrame`` (pandas is optional)."""
+        from mechlens._display import to_pandas
+
+        return to_pandas(self.rows())
+
+    def _repr_html_(self) -> str:
+        from mechlens._display import html_table
+
+        return html_table(self.rows(), caption=repr(self))
+
     def to_csv(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         rows = self.rows()

@@ -76,6 +76,12 @@ class SAEMetrics:
         return (f"rows {self.rows:,}  mse {self.mse:.4g}  fvu {self.fvu:.4f}  l0 {self.l0:.2f}  "
                 f"dead {100 * self.dead_fraction:.1f}%  dense {100 * self.dense_fraction:.1f}%")
 
+    def _repr_html_(self) -> str:
+        from mechlens._display import html_table
+
+        return html_table([self.to_json()], ["rows", "mse", "fvu", "l0", "dead_fraction", "dense_fraction"],
+                          caption="SAE metrics")
+
 
 class _Encoder:
     """Adapter: anything with ``encode`` -> latents and ``decode`` (our SAEs; peers wrapped)."""

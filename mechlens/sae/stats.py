@@ -62,6 +62,28 @@ class FeatureStatistics:
     def width(self) -> int:
         return len(self.frequency)
 
+    def __repr__(self) -> str:
+        alive = int((self.frequency > 0).sum())
+        return (f"FeatureStatistics({self.layer!r}: {self.width} latents, {alive} fire, over {self.rows:,} rows, "
+                f"top {self.top_k} exemplars each)")
+
+    def table(self, n: int | None = None) -> list[dict[str, Any]]:
+        """The latents, most frequent first: frequency, mean when active, max, best exemplar."""
+        order = np.argsort(-self.frequency, kind="stable")[:n]
+        return [{"latent": int(i), "frequency": float(self.frequency[i]), "mean_active": float(self.mean_active[i]),
+                 "max": float(self.max[i]), "top_sample": int(self.top_samples[i, 0]) if self.top_k else -1}
+                for i in order]
+
+    def to_pandas(self) -> Any:
+        from mechlens._display import to_pandas
+
+        return to_pandas(self.table())
+
+    def _repr_html_(self) -> str:
+        from mechlens._display import html_table
+
+        return html_table(self.table(20), caption=repr(self))
+
     def exemplars(self, latent: int) -> list[dict[str, Any]]:
         """The exemplars of one latent as ``{"value", "row", "sample", "position"}`` dicts."""
         if not 0 <= latent < self.width:
