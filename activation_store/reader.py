@@ -195,6 +195,10 @@ class ActivationStore:
     Call :meth:`refresh` to see rows committed after opening.
     """
 
+    def __repr__(self) -> str:
+        layers = ", ".join(f"{name}: {self[name].num_rows:,} x {self[name].dim}" for name in self.layers)
+        return f"ActivationStore({str(self.root)!r}, {layers or 'empty'})"
+
     def __init__(self, path: str | os.PathLike, *, verify_reads: bool = True, memory_map: bool = True):
         self.root = Path(path)
         self.manifest: StoreManifest = read_store_manifest(self.root)
