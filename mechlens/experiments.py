@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -187,8 +188,10 @@ def load_config(directory: Path, *, config: str | os.PathLike | None = None, qui
 
 
 def run_experiment(name: str | os.PathLike, out: str | os.PathLike, *, config: str | os.PathLike | None = None,
-                   quick: bool = False, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Run an experiment into ``out``; writes ``out/config.json`` (what ran) and returns its result."""
+                   quick: bool = False, overrides: Sequence[str] = (), progress: bool = False) -> dict[str, Any]:
+    """Run an experiment into ``out``; writes ``out/config.json`` (what ran) and returns its result.
+    ``progress``: the experiment may draw progress bars (it reads ``config["progress"]``); its log
+    lines and this function's go to stderr, so stdout holds only what the caller prints."""
     directory = find_experiment(name)
     settings = load_config(directory, config=config, quick=quick, overrides=overrides)
     out = Path(out)
@@ -200,6 +203,6 @@ def run_experiment(name: str | os.PathLike, out: str | os.PathLike, *, config: s
     if not hasattr(module, "run"):
         raise AttributeError(f"{directory / 'experiment.py'} defines no run(config, out)")
     started = time.perf_counter()
-    result = module.run(settings, out)
-    print(f"experiment {directory.name} finished in {time.perf_counter() - started:.1f}s; outputs in {out}")
+    result = module.run({**settings, "progress": progress}, out)
+    print(f"experiment {directory.name} finished in {time.perf_counter() - started:.1f}s; outputs in {out}", file=sys.stderr)
     return result

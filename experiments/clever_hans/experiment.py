@@ -15,6 +15,7 @@ Run: ``mechlens demo --out runs/demo`` or ``mechlens run experiments/clever_hans
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ import torch
 
 
 def _log(message: str) -> None:
-    print(f"[clever-hans] {message}", flush=True)
+    # stderr: what the run is doing is not its result (stdout stays pure JSON with --json)
+    print(f"[clever-hans] {message}", file=sys.stderr, flush=True)
 
 
 def artefact_hits(stats: Any, dataset: Any, spatial: tuple[int, int], image_size: int, k: int) -> np.ndarray:
@@ -106,32 +108,37 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    progress = bool(config.get("progress", False))  # bars on stderr (mechlens run / demo on a terminal)
     seed = int(config.get("seed", 0))
     torch.manual_seed(seed)
     timings: dict[str, float] = {}
+
+    def begin(name: str) -> float:
+        _log(f"{name} ...")
+        return time.perf_counter()
 
     def lap(name: str, t0: float) -> None:
         timings[name] = round(time.perf_counter() - t0, 2)
         _log(f"{name} done in {timings[name]:.1f}s")
 
     # 1. the model (trained once, cached in the output directory)
-    t0 = time.perf_counter()
+    t0 = begin("model")
     recipe = ShapesRecipe(**config.get("recipe", {})) if config.get("recipe") else ShapesRecipe()
     cache = Path(config.get("model_cache") or out / "model")
-    classifier = load_or_train_shapes_classifier(recipe, cache_dir=cache)
+    classifier = load_or_train_shapes_classifier(recipe, cache_dir=cache, progress=progress)
     loaded = classifier.loaded
     square = recipe.train_data.artefact_class
     class_names = list(SyntheticShapes(recipe.train_data.replace(num_samples=1)).class_names)
     lap("model", t0)
 
     # 2. reliance on the shortcut: counterfactual twins of the clean test split
-    t0 = time.perf_counter()
+    t0 = begin("reliance")
     test = classifier.test_dataset()
     reliance = artefact_reliance(loaded.model, test)
     lap("reliance", t0)
 
     # 3. capture the training distribution (ruler on squares) into the store
-    t0 = time.perf_counter()
+    t0 = begin("capture")
     layer = config.get("layer", "stage3")
     upstream = config.get("circuit_layer", "stage2")  # the second SAE layer of the circuit
     capture_n = int(config.get("capture_images", 1000))
@@ -139,24 +146,24 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
             f"&artefact_class={square}&artefact_p={recipe.train_data.artefact_probability}")
     store_path = out / "store"
     capture_to_store(loaded, spec, store_path, layers=[upstream, layer], spatial="all", dtype="float16",
-                     batch_size=128, num_workers=int(config.get("workers", 0)), progress=False)
+                     batch_size=128, num_workers=int(config.get("workers", 0)), progress=progress)
     from mechlens.data import build_dataset
 
     captured = build_dataset(spec)
     lap("capture", t0)
 
     # 4. SAE + metrics + feature statistics
-    t0 = time.perf_counter()
+    t0 = begin("sae")
     sae_cfg = config.get("sae", {})
     top_k = int(config.get("exemplars", 8))
     result = train_sae(store_path, layer, TopKConfig(width=int(sae_cfg.get("width", 512)), k=int(sae_cfg.get("k", 8))),
                        TrainConfig(steps=int(sae_cfg.get("steps", 1500)), batch_size=int(sae_cfg.get("batch_size", 1024)),
                                    seed=seed),
-                       out=out / "sae", progress=False)
+                       out=out / "sae", progress=progress)
     sae = result.sae if hasattr(result, "sae") else result.saes[0]
     upstream_result = train_sae(store_path, upstream, TopKConfig(width=int(sae_cfg.get("width", 512)), k=int(sae_cfg.get("k", 8))),
                                 TrainConfig(steps=int(sae_cfg.get("steps", 1500)), batch_size=int(sae_cfg.get("batch_size", 1024)),
-                                            seed=seed), out=out / "sae-upstream", progress=False)
+                                            seed=seed), out=out / "sae-upstream", progress=progress)
     upstream_sae = upstream_result.sae if hasattr(upstream_result, "sae") else upstream_result.saes[0]
     metrics = evaluate_store(sae, store_path)
     stats = feature_statistics(sae, store_path, top_k=top_k)
@@ -176,7 +183,7 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
     # 5b. causal: the latents that carry the ruler (patching the clean twins' values in), and what
     # switching them off, on and across does (ablated along their decoder directions: the SAE's
     # error term holds much of the rare ruler rows)
-    t0 = time.perf_counter()
+    t0 = begin("interventions")
     twin_ids = np.arange(len(test))
     clean_images, ruler_images = test.with_artefact(False).render(twin_ids), test.with_artefact(True).render(twin_ids)
     labels = torch.as_tensor(test.labels)
@@ -185,28 +192,28 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
     lap("interventions", t0)
 
     # 5c. the shortcut audit: the same question without the ruler's mask or concept
-    t0 = time.perf_counter()
+    t0 = begin("audit")
     from mechlens.evaluation.audit import audit_store
 
     audit = audit_store(loaded, store_path, sae=sae, dataset=captured, exemplars=top_k,
-                        images_per_class=int(config.get("audit_images", 100)), seed=seed)
+                        images_per_class=int(config.get("audit_images", 100)), seed=seed, progress=progress)
     audit.write(out / "audit", captured)
     audit_top = audit.top(1)[0] if audit.suspects else None
     lap("audit", t0)
 
     # 5d. the circuit for square on ruler images through both SAE layers
-    t0 = time.perf_counter()
+    t0 = begin("circuit")
     from mechlens.interventions import feature_circuit
 
     is_square = (labels == square).numpy()
     circuit = feature_circuit(loaded, [upstream_sae, sae], ruler_images[is_square][:100], f"class:{square}",
                               nodes_per_layer=None, faithfulness=float(config.get("circuit_faithfulness", 0.8)),
-                              reference=clean_images[:500])
+                              reference=clean_images[:500], progress=progress)
     (out / "circuit.json").write_text(circuit.to_json())
     lap("circuit", t0)
 
     # 6. TCAV for a "ruler" concept on the square class
-    t0 = time.perf_counter()
+    t0 = begin("tcav")
     tcfg = config.get("tcav", {})
     set_size, n_random = int(tcfg.get("set_size", 30)), int(tcfg.get("num_random", 20))
     tcav_layers = tcfg.get("layers", ["stage2", "stage3"])
@@ -219,14 +226,14 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
                                   exclude=np.concatenate([concept_ids, np.flatnonzero(test.labels == square)]))
     examples = ConceptSet.from_dataset("square", clean, np.flatnonzero(test.labels == square)[: int(tcfg.get("examples", 50))])
     report = run_tcav(loaded, layers=tcav_layers, concepts=[ruler], random_sets=randoms, examples=examples,
-                      targets=[square], alpha=0.05, seed=seed)
+                      targets=[square], alpha=0.05, seed=seed, progress=progress)
     report.to_csv(out / "tcav.csv")
     report.plot(out / "tcav.png")
     tcav_best = min(report.results, key=lambda r: r.p_adjusted)
     lap("tcav", t0)
 
     # 7. feature visualization of the ruler latent(s) and the most frequent features
-    t0 = time.perf_counter()
+    t0 = begin("featvis")
     vcfg = config.get("featvis", {})
     shown = list(dict.fromkeys(ruler_latents[:4] + [int(i) for i in np.argsort(-stats.frequency)[:4]]))
     pooling = getattr(sae.config, "pooling", "all")
@@ -238,7 +245,7 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
     lap("featvis", t0)
 
     # 8. attributions on squares that carry the ruler: where does the evidence sit?
-    t0 = time.perf_counter()
+    t0 = begin("attribution")
     acfg = config.get("attribution", {})
     with_ruler = test.with_artefact(True)
     ids = np.flatnonzero(test.labels == square)[: int(acfg.get("images", 32))]
@@ -258,7 +265,7 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
     lap("attribution", t0)
 
     # 9. the atlas
-    t0 = time.perf_counter()
+    t0 = begin("atlas")
 
     visualize = feature_visualizer(loaded, sae, size=int(vcfg.get("atlas_size", 48)), steps=int(vcfg.get("atlas_steps", 64)),
                                batch=int(vcfg.get("atlas_batch", 32)), seed=seed)
@@ -267,7 +274,7 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
                         class_names=class_names, cavs=[c for c in report.cavs if c.concept == "ruler" and c.layer == layer][:1],
                         visualize=visualize if vcfg.get("atlas", True) else None, attribute=attribute_latent,
                         max_features=int(config.get("atlas_features", 256)), exemplars=top_k, circuit=circuit,
-                        progress=False)
+                        progress=progress)
     lap("atlas", t0)
 
     # 10. the verdict, from the figures

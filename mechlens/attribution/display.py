@@ -43,12 +43,16 @@ def normalize_map(heat: np.ndarray, sign: str = "auto", outlier_percent: float =
     """``(normalized, threshold, problem)``: ``heat`` ``[H, W]`` kept to ``sign`` and divided by the
     value below which ``100 - outlier_percent`` % of its absolute mass lies, clipped to [-1, 1] —
     the normalisation of Captum's ``visualize_image_attr``, so the top outliers no longer make
-    everything else invisible. ``problem`` is ``""``, or says why the map shows nothing."""
+    everything else invisible. ``problem`` is ``""``, or says why the map shows nothing (or
+    what it hides: NaN / infinite values, as kept with ``allow_nonfinite``, are drawn as 0)."""
     if not 0 <= outlier_percent < 100:
         raise ValueError(f"outlier_percent must be in [0, 100), got {outlier_percent}")
     heat = np.asarray(heat, dtype=np.float64)
-    if not np.isfinite(heat).all():
-        raise ValueError("the map has NaN or infinite values; nothing faithful can be drawn")
+    bad = ~np.isfinite(heat)
+    if bad.all():
+        return np.zeros_like(heat), 0.0, "not finite"
+    if bad.any():  # kept results of a NaN model (allow_nonfinite): drawn as 0 and said so
+        heat = np.where(bad, 0.0, heat)
     sign = resolve_sign(heat, sign)
     kept = {"all": heat, "positive": np.maximum(heat, 0), "negative": np.minimum(heat, 0), "absolute": np.abs(heat)}[sign]
     magnitude = np.abs(kept)
@@ -59,6 +63,8 @@ def normalize_map(heat: np.ndarray, sign: str = "auto", outlier_percent: float =
     if threshold <= 0:
         threshold = float(magnitude.max())
     problem = "constant" if float(heat.max()) == float(heat.min()) else ""
+    if bad.any():
+        problem = f"{int(bad.sum())} non-finite values shown as 0"
     scaled = kept / (-threshold if sign == "negative" else threshold)
     return np.clip(scaled, -1.0, 1.0), threshold, problem
 
@@ -130,8 +136,9 @@ def draw_map(ax: Any, fig: Any, heat: np.ndarray, image: np.ndarray | None = Non
         bar.set_label(f"{label} at {threshold:.3g}" if threshold else label, fontsize=7)
         bar.ax.tick_params(labelsize=7)
     if problem:
-        warnings.warn(f"{title or 'map'}: the map is {problem}; nothing to show (check the target and the layer: "
-                      "Grad-CAM is all zero when no gradient of the target is positive)", DegenerateMapWarning, stacklevel=3)
+        warnings.warn(f"{title or 'map'}: the map is {problem}" + ("" if "non-finite" in problem else
+                      "; nothing to show (check the target and the layer: Grad-CAM is all zero when no gradient of "
+                      "the target is positive)"), DegenerateMapWarning, stacklevel=3)
     shown = f"{title}\n({problem})" if title and problem else (title or (f"({problem})" if problem else None))
     if shown:
         ax.set_title(shown, fontsize=9, color="#b00020" if problem else "black")

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     result = build_atlas(published, args.store, loaded, args.out, dataset=dataset, cavs=[CAV.load(p) for p in args.cav],
                          visualize=visualize, attribute=attribute, max_features=args.max_features, exemplars=args.exemplars,
                          causal=not args.no_causal, causal_images=args.causal_images,
-                         circuit=Circuit.load(args.circuit) if args.circuit else None, progress=not args.no_progress)
+                         circuit=Circuit.load(args.circuit) if args.circuit else None, progress=options.wants_progress(args))
     if args.json:
         options.print_json({"out": str(args.out), "index": str(result.index), "features": len(result.features),
                             "seconds": round(result.seconds, 3)}, out)

@@ -83,7 +83,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         "commit_every": args.commit_every, "layout": parse_layout_option(args.layout),
         "num_prefix_tokens": args.num_prefix_tokens, "backend": args.backend, "compression": args.compression,
         "autocast": args.autocast, **options.dataset_options(args), "device": options.requested_device(args),
-        "nonfinite": "count" if args.allow_nonfinite else None, "progress": False if args.no_progress else None,
+        "nonfinite": "count" if args.allow_nonfinite else None, "progress": options.wants_progress(args),
     }
     overrides = {key: value for key, value in given.items() if value is not None}  # None: not given
     if overrides.get("autocast") == "none":

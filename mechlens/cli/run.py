@@ -10,10 +10,6 @@ from mechlens.cli import options
 __all__ = ["register", "run", "run_demo"]
 
 
-_NO_BAR = (" An experiment draws no progress bar (it runs its steps with progress=False): --no-progress is "
-           "accepted, like on every long-running command, and changes nothing.")
-
-
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="the experiment's reduced configuration (quick.json)")
     parser.add_argument("--config", default=None, help="a config file instead of the experiment's config.json")
@@ -27,15 +23,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "run", help="run a scripted experiment (a directory with experiment.py)",
         description="Run experiments/NAME (or a directory with experiment.py + config.json); it writes its results "
-                    "and config.json (what ran) to the directory --out." + _NO_BAR)
+                    "and config.json (what ran) to the directory --out. Its log lines and progress bars go to stderr.")
     parser.add_argument("experiment", help="experiment directory or name, e.g. experiments/sae_sweep")
     _common(parser)
     parser.set_defaults(handler=run)
     demo = subparsers.add_parser(
         "demo", help="the main job: find the shortcut a model learned (Clever Hans experiment) and build the atlas",
         description="Run experiments/clever_hans: train a small CNN on shapes where squares carry a ruler, then "
-                    "capture -> SAE -> TCAV -> feature visualization -> attribution -> atlas -> report, all "
-                    "written to the directory --out." + _NO_BAR)
+                    "capture -> SAEs -> interventions -> shortcut audit -> circuit -> TCAV -> feature visualization -> "
+                    "attribution -> atlas -> report, all "
+                    "written to the directory --out. Its log lines and progress bars go to stderr.")
     _common(demo)
     demo.set_defaults(handler=run_demo, experiment="clever_hans")
 
@@ -45,7 +42,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     from activation_store.jsonutil import dumps as json_dumps
     from mechlens.experiments import run_experiment
 
-    result = run_experiment(args.experiment, args.out, config=args.config, quick=args.quick, overrides=args.set)
+    result = run_experiment(args.experiment, args.out, config=args.config, quick=args.quick, overrides=args.set,
+                            progress=options.wants_progress(args))
     if args.json:
         options.print_json(result, out, default=str)
     elif isinstance(result, dict) and "shortcut_found" in result:

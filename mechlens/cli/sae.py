@@ -231,7 +231,7 @@ def _train(args: argparse.Namespace) -> int:
                         log_every=args.log_every,
                         checkpoint_every=args.checkpoint_every)
     result = train_sae(args.store, args.layer, configs, train, out=args.out, checkpoint_dir=args.checkpoint_dir,
-                       resume=args.resume, progress=not args.no_progress, log_path=args.log)
+                       resume=args.resume, progress=options.wants_progress(args), log_path=args.log)
     if args.json:
         saes = [{"path": str(path), **metrics} for path, metrics in zip(result.paths, result.metrics)]
         options.print_json({"saes": saes, "steps": result.steps, "rows": result.rows,
@@ -291,7 +291,7 @@ def _stats(args: argparse.Namespace) -> int:
 
     sae = SAE.load(args.sae, device=options.resolved_device(args))
     stats = feature_statistics(sae, args.store, args.layer, top_k=args.top_k, distinct_samples=not args.all_rows,
-                               batch_size=args.batch_size, max_rows=args.rows, progress=not args.no_progress)
+                               batch_size=args.batch_size, max_rows=args.rows, progress=options.wants_progress(args))
     out = stats.save(args.out or args.sae)
     dead = float((stats.frequency == 0).mean())
     if args.json:

@@ -40,7 +40,7 @@ def _info(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from activation_store import open_store
 
-    report = open_store(args.path).verify(layers=args.layer, progress=not args.no_progress)
+    report = open_store(args.path).verify(layers=args.layer, progress=options.wants_progress(args))
     if args.json:
         bad_chunks = [{"layer": bad.layer, "shard": bad.shard, "segment": bad.segment, "chunk": bad.chunk,
                        "reason": bad.reason} for bad in report.bad_chunks]

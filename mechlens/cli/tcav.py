@@ -21,9 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "directional derivative of each --target on the --examples, and test whether the concept "
             "scores like one more random set (--test exchangeable, calibrated; Bonferroni-corrected over "
             "concepts x layers x targets; significant only when most of its CAVs beat chance). Writes "
-            "tcav.csv, tcav.json, tcav.png and the CAVs to the directory --out. tcav draws no progress bar "
-            "(run_tcav reports none): --no-progress is accepted, like on every long-running command, and "
-            "changes nothing."
+            "tcav.csv, tcav.json, tcav.png and the CAVs to the directory --out."
         ),
     )
     options.add_model_options(parser)
@@ -90,7 +88,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     targets = as_features(args.target)
     report = run_tcav(loaded, layers=args.layer, concepts=concepts, random_sets=randoms, examples=examples,
                       targets=targets, pooling=args.pooling, classifier=args.classifier, alpha=args.alpha,
-                      score=args.score, min_accuracy=args.min_accuracy, seed=args.seed, test=args.test)
+                      score=args.score, min_accuracy=args.min_accuracy, seed=args.seed, test=args.test,
+                      progress=options.wants_progress(args))
     target_dir = Path(args.out)
     names = {c.name for c in concepts}
     cavs = [cav for cav in report.cavs if cav.concept in names]

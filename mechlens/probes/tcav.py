@@ -560,7 +560,7 @@ def run_tcav(model: LoadedModel | nn.Module, *, layers: str | Sequence[str], con
              pooling: str = "mean", classifier: str = "logistic", alpha: float = 0.05, score: str = "sign",
              min_accuracy: float = 0.7, cav_alpha: float = 0.01, batch_size: int = 32, seed: int = 0,
              baseline: str = "pairs", test: str = "exchangeable",
-             preprocessing: Preprocessing | None = None) -> TCAVReport:
+             preprocessing: Preprocessing | None = None, progress: bool = False) -> TCAVReport:
     """TCAV of every concept x layer x target, with a calibrated significance test.
 
     ``random_sets``: the N >= 3 random sets (at least 10 recommended; the calibration and power
@@ -568,7 +568,8 @@ def run_tcav(model: LoadedModel | nn.Module, *, layers: str | Sequence[str], con
     ``"ttest"`` (see :func:`tcav_test`); for ``"ttest"`` only, ``baseline="pairs"`` takes the
     random-vs-random scores from CAVs of set i against set i + 1 and ``"counterpart"`` holds out
     the first set as tensorflow/tcav's random counterpart. ``targets`` take features or spec
-    strings (``"class:4"``).
+    strings (``"class:4"``). ``progress``: a bar over the sets' forwards, the targets' backwards
+    and the tests (each test trains the pool's CAVs).
     """
     if test not in TCAV_TESTS:
         raise ValueError(f"test must be one of {', '.join(TCAV_TESTS)}, got {test!r}")
@@ -608,12 +609,21 @@ def run_tcav(model: LoadedModel | nn.Module, *, layers: str | Sequence[str], con
 
     concept_pairs: dict[tuple[str, str], dict[tuple[int, int], CAV]] = {}
     saved: set[tuple[str, str]] = set()
+    from tqdm.auto import tqdm
+
+    steps = len(randoms) + (counterpart is not None) + len(concepts) + len(features) + num_tests
+    bar = tqdm(total=steps, desc="tcav", unit="step", disable=not progress)
+
+    def step(value: Any) -> Any:
+        bar.update(1)
+        return value
+
     # One forward pass per set (all layers at once) and one backward pass per target.
-    random_acts = [acts(r) for r in randoms]
-    counterpart_acts = acts(counterpart) if counterpart is not None else None
-    concept_acts = [acts(c) for c in concepts]
-    gradients = {id(f): target_gradients(net, layer_names, examples, f, pooling=pooling, batch_size=batch_size,
-                                         preprocessing=preprocessing) for f in features}
+    random_acts = [step(acts(r)) for r in randoms]
+    counterpart_acts = step(acts(counterpart)) if counterpart is not None else None
+    concept_acts = [step(acts(c)) for c in concepts]
+    gradients = {id(f): step(target_gradients(net, layer_names, examples, f, pooling=pooling, batch_size=batch_size,
+                                              preprocessing=preprocessing)) for f in features}
     for layer in layer_names:
         randoms_here = [(r.name, at(ra, r, layer)) for r, ra in zip(randoms, random_acts)]
         counterpart_here = (counterpart.name, at(counterpart_acts, counterpart, layer)) if counterpart else None
@@ -627,7 +637,7 @@ def run_tcav(model: LoadedModel | nn.Module, *, layers: str | Sequence[str], con
                     min_accuracy=min_accuracy, score=score, alpha=alpha, num_tests=num_tests, seed=seed, test=test,
                     known=known if test != "ttest" else None,
                 )
-                results.append(result)
+                results.append(step(result))
                 if test != "ttest":
                     n = len(randoms_here)
                     random_pairs.update({(a, b): cav for (a, b), cav in _pool_keys(cavs, n) if a > 0})
@@ -635,6 +645,7 @@ def run_tcav(model: LoadedModel | nn.Module, *, layers: str | Sequence[str], con
                 if (c.name, layer) not in saved:  # each CAV once, whatever the number of targets
                     saved.add((c.name, layer))
                     all_cavs += cavs
+    bar.close()
     return TCAVReport(results=results, alpha=alpha, num_tests=num_tests, cavs=all_cavs)
 
 

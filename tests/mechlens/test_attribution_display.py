@@ -39,8 +39,11 @@ def test_degenerate_maps_are_warned_about_not_drawn_blank() -> None:
     assert problem == "all zero" and "(all zero)" in ax.get_title()
     with pytest.warns(DegenerateMapWarning, match="zero once kept to sign='positive'"):
         draw_map(ax, fig, -np.ones((8, 8)), sign="positive")
-    with pytest.raises(ValueError, match="NaN"):
-        normalize_map(np.full((2, 2), np.nan))
+    assert normalize_map(np.full((2, 2), np.nan))[2] == "not finite"
+    partly = np.arange(4.0).reshape(2, 2)
+    partly[0, 0] = np.nan
+    shown, _, problem = normalize_map(partly)
+    assert problem == "1 non-finite values shown as 0" and shown[0, 0] == 0 and np.isfinite(shown).all()
     with pytest.raises(ValueError, match="sign="):
         normalize_map(np.ones((2, 2)), "both")
 

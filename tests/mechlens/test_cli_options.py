@@ -40,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MODEL_COMMANDS = {"layers", "attribute", "capture", "tcav", "atlas", "visualize", "dream", "sae eval", "intervene",
                   "circuit", "audit"}
 QUICK = {"store info", "layers"}
-NO_BAR = {"tcav", "run", "demo"}
+NO_BAR: set[str] = set()  # every long command draws a bar on a terminal
 MODEL_GROUP = ("--model", "--weights", "--pretrained", "--num-classes")
 # what an action must share with its definition (a command may not choose these)
 FIXED = ("option_strings", "dest", "nargs", "const", "type", "choices", "help")
@@ -214,7 +214,8 @@ def store(tmp_path) -> Path:
     return tmp_path / "store"
 
 
-def test_store_verify_json_and_no_progress(store, capsys):
+def test_store_verify_json_and_no_progress(store, capsys, monkeypatch):
+    monkeypatch.setattr(options, "_stderr_is_terminal", lambda: True)  # bars are drawn on a terminal only
     assert main(["store", "verify", str(store)]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("ok: ") and captured.err  # the reader's progress bar
@@ -235,7 +236,8 @@ def test_layers_json(capsys):
     assert report["parameters"] == 24_973 and report["input_size"] == [3, 64, 64]
 
 
-def test_capture_no_progress_reaches_progress_and_json_prints_one_line(tmp_path, capsys):
+def test_capture_no_progress_reaches_progress_and_json_prints_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(options, "_stderr_is_terminal", lambda: True)  # bars are drawn on a terminal only
     base = ["capture", "--model", "mechlens:small_cnn_tiny", "--layer", "stage1", "--data", "synthetic:shapes?n=4",
             "--spatial", "mean", "--batch-size", "2", "--workers", "0", "--device", "cpu"]
     assert main([*base, "--out", str(tmp_path / "a")]) == 0
