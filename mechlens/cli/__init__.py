@@ -85,14 +85,28 @@ def error_line(error: BaseException) -> str:
     return line
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file=None,
+                      line=None) -> None:
+    print(f"mechlens: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mechlens`` console script; returns the exit code. Errors print as one
     line, ``mechlens COMMAND: error: ...``; ``--debug`` (before or after the command) re-raises
     them with the traceback."""
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
+        with warnings.catch_warnings():
+            # a warning a user should read is one line in words, once; library noise stays quiet
+            warnings.simplefilter("once")
+            warnings.showwarning = _one_line_warning
+            if not (getattr(args, "debug", False) or getattr(args, "debug_all", False)):
+                for noisy in (DeprecationWarning, FutureWarning, RuntimeWarning):
+                    warnings.filterwarnings("ignore", category=noisy, module=r"(?!mechlens)")
+            return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -245,6 +245,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _held_out(sae_path: str, store: str) -> bool | None:
+    """False when the SAE's metadata names ``store`` as its training store, True when it names
+    another, None when it names none."""
+    from mechlens.sae.modules import read_config
+
+    trained_on = read_config(sae_path)[1].get("store")
+    if not trained_on:
+        return None
+    return Path(trained_on).resolve() != Path(store).resolve()
+
+
 def _eval(args: argparse.Namespace) -> int:
     from mechlens.sae import SAE, evaluate_store, plot_fvu_vs_l0, spliced_metrics
 
@@ -265,8 +276,14 @@ def _eval(args: argparse.Namespace) -> int:
         for path in args.saes:
             sae = SAE.load(path, device=device)
             metrics = evaluate_store(sae, args.store, args.layer, max_rows=args.rows, batch_size=args.batch_size)
+            held_out = _held_out(path, args.store)
+            if held_out is False:
+                import warnings
+
+                warnings.warn(f"{path} was trained on {args.store}: these are training-set figures, not held-out "
+                              "ones (evaluate on a store captured from other images)", stacklevel=1)
             entry: dict[str, Any] = {"sae": str(path), "arch": sae.config.arch, "width": sae.width,
-                                     "layer": args.layer or sae.config.layer, **metrics.to_json()}
+                                     "layer": args.layer or sae.config.layer, "held_out": held_out, **metrics.to_json()}
             if model is not None:
                 spliced = spliced_metrics(model, sae, dataset, layer=args.layer, max_samples=args.samples)
                 entry["spliced"] = spliced.to_json()

@@ -571,6 +571,13 @@ def _layer_context(view: Any) -> dict[str, str]:
     return context
 
 
+MANY_EPOCHS = 20  # passes over a store beyond which an SAE run is more memorising than learning the layer
+
+
+class ManyEpochsWarning(UserWarning):
+    """An SAE run that passes over the same stored rows many times."""
+
+
 def train_sae(store: Any, layer: str, configs: SAEConfig | Sequence[SAEConfig], train: TrainConfig | None = None, *,
               out: str | os.PathLike | None = None, checkpoint_dir: str | os.PathLike | None = None,
               resume: bool = False, progress: bool = True, log_path: str | os.PathLike | None = None,
@@ -598,6 +605,11 @@ def train_sae(store: Any, layer: str, configs: SAEConfig | Sequence[SAEConfig], 
         filled.append(config.replace(d_in=view.dim, **context))
     configs = filled
     source = StoreSource(view, train.batch_size, seed=train.seed, shuffle_buffer_chunks=train.shuffle_buffer_chunks)
+    epochs = train.steps * train.batch_size / view.num_rows
+    if epochs > MANY_EPOCHS:
+        warnings.warn(f"training {train.steps:,} steps of {train.batch_size:,} rows on the {view.num_rows:,} rows of "
+                      f"{layer!r} is {epochs:.0f} passes over the same rows: the SAE will fit these rows, not the layer "
+                      "(capture more images, or fewer steps)", ManyEpochsWarning, stacklevel=2)
     trainer = None
     has_checkpoint = checkpoint_dir is not None and (Path(checkpoint_dir) / TRAINER_FILE).is_file()
     if has_checkpoint and not resume:
@@ -619,7 +631,7 @@ def train_sae(store: Any, layer: str, configs: SAEConfig | Sequence[SAEConfig], 
     result = trainer.fit(source, until_step=until_step, progress=progress, log_path=log_path,
                          checkpoint_dir=checkpoint_dir, normalizer=normalizer, b_dec=b_dec)
     if out is not None and trainer.step >= train.steps:
-        result.paths = save_saes(result, out, store=str(store.root), train=trainer.train)
+        result.paths = save_saes(result, out, store=str(store.root.resolve()), train=trainer.train)
     return result
 
 
