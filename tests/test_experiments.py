@@ -108,3 +108,40 @@ def test_every_experiment_ships_in_the_wheel_and_is_found_after_a_plain_install(
     monkeypatch.setattr(module, "_data_prefixes", lambda: [tmp_path / "nowhere"])
     with pytest.raises(FileNotFoundError, match="none found"):
         module.find_experiment("sanity_cascade")
+
+
+CHROMIUM = __import__("shutil").which("chromium") or __import__("shutil").which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_report_reads_in_a_real_browser(clever_hans):
+    """The report as a reader sees it: no console error, every image decodes, every link resolves,
+    nothing wider than the window, each figure inside its claim's section, the verdict on top."""
+    from playwright.sync_api import sync_playwright
+
+    out, f = clever_hans
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 800})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto((out / "report.html").as_uri())
+            page.wait_for_load_state("load")
+            images = page.eval_on_selector_all("img", "els => els.map(e => [e.getAttribute('src'), e.naturalWidth])")
+            assert len(images) >= 6 and all(width > 0 for _, width in images), images
+            links = page.eval_on_selector_all("a", "els => els.map(e => e.getAttribute('href'))")
+            assert links and all((out / link).is_file() for link in links), links
+            assert page.evaluate("document.documentElement.scrollWidth") <= 1000
+            for section, picture in (("behaviour", "behaviour.png"), ("interventions", "interventions.png"),
+                                     ("audit", "audit/audit.png"), ("tcav", "tcav.png"), ("attribution", "attribution.png")):
+                assert page.locator(f"section#{section} img[src='{picture}']").count() == 1, section
+            for latent in f["interventions"]["latents"]:  # each latent that carries the ruler, with its exemplars
+                assert page.locator(f"section#latents a[href='atlas/features/{latent}.html']").count() >= 1
+            top = page.locator("#verdict").bounding_box()
+            assert top is not None and top["y"] < 200 and "The shortcut was found." in page.inner_text("#verdict")
+            page.screenshot(path=str(out / "report-screenshot.png"), full_page=False)
+        finally:
+            browser.close()
+    assert not errors, errors

@@ -235,7 +235,7 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
     # 7. feature visualization of the ruler latent(s) and the most frequent features
     t0 = begin("featvis")
     vcfg = config.get("featvis", {})
-    shown = list(dict.fromkeys(ruler_latents[:4] + [int(i) for i in np.argsort(-stats.frequency)[:4]]))
+    shown = list(dict.fromkeys(causal_latents[:4] + ruler_latents[:4] + [int(i) for i in np.argsort(-stats.frequency)[:4]]))
     pooling = getattr(sae.config, "pooling", "all")
     vis = render(loaded, [SAELatent(layer, sae, i, pooling=pooling) for i in shown],
                  size=int(vcfg.get("size", 64)), steps=int(vcfg.get("steps", 128)), seed=seed)
@@ -274,6 +274,9 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
                         class_names=class_names, cavs=[c for c in report.cavs if c.concept == "ruler" and c.layer == layer][:1],
                         visualize=visualize if vcfg.get("atlas", True) else None, attribute=attribute_latent,
                         max_features=int(config.get("atlas_features", 256)), exemplars=top_k, circuit=circuit,
+                        flagged={**{i: "carries the ruler" for i in causal_latents},
+                                 **({audit_top.latent: "audit #1"} if audit_top and audit_top.latent not in causal_latents
+                                    else {})},
                         progress=progress)
     lap("atlas", t0)
 
@@ -370,15 +373,124 @@ def _write_report(out: Path, f: dict[str, Any], square: str, layer: str, tcav_be
 Run time: {f['seconds']} s ({', '.join(f'{k} {v}s' for k, v in f['timings_seconds'].items())}).
 """
     (out / "report.md").write_text(md)
-    env = Environment(autoescape=True)
-    page = env.from_string(
-        "<!doctype html><html><head><meta charset='utf-8'><title>Clever Hans report</title>"
-        "<style>body{font-family:system-ui,sans-serif;max-width:900px;margin:24px auto;line-height:1.45}"
-        "img{max-width:100%;border:1px solid #ddd}pre{white-space:pre-wrap}</style></head><body>"
-        "{% for line in lines %}{% if line.startswith('# ') %}<h1>{{ line[2:] }}</h1>"
-        "{% elif line.startswith('## ') %}<h2>{{ line[3:] }}</h2>"
-        "{% elif line.startswith('- ') %}<li>{{ line[2:] }}</li>{% elif line %}<p>{{ line }}</p>{% endif %}{% endfor %}"
-        "<h2>Figures</h2><img src='tcav.png' alt='TCAV'><img src='attribution.png' alt='attribution'>"
-        "<p><a href='{{ atlas }}'>Open the feature atlas</a></p></body></html>"
-    ).render(lines=md.replace("**", "").splitlines(), atlas=f["atlas"])
+    _figures_for_report(out, f, square)
+    circuit_svg = (out / "atlas" / "circuit.html").exists()
+    from mechlens.interventions import Circuit
+
+    svg = Circuit.load(out / "circuit.json").to_svg(max_nodes_per_layer=6, max_edges=24) if (out / "circuit.json").exists() else ""
+    page = Environment(autoescape=True).from_string(REPORT_TEMPLATE).render(
+        f=f, acc=acc, iv=iv, checks=checks, sae=sae, square=square, layer=layer, tcav=tcav_best, verdict=verdict,
+        audit_top=audit_top, circuit_svg=svg if circuit_svg else "", spatial=spatial,
+        featvis={i: (out / "featvis" / f"latent-{i}.png").exists() for i in iv["latents"]},
+        pages={i: (out / "atlas" / "features" / f"{i}.html").exists() for i in iv["latents"] + [audit_top["latent"]]})
     (out / "report.html").write_text(page)
+
+
+def _figures_for_report(out: Path, f: dict[str, Any], square: str) -> None:
+    """behaviour.png (accuracy with and without the ruler) and interventions.png (what switching
+    the latents off, on and across does), the pictures next to the report's first claims."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    acc, iv = f["accuracy"], f["interventions"]
+    panels = [
+        ("Behaviour", [(f"{square}\nwith ruler", acc["square_with_ruler"]), (f"{square}\nwithout", acc["square_without_ruler"]),
+                       ("others flip to\n" + square + " (ruler)", acc["others_flipped_to_square_by_ruler"]),
+                       ("others flip\n(no ruler)", acc["others_flipped_baseline"])], "behaviour.png"),
+        ("Interventions on the latents", [(f"{square} + ruler", iv["square_with_ruler"]),
+                                          ("ruler latents\nablated", iv["square_with_ruler_ablated"]),
+                                          (f"{square}\nwithout ruler", iv["square_without_ruler"]),
+                                          ("steered:\nothers flip", iv["flipped"]), ("patched:\nrestored", iv["restored"])],
+         "interventions.png"),
+    ]
+    for title, bars, name in panels:
+        fig = Figure(figsize=(1.35 * len(bars) + 1.2, 2.8))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot(1, 1, 1)
+        values = [v for _, v in bars]
+        ax.bar(range(len(bars)), values, color=["#a12a2a", "#4a7bd0", "#777777", "#d08a2e", "#3c9a5f"][:len(bars)])
+        for x, v in enumerate(values):
+            ax.text(x, v + 0.02, f"{v:.2f}", ha="center", fontsize=8)
+        ax.set_xticks(range(len(bars)), [label for label, _ in bars], fontsize=7)
+        ax.set_ylim(0, 1.15)
+        ax.set_ylabel("accuracy / fraction", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+
+
+REPORT_TEMPLATE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Clever Hans report</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:980px;margin:24px auto;padding:0 16px;line-height:1.5;color:#222}
+section{border-top:1px solid #ddd;padding:8px 0 12px}
+figure{margin:8px 0}figure img,section img{max-width:100%;height:auto;border:1px solid #ddd}
+.verdict{padding:12px 16px;border-radius:8px;font-size:18px}.verdict.pass{background:#e8f5ec;border:2px solid #3c9a5f}
+.verdict.fail{background:#fdecea;border:2px solid #a12a2a}.chip{display:inline-block;border-radius:10px;padding:0 8px;margin:2px;font-size:13px}
+.chip.ok{background:#3c9a5f;color:#fff}.chip.no{background:#a12a2a;color:#fff}
+.latent{display:flex;gap:12px;align-items:center;margin:6px 0}.latent img{height:72px}
+.num{font-variant-numeric:tabular-nums}td,th{padding:2px 10px;text-align:left}
+.svg svg{max-width:100%;height:auto}small{color:#555}
+</style></head><body>
+<h1>Clever Hans report</h1>
+<div id="verdict" class="verdict {{ 'pass' if f.shortcut_found else 'fail' }}"><b>{{ verdict }}</b>
+The model classifies <i>{{ square }}</i> by the ruler-like watermark that marks most {{ square }} images of its training data.
+<div>{% for name, ok in checks.items() %}<span class="chip {{ 'ok' if ok else 'no' }}">{{ name }}: {{ 'passed' if ok else 'failed' }}</span>{% endfor %}</div></div>
+
+<section id="behaviour"><h2>1. Behaviour: the ruler decides</h2>
+<p>The same test images with and without the ruler (every other pixel identical): {{ square }} accuracy
+<b class="num">{{ '%.3f' % acc.square_with_ruler }}</b> with it, <b class="num">{{ '%.3f' % acc.square_without_ruler }}</b> without
+(check: a drop of at least 0.2). Pasted on other classes, it turns <b class="num">{{ '%.0f' % (100 * acc.others_flipped_to_square_by_ruler) }}%</b>
+of them into {{ square }} (without it: {{ '%.0f' % (100 * acc.others_flipped_baseline) }}%).</p>
+<figure><img src="behaviour.png" alt="accuracy with and without the ruler"></figure></section>
+
+<section id="latents"><h2>2. The latents that carry the ruler ({{ layer }}, {{ spatial[0] }}x{{ spatial[1] }} positions)</h2>
+<p>Patching the clean twins' latent values into the ruler images (attribution patching, every latent at once), the latents below carry
+<b class="num">{{ '%.0f' % (100 * iv.explained) }}%</b> of the ruler's push on the {{ square }} logit ({{ '%+.2f' % iv.square_logit_change }}).
+Each row: its top exemplars (the activation's peak boxed), its feature visualization, its atlas page.</p>
+{% for i in iv.latents %}<div class="latent"><b>latent {{ i }}</b>
+{% if pages[i] %}<a href="atlas/features/{{ i }}.html"><img src="atlas/img/{{ i }}-exemplars.png" alt="exemplars of latent {{ i }}"></a>{% endif %}
+{% if featvis[i] %}<img src="featvis/latent-{{ i }}.png" alt="feature visualization of latent {{ i }}">{% endif %}
+{% if pages[i] %}<a href="atlas/features/{{ i }}.html">atlas page</a>{% endif %}</div>{% endfor %}
+<p><small>The SAE (TopK, width {{ sae.width }}) reconstructs the layer with FVU {{ '%.3f' % sae.fvu }} at L0 {{ '%.1f' % sae.l0 }};
+latents whose top exemplars peak on the ruler: {{ sae.ruler_latents or 'none' }}.</small></p></section>
+
+<section id="interventions"><h2>3. Interventions: switched off, on and across</h2>
+<p>Ablated along their decoder directions on {{ square }} images with the ruler, accuracy falls from {{ '%.3f' % iv.square_with_ruler }} to
+<b class="num">{{ '%.3f' % iv.square_with_ruler_ablated }}</b> ({{ '%.0f' % (100 * iv.gap_removed) }}% of the gap to the clean images removed;
+edited in latent space with the SAE's error term kept, only {{ '%.0f' % (100 * iv.gap_removed_latent_space) }}%: the SAE reconstructs the rare
+ruler rows worst, so much of the ruler sits in its error term). Other classes' clean accuracy: {{ '%.3f' % iv.others_clean_accuracy }} &rarr;
+{{ '%.3f' % iv.others_clean_accuracy_ablated }}. Steered up on clean images of other classes, <b class="num">{{ '%.0f' % (100 * iv.flipped) }}%</b>
+turn into {{ square }}; patched from ruler images into their clean copies, they restore <b class="num">{{ '%.0f' % (100 * iv.restored) }}%</b>
+of the {{ square }}-logit difference.</p>
+<figure><img src="interventions.png" alt="effects of ablating, steering and patching the ruler latents"></figure></section>
+
+<section id="audit"><h2>4. The shortcut audit, told nothing about the ruler</h2>
+<p>Ranking every latent by causal effect on a class &times; exemplar purity &times; survival when the object is erased, the audit's first suspect is
+<b>latent {{ audit_top.latent }}</b> &rarr; {{ audit_top.class_name }} (score {{ '%.2f' % audit_top.score }}),
+{{ 'one of the latents that carry the ruler' if checks.audit else 'not one of the latents that carry the ruler' }}.
+<a href="audit/audit.html">Full audit</a>.</p>
+<figure><img src="audit/audit.png" alt="the audit's top suspects"></figure></section>
+
+<section id="circuit"><h2>5. The circuit for {{ square }} on ruler images</h2>
+<p>{{ f.circuit.size }} nodes over {{ f.circuit.layers | join(' and ') }} recover {{ '%.0f' % (100 * f.circuit.faithfulness) }}% of the
+{{ square }} logit when everything else is mean-ablated (completeness {{ '%.3f' % f.circuit.completeness }}: ablating the circuit itself leaves that much).
+{% if circuit_svg %}<a href="atlas/circuit.html">The circuit in the atlas</a>.{% endif %}</p>
+{% if circuit_svg %}<div class="svg">{{ circuit_svg | safe }}</div>{% endif %}</section>
+
+<section id="tcav"><h2>6. Concept probe: TCAV of "ruler" for {{ square }}</h2>
+<p>Best layer {{ tcav.layer }}: TCAV score {{ '%.3f' % tcav.mean }} against {{ '%.3f' % tcav.random_mean }} for random concepts,
+p = {{ '%.2g' % tcav.p_value }} (Bonferroni {{ '%.2g' % tcav.p_adjusted }}; exchangeable test, {{ tcav.row()['n_random'] }} random sets).</p>
+<figure><img src="tcav.png" alt="TCAV scores"></figure></section>
+
+<section id="attribution"><h2>7. Attribution: where the evidence sits</h2>
+<p>Pointing game on {{ square }} images with the ruler: the fraction of images whose map peaks on the ruler (chance: its area,
+{{ '%.3f' % f.pointing_chance }}). A class map below 0.5 points at the shape more than at the ruler; 0.000 means it never peaks there.</p>
+<table>{% for k, v in f.pointing_game.items() %}<tr><td>{{ k }}</td><td class="num">{{ '%.3f' % v }}</td></tr>{% endfor %}</table>
+<figure><img src="attribution.png" alt="attribution maps"></figure></section>
+
+<section id="atlas"><h2>8. Every feature</h2>
+<p><a href="{{ f.atlas }}">Open the feature atlas</a> ({{ f.atlas_features }} features; the latents above are badged and listed first).
+Run time {{ f.seconds }} s: {% for k, v in f.timings_seconds.items() %}{{ k }} {{ v }} s{{ ', ' if not loop.last }}{% endfor %}.</p></section>
+</body></html>
+"""

@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -83,6 +83,7 @@ def build_atlas(
     causal: bool = True,
     causal_images: int = 64,
     circuit: Circuit | None = None,
+    flagged: Mapping[int, str] | None = None,
     title: str | None = None,
     seed: int = 0,
     batch_size: int = 64,
@@ -105,7 +106,9 @@ def build_atlas(
     effects / the ablations (:class:`~mechlens.atlas.CausalEffectsPanel`: one forward per feature
     over them) are measured on. ``circuit``: a :class:`mechlens.interventions.Circuit` to publish as
     ``circuit.html`` (linked from the index), its nodes that are latents of this atlas drawn with
-    their exemplar or visualization and linked to their pages.
+    their exemplar or visualization and linked to their pages. ``flagged``: feature id -> a badge
+    (``{17: "ruler"}``): published first whatever ``max_features`` leaves out, badged on the index
+    and on their pages (what a report points at).
     """
     from jinja2 import Environment
     from markupsafe import Markup
@@ -152,6 +155,12 @@ def build_atlas(
     alive = np.flatnonzero(stats.frequency > 0)
     order = alive[np.argsort(-stats.frequency[alive], kind="stable")]
     ids = order[:max_features] if max_features else order
+    flagged = {int(k): str(v) for k, v in (flagged or {}).items()}
+    silent = [i for i in flagged if i not in set(alive.tolist())]
+    if silent:
+        raise ValueError(f"flagged feature(s) {silent[:5]} never fire on the store's rows: no page can show them")
+    # flagged features first (a report points at them), whatever max_features leaves out
+    ids = np.asarray([*flagged, *[int(i) for i in ids if int(i) not in flagged]], dtype=np.int64)
     if len(ids) == 0:
         raise ValueError("no feature of this set fires on the store's rows; there is nothing to publish")
     if panels is None:
@@ -171,6 +180,7 @@ def build_atlas(
         "mean_active": float(stats.mean_active[i]), "max": float(stats.max[i]), "exemplars": [], "top_classes": [],
         "logit_up": [], "logit_down": [], "concepts": [], "concept": None, "concept_cos": None, "has_vis": False,
         "histogram": [], "histogram_max": 0.0, "map": [float(n), 0.0], "attributions": [], "causal": None,
+        "flag": flagged.get(int(i)),
     } for n, i in enumerate(ids)]
     with eval_mode(net):
         for panel in panels:
@@ -196,7 +206,7 @@ def build_atlas(
             (out / stale).unlink(missing_ok=True)
     map_method = ctx.shared.get("map_method", "index")
     coords = np.asarray([p["map"] for p in pages], dtype=float)
-    summary = [("features", features.title), ("store", str(store.root)), ("rows", f"{stats.rows:,}"),
+    summary = [("features", features.title), ("store", os.path.relpath(store.root, out)), ("rows", f"{stats.rows:,}"),
                ("features published", f"{len(pages)} of {features.width} ({features.width - len(alive)} never fire)"),
                ("panels", ", ".join(panel.name for panel in panels))]
     index_html = env.from_string(templates.INDEX).render(

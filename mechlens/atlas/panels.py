@@ -302,13 +302,15 @@ as the linear (first-order) estimate predicts it and as measured, with its {{ '%
 
 
 class ConceptsPanel(Panel):
-    """Cosine of each feature's direction with CAVs of the same layer."""
+    """Cosine of each feature's direction with CAVs of the same layer. The best concept is named
+    only at a cosine of at least ``min_cos`` (else "none": a direction at cosine 0.1 or below zero
+    is not that concept)."""
 
     name = "concepts"
     template = """<table class="meta"><tr><td><b>concept alignment</b></td><td>{% for c in f.concepts %}<span class="pill">{{ c.name }} cos {{ '%.2f' % c.cos }}</span>{% else %}no CAVs given{% endfor %}</td></tr></table>"""
 
-    def __init__(self, cavs: Sequence[Any]) -> None:
-        self.cavs = list(cavs)
+    def __init__(self, cavs: Sequence[Any], min_cos: float = 0.3) -> None:
+        self.cavs, self.min_cos = list(cavs), float(min_cos)
 
     def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
         foreign = [c for c in self.cavs if getattr(c, "layer", ctx.layer) not in (ctx.layer, "")]
@@ -324,7 +326,8 @@ class ConceptsPanel(Panel):
         for column, page in enumerate(pages):
             ranking = np.argsort(-cos[column])
             page["concepts"] = [{"name": self.cavs[c].concept, "cos": float(cos[column, c])} for c in ranking[:3]]
-            page["concept"], page["concept_cos"] = page["concepts"][0]["name"], page["concepts"][0]["cos"]
+            best = page["concepts"][0]
+            page["concept"], page["concept_cos"] = (best["name"], best["cos"]) if best["cos"] >= self.min_cos else ("none", best["cos"])
 
 
 class MapPanel(Panel):

@@ -20,6 +20,7 @@ svg.map circle{fill:#4a7bd0;fill-opacity:.7}svg.map a:hover circle{fill:#e0552f;
 .pill{display:inline-block;background:#eef;border-radius:10px;padding:1px 8px;margin:1px;font-size:12px}
 .up{color:#19733a}.down{color:#a12a2a}
 .badge{display:inline-block;background:#a12a2a;color:#fff;border-radius:4px;padding:0 6px;font-size:12px;font-weight:bold}
+.badge.flag{background:#b35c00}
 p.disagree{background:#fdecea;border-left:4px solid #a12a2a;padding:4px 8px}tr.disagree td{background:#fdecea}
 table.causal,table.nodes{width:auto}table.causal th,table.nodes th{cursor:default;position:static}
 svg a:hover rect{stroke:#e0552f;stroke-width:2}
@@ -69,7 +70,8 @@ INDEX = """<!doctype html>
 <th data-type="num">max</th><th>top classes</th><th>pushes up</th><th>best concept</th><th data-type="num">concept cos</th>
 </tr></thead><tbody>
 {% for f in features %}<tr id="f{{ f.id }}">
-<td class="num" data-value="{{ f.id }}"><a href="features/{{ f.id }}.html">#{{ f.id }}</a>{% if f.causal and f.causal.disagrees %}
+<td class="num" data-value="{{ f.id }}"><a href="features/{{ f.id }}.html">#{{ f.id }}</a>{% if f.flag %}
+<span class="badge flag" title="flagged by the report">{{ f.flag }}</span>{% endif %}{% if f.causal and f.causal.disagrees %}
 <span class="badge" title="its linear logit estimate and its measured ablation effect disagree">disagree</span>{% endif %}</td>
 <td><a href="features/{{ f.id }}.html"><img class="thumb" loading="lazy" src="img/{{ f.id }}-exemplars.png" alt="exemplars of feature {{ f.id }}"></a></td>
 <td class="num" data-value="{{ f.frequency }}">{{ '%.4f' % f.frequency }}</td>
@@ -92,7 +94,8 @@ FEATURE = """<!doctype html>
 <body><header><a href="../index.html">&larr; atlas</a>
 {% if prev_id is not none %} &middot; <a href="{{ prev_id }}.html">&larr; #{{ prev_id }}</a>{% endif %}
 {% if next_id is not none %} &middot; <a href="{{ next_id }}.html">#{{ next_id }} &rarr;</a>{% endif %}
-<h1 style="margin:4px 0 0 0;font-size:20px">Feature #{{ f.id }} <small>({{ layer }}; {{ f.spec }})</small></h1></header>
+<h1 style="margin:4px 0 0 0;font-size:20px">Feature #{{ f.id }} <small>({{ layer }}; {{ f.spec }})</small>
+{% if f.flag %}<span class="badge flag">{{ f.flag }}</span>{% endif %}</h1></header>
 <main>
 <table class="meta">
 <tr><td><b>firing frequency</b></td><td>{{ '%.5f' % f.frequency }} of {{ rows }} rows</td></tr>

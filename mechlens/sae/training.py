@@ -571,7 +571,7 @@ def _layer_context(view: Any) -> dict[str, str]:
     return context
 
 
-MANY_EPOCHS = 20  # passes over a store beyond which an SAE run is more memorising than learning the layer
+MANY_EPOCHS = 100  # passes over the same rows beyond which a run fits those rows more than the layer
 
 
 class ManyEpochsWarning(UserWarning):

@@ -304,3 +304,16 @@ def test_the_atlas_command_publishes_a_saved_circuit_and_can_skip_causal_effects
     (tmp_path / "bad.json").write_text("{}")
     assert main([*argv[:-5], "--circuit", str(tmp_path / "bad.json"), "--out", str(tmp_path / "site2")]) == 2
     assert "not a circuit" in capsys.readouterr().err
+
+
+def test_flagged_features_come_first_with_a_badge_and_paths_are_relative(inputs, tmp_path):
+    atlas = build_atlas(inputs["sae2"], inputs["root"] / "store", inputs["loaded"], tmp_path / "site", causal=False,
+                        max_features=2, flagged={5: "ruler"}, progress=False)
+    ids = [f["id"] for f in atlas.data["features"]]
+    assert ids[0] == 5 and len(ids) == 3  # flagged first, published beyond max_features
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert 'class="badge flag"' in index and str(inputs["root"]) not in index
+    assert 'class="badge flag">ruler' in (tmp_path / "site" / "features" / "5.html").read_text()
+    with pytest.raises(ValueError, match="never fire"):
+        build_atlas(inputs["sae2"], inputs["root"] / "store", inputs["loaded"], tmp_path / "site2", causal=False,
+                    flagged={999: "x"}, progress=False)

@@ -284,10 +284,10 @@ def test_cli_drawn_bars_stay_off_when_stderr_is_not_a_terminal(tmp_path, capsys)
 
 def test_sae_commands_warn_in_words_about_many_epochs_and_training_set_figures(store, tmp_path, capsys):
     layer = "stage1"
-    assert main(["sae", "train", "--store", str(store), "--layer", layer, "--width", "8", "--k", "2", "--steps", "400",
+    assert main(["sae", "train", "--store", str(store), "--layer", layer, "--width", "8", "--k", "2", "--steps", "2000",
                  "--batch-size", "64", "--out", str(tmp_path / "sae"), "--no-progress"]) == 0
     err = capsys.readouterr().err
-    assert err.startswith("mechlens: warning: training 400 steps") and "passes over the same rows" in err
+    assert err.startswith("mechlens: warning: training 2,000 steps") and "passes over the same rows" in err
     assert err.count("\n") == 1  # one line, once
     assert main(["sae", "eval", str(tmp_path / "sae"), "--store", str(store), "--json"]) == 0
     captured = capsys.readouterr()
