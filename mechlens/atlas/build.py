@@ -37,6 +37,7 @@ from mechlens.atlas.panels import (
     HistogramPanel,
     LogitEffectsPanel,
     MapPanel,
+    SimilarPanel,
     Panel,
     VisualizeFn,
 )
@@ -167,7 +168,7 @@ def build_atlas(
         panels = [ExemplarsPanel(), HistogramPanel(histogram_rows), LogitEffectsPanel(effect_images)]
         if causal:
             panels.append(CausalEffectsPanel(causal_images))
-        panels += [MapPanel(), ConceptsPanel(cavs)]
+        panels += [MapPanel(), SimilarPanel(), ConceptsPanel(cavs)]
         if visualize is not None:
             panels.append(FeatvisPanel(visualize))
         if attribute is not None:
@@ -211,7 +212,9 @@ def build_atlas(
                ("panels", ", ".join(panel.name for panel in panels))]
     index_html = env.from_string(templates.INDEX).render(
         title=title, subtitle=f"model {store.manifest.model}", summary=summary, features=pages,
-        map_svg=_map_svg(coords, id_list, np.asarray([p["frequency"] for p in pages])), map_method=map_method,
+        map_svg=_map_svg(coords, id_list, np.asarray([p["frequency"] for p in pages]),
+                         groups=[p["top_classes"][0]["name"] if p["top_classes"] else "none" for p in pages]),
+        map_method=map_method,
         circuit=published)
     (out / "index.html").write_text(index_html)
     (out / "static" / "atlas.css").write_text(templates.CSS)

@@ -3,6 +3,8 @@ histograms, the overview map's embedding, overlays and PNGs (shared by
 :mod:`mechlens.atlas.panels` and the page builder)."""
 from __future__ import annotations
 
+import html
+
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -149,28 +151,61 @@ def _histograms(sae: Any, view: Any, latents: np.ndarray, max_rows: int, bins: i
     return counts.cpu().numpy(), top.cpu().numpy()
 
 
-def _histogram_svg(counts: np.ndarray, top: float, width: int = 260, height: int = 90) -> str:
+def _histogram_svg(counts: np.ndarray, top: float, width: int = 300, height: int = 130) -> str:
+    """Bars of log10(1 + count) over the activation range, with both axes labelled."""
     if counts.sum() == 0:
         return "<p>never active in the sampled rows</p>"
+    left, bottom, plot_h = 34, 28, height - 40
+    plot_w = width - left - 6
+    logs = np.log10(1 + counts.astype(float))
+    peak = max(float(logs.max()), 1e-12)
+    bw = plot_w / len(counts)
+    edges = np.linspace(0, top, len(counts) + 1)
     bars = []
-    peak = counts.max()
-    bw = width / len(counts)
-    for i, c in enumerate(counts):
-        h = 0 if peak == 0 else (height - 14) * (c / peak)
-        bars.append(f'<rect class="bar" x="{i * bw:.1f}" y="{height - 14 - h:.1f}" width="{bw - 1:.1f}" height="{h:.1f}">'
-                    f"<title>{int(c)} rows</title></rect>")
-    return (f'<svg class="hist" width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">{"".join(bars)}'
-            f'<text x="0" y="{height - 2}">0</text><text x="{width - 40}" y="{height - 2}">{top:.3g}</text></svg>')
+    for i, (c, v) in enumerate(zip(counts, logs)):
+        h = plot_h * v / peak
+        bars.append(f'<rect class="bar" x="{left + i * bw:.1f}" y="{height - bottom - h:.1f}" width="{max(bw - 1, 0.5):.1f}" '
+                    f'height="{h:.1f}"><title>{edges[i]:.3g} to {edges[i + 1]:.3g}: {int(c)} rows</title></rect>')
+    decades = [d for d in range(0, int(np.floor(peak)) + 1)]
+    ticks = "".join(f'<text x="{left - 4}" y="{height - bottom - plot_h * d / peak + 4:.1f}" text-anchor="end">'
+                    f'{10 ** d:g}</text>' for d in decades)
+    axis = (f'<line x1="{left}" y1="{height - bottom}" x2="{width - 6}" y2="{height - bottom}" stroke="#555"/>'
+            f'<line x1="{left}" y1="{height - bottom}" x2="{left}" y2="{height - bottom - plot_h}" stroke="#555"/>')
+    labels = (f'<text x="{left}" y="{height - bottom + 12}">0</text>'
+              f'<text x="{width - 6}" y="{height - bottom + 12}" text-anchor="end">{top:.3g}</text>'
+              f'<text x="{left + plot_w / 2:.0f}" y="{height - 3}" text-anchor="middle">activation</text>'
+              f'<text x="9" y="{height - bottom - plot_h / 2:.0f}" transform="rotate(-90 9 {height - bottom - plot_h / 2:.0f})" '
+              'text-anchor="middle">rows (log)</text>')
+    return (f'<svg class="hist" width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg" font-size="10">'
+            f'{axis}{"".join(bars)}{ticks}{labels}</svg>')
 
 
-def _map_svg(coords: np.ndarray, ids: Sequence[int], frequency: np.ndarray, size: int = 520) -> str:
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
+
+
+def _map_svg(coords: np.ndarray, ids: Sequence[int], frequency: np.ndarray, size: int = 520,
+             groups: Sequence[str] | None = None) -> str:
+    """The overview map: one dot per feature (area: frequency), coloured by ``groups`` (its top
+    class) with a legend, each dot a link to its page."""
     lo, hi = coords.min(axis=0), coords.max(axis=0)
     span = np.where(hi - lo > 0, hi - lo, 1)
     xy = (coords - lo) / span * (size - 20) + 10
     radius = 2.5 + 5 * np.sqrt(frequency / max(frequency.max(), 1e-12))
-    dots = [f'<a href="features/{i}.html"><circle cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}"><title>feature {i}</title></circle></a>'
-            for i, (x, y), r in zip(ids, xy, radius)]
-    return f'<svg class="map" width="{size}" height="{size}" xmlns="http://www.w3.org/2000/svg" style="background:#fff;border:1px solid #ddd">{"".join(dots)}</svg>'
+    names = list(dict.fromkeys(groups)) if groups is not None else []
+    colour = {name: PALETTE[k % len(PALETTE)] for k, name in enumerate(names)}
+    dots = []
+    for k, (i, (x, y), r) in enumerate(zip(ids, xy, radius)):
+        group = groups[k] if groups is not None else None
+        fill = f' fill="{colour[group]}" fill-opacity="0.75"' if group is not None else ""
+        label = f"feature {i}" + (f" ({html.escape(str(group))})" if group is not None else "")
+        dots.append(f'<a href="features/{i}.html"><circle cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}"{fill}><title>{label}</title>'
+                    "</circle></a>")
+    legend = "".join(f'<circle cx="{size + 12}" cy="{16 + 18 * k}" r="5" fill="{colour[name]}"/>'
+                     f'<text x="{size + 22}" y="{20 + 18 * k}" font-size="11">{html.escape(str(name))}</text>'
+                     for k, name in enumerate(names))
+    width = size + (120 if names else 0)
+    return (f'<svg class="map" width="{width}" height="{size}" xmlns="http://www.w3.org/2000/svg" '
+            f'style="background:#fff;border:1px solid #ddd">{"".join(dots)}{legend}</svg>')
 
 
 def _embed(directions: np.ndarray, seed: int) -> tuple[np.ndarray, str]:

@@ -33,7 +33,7 @@ from mechlens.features.layout import as_position_rows, infer_layouts
 
 __all__ = [
     "AtlasContext", "AttributionPanel", "CausalEffectsPanel", "ConceptsPanel", "ExemplarsPanel", "FeatvisPanel",
-    "HistogramPanel", "LogitEffectsPanel", "MapPanel", "Panel",
+    "HistogramPanel", "LogitEffectsPanel", "MapPanel", "Panel", "SimilarPanel",
 ]
 
 VisualizeFn = Callable[[Sequence[int]], torch.Tensor]
@@ -341,6 +341,27 @@ class MapPanel(Panel):
         coords, ctx.shared["map_method"] = _embed(directions.cpu().numpy(), ctx.seed)
         for page, xy in zip(pages, coords):
             page["map"] = [float(v) for v in xy]
+
+
+class SimilarPanel(Panel):
+    """The published features whose directions are closest to each feature's (cosine), linked:
+    near-duplicates and the neighbours a split feature left behind."""
+
+    name = "similar features"
+    template = """{% if f.similar %}<table class="meta"><tr><td><b>similar features (direction cosine)</b></td><td>
+{% for s in f.similar %}<a class="pill" href="{{ s.id }}.html">#{{ s.id }} {{ '%.2f' % s.cos }}</a>{% endfor %}</td></tr></table>{% endif %}"""
+
+    def __init__(self, count: int = 5) -> None:
+        self.count = count
+
+    def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
+        directions = ctx.features.directions[torch.as_tensor(ctx.ids, device=ctx.features.device)].detach().double().cpu()
+        unit = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        cos = (unit @ unit.T).numpy()
+        np.fill_diagonal(cos, -np.inf)
+        for row, page in enumerate(pages):
+            order = np.argsort(-cos[row])[: self.count]
+            page["similar"] = [{"id": int(ctx.ids[j]), "cos": float(cos[row, j])} for j in order if np.isfinite(cos[row, j])]
 
 
 class FeatvisPanel(Panel):

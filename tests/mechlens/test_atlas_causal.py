@@ -317,3 +317,18 @@ def test_flagged_features_come_first_with_a_badge_and_paths_are_relative(inputs,
     with pytest.raises(ValueError, match="never fire"):
         build_atlas(inputs["sae2"], inputs["root"] / "store", inputs["loaded"], tmp_path / "site2", causal=False,
                     flagged={999: "x"}, progress=False)
+
+
+def test_pages_link_similar_features_the_map_is_coloured_and_the_histogram_has_axes(sae_atlas):
+    data = sae_atlas.data["features"]
+    published = {f["id"] for f in data}
+    first = data[0]
+    assert first["similar"] and all(s["id"] in published and s["id"] != first["id"] for s in first["similar"])
+    cosines = [s["cos"] for s in first["similar"]]
+    assert cosines == sorted(cosines, reverse=True)
+    page = (sae_atlas.out / "features" / f"{first['id']}.html").read_text()
+    assert f'href="{first["similar"][0]["id"]}.html"' in page
+    assert "rows (log)" in page and "activation</text>" in page
+    index = (sae_atlas.out / "index.html").read_text()
+    classes = {f["top_classes"][0]["name"] for f in data if f["top_classes"]}
+    assert all(f">{name}</text>" in index for name in classes) and 'fill-opacity="0.75"' in index
