@@ -508,7 +508,7 @@ def attribute(model: Any, inputs: torch.Tensor, target: Any = None, *, method: s
         inputs = inputs.unsqueeze(0)
     chosen = None
     if info.needs_layer and kwargs.get("layer") is None:
-        from mechlens.attribution.cam import suggest_cam_layer
+        from mechlens.attribution.layers import suggest_cam_layer
 
         if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
             raise ValueError(f"{method} needs layer= (or a batch of images to pick the default layer from)")
