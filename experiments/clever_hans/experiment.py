@@ -431,6 +431,7 @@ figure{margin:8px 0}figure img,section img{max-width:100%;height:auto;border:1px
 .latent{display:flex;gap:12px;align-items:center;margin:6px 0}.latent img{height:72px}
 .num{font-variant-numeric:tabular-nums}td,th{padding:2px 10px;text-align:left}
 .svg svg{max-width:100%;height:auto}small{color:#555}
+@media print{body{max-width:none;margin:0}section{break-inside:avoid}a{color:inherit;text-decoration:none}.verdict{border-width:1px}}
 </style></head><body>
 <h1>Clever Hans report</h1>
 <div id="verdict" class="verdict {{ 'pass' if f.shortcut_found else 'fail' }}"><b>{{ verdict }}</b>
