@@ -118,8 +118,9 @@ CIRCUIT = """<!doctype html>
 <tr><td><b>nodes</b></td><td>{{ nodes | length }} over {{ circuit.layers | join(', ') }}; {{ circuit.edges | length }} edges; {{ circuit.images }} images</td></tr>
 <tr><td><b>in this atlas</b></td><td>{{ published }} node(s) link to their feature page</td></tr>
 </table>
-<p>Layers bottom to top, the target on top; edge width is the edge's weight (blue raises the target, red lowers it).
-A node's number is its effect on the target when mean-ablated.</p>
+<p>Layers bottom to top, the target on top; edge width is the edge's weight (blue: the source holds its destination up,
+so ablating it lowers the destination; red: it holds it down). A node's number is its effect on the target when
+mean-ablated (negative: the node supports the target).</p>
 <div class="card" style="overflow:auto">{{ svg }}</div>
 <h2>Nodes</h2>
 <table class="nodes"><thead><tr><th>layer</th><th>latent</th><th>effect</th><th></th></tr></thead><tbody>
