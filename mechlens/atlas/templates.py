@@ -41,12 +41,20 @@ SORT_JS = """
       rows.forEach(function(r){body.appendChild(r);});
       Array.prototype.forEach.call(table.tHead.rows[0].cells,function(h){h.classList.remove('sorted-asc','sorted-desc');});
       th.classList.add(state.dir>0?'sorted-asc':'sorted-desc');
+      if(typeof render==='function'){render();}
     });
   });
   var filter=document.getElementById('filter');
-  filter.addEventListener('input',function(){var q=filter.value.toLowerCase();var shown=0;
-    rows.forEach(function(r){var hit=r.textContent.toLowerCase().indexOf(q)>=0;r.style.display=hit?'':'none';if(hit)shown++;});
-    document.getElementById('shown').textContent=shown;});
+  var more=document.getElementById('more');
+  var PAGE=500, all=false;  // a 16k-feature index stays fast: the first rows, the rest on request
+  function render(){var q=filter.value.toLowerCase();var shown=0,visible=0;
+    rows.forEach(function(r){var hit=r.textContent.toLowerCase().indexOf(q)>=0;if(hit)shown++;
+      var show=hit&&(all||visible<PAGE);if(show)visible++;r.style.display=show?'':'none';});
+    document.getElementById('shown').textContent=shown;
+    if(more){more.style.display=shown>visible?'':'none';more.textContent='show all '+shown+' (first '+visible+' shown)';}}
+  filter.addEventListener('input',render);
+  if(more){more.addEventListener('click',function(){all=true;render();});}
+  render();
 })();
 """
 
@@ -83,6 +91,7 @@ INDEX = """<!doctype html>
 <td class="num" data-value="{{ f.concept_cos if f.concept_cos is not none else -2 }}">{{ '%.2f' % f.concept_cos if f.concept_cos is not none else '' }}</td>
 </tr>{% endfor %}
 </tbody></table>
+<p><button id="more" type="button" style="display:none"></button></p>
 </main>
 <script src="static/atlas.js"></script>
 </body></html>

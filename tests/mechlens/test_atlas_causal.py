@@ -332,3 +332,32 @@ def test_pages_link_similar_features_the_map_is_coloured_and_the_histogram_has_a
     index = (sae_atlas.out / "index.html").read_text()
     classes = {f["top_classes"][0]["name"] for f in data if f["top_classes"]}
     assert all(f">{name}</text>" in index for name in classes) and 'fill-opacity="0.75"' in index
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_a_large_index_shows_its_first_rows_and_the_rest_on_request(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from mechlens.atlas.templates import SORT_JS
+
+    rows = "".join(f'<tr><td class="num" data-value="{i}">#{i}</td><td>{"square" if i % 3 == 0 else "circle"}</td></tr>'
+                   for i in range(1200))
+    (tmp_path / "atlas.js").write_text(SORT_JS)
+    (tmp_path / "index.html").write_text(
+        '<!doctype html><html><body><span id="shown"></span><input id="filter"><table id="features"><thead><tr>'
+        f'<th data-type="num">id</th><th>class</th></tr></thead><tbody>{rows}</tbody></table>'
+        '<button id="more" style="display:none"></button><script src="atlas.js"></script></body></html>')
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto((tmp_path / "index.html").as_uri())
+            visible = "() => Array.from(document.querySelectorAll('#features tbody tr')).filter(r => r.style.display !== 'none').length"
+            assert page.evaluate(visible) == 500 and page.inner_text("#shown") == "1200"
+            page.fill("#filter", "square")
+            assert page.inner_text("#shown") == "400" and page.evaluate(visible) == 400 and not page.is_visible("#more")
+            page.fill("#filter", "")
+            page.click("#more")
+            assert page.evaluate(visible) == 1200
+        finally:
+            browser.close()
