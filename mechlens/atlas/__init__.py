@@ -16,14 +16,15 @@ from mechlens.atlas.panels import (
     HistogramPanel,
     LogitEffectsPanel,
     MapPanel,
+    QuantilesPanel,
     SimilarPanel,
     Panel,
 )
 
 __all__ = [
     "AtlasContext", "AtlasResult", "AttributionPanel", "CausalEffectsPanel", "ConceptsPanel", "ExemplarsPanel",
-    "FeatureSet", "FeatvisPanel", "HistogramPanel", "LogitEffectsPanel", "MapPanel", "Panel", "SimilarPanel",
-    "ablation_disagrees",
+    "FeatureSet", "FeatvisPanel", "HistogramPanel", "LogitEffectsPanel", "MapPanel", "Panel", "QuantilesPanel",
+    "SimilarPanel", "ablation_disagrees",
     "build_atlas", "channel_features", "direction_features", "feature_attributor", "feature_visualizer",
     "linear_ablation_effects", "logit_effects", "sae_features",
 ]

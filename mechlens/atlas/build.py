@@ -37,6 +37,7 @@ from mechlens.atlas.panels import (
     HistogramPanel,
     LogitEffectsPanel,
     MapPanel,
+    QuantilesPanel,
     SimilarPanel,
     Panel,
     VisualizeFn,
@@ -165,7 +166,7 @@ def build_atlas(
     if len(ids) == 0:
         raise ValueError("no feature of this set fires on the store's rows; there is nothing to publish")
     if panels is None:
-        panels = [ExemplarsPanel(), HistogramPanel(histogram_rows), LogitEffectsPanel(effect_images)]
+        panels = [ExemplarsPanel(), QuantilesPanel(), HistogramPanel(histogram_rows), LogitEffectsPanel(effect_images)]
         if causal:
             panels.append(CausalEffectsPanel(causal_images))
         panels += [MapPanel(), SimilarPanel(), ConceptsPanel(cavs)]

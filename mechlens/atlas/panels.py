@@ -33,7 +33,7 @@ from mechlens.features.layout import as_position_rows, infer_layouts
 
 __all__ = [
     "AtlasContext", "AttributionPanel", "CausalEffectsPanel", "ConceptsPanel", "ExemplarsPanel", "FeatvisPanel",
-    "HistogramPanel", "LogitEffectsPanel", "MapPanel", "Panel", "SimilarPanel",
+    "HistogramPanel", "LogitEffectsPanel", "MapPanel", "Panel", "QuantilesPanel", "SimilarPanel",
 ]
 
 VisualizeFn = Callable[[Sequence[int]], torch.Tensor]
@@ -91,6 +91,21 @@ class Panel:
         raise NotImplementedError
 
 
+def _exemplar_tile(image: np.ndarray, values: np.ndarray, spatial: tuple[int, ...], peak: float, position: int) -> np.ndarray:
+    """``image`` ``[H, W, 3]`` with the feature's map (``values`` per position, relative to ``peak``)
+    in red and the cell at ``position`` boxed (when the layer has a 2-d map)."""
+    h, w = image.shape[:2]
+    heat, box = np.zeros((h, w)), None
+    if len(spatial) == 2:
+        grid = torch.from_numpy(np.clip(values.reshape(spatial) / max(peak, 1e-12), 0, 1))[None, None].float()
+        heat = torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+        if position >= 0:
+            gy, gx = divmod(position, spatial[1])
+            sy, sx = h / spatial[0], w / spatial[1]
+            box = (int(gy * sy), int(gx * sx), int((gy + 1) * sy), int((gx + 1) * sx))
+    return _overlay(image[None], heat[None], [box])[0]
+
+
 class ExemplarsPanel(Panel):
     """The top exemplars of each feature, its activation map over them and their classes."""
 
@@ -143,20 +158,9 @@ Top classes: {% for c in f.top_classes %}<span class="pill">{{ c.name }} {{ '%.0
                 if sid < 0:
                     continue
                 image = images_u8[sid]
-                h, w = image.shape[:2]
-                peak = max(float(stats.max[feature]), 1e-12)
-                values = maps[sid][:, column]
-                heat, box = np.zeros((h, w)), None
-                if len(spatial) == 2:
-                    grid = torch.from_numpy(np.clip(values.reshape(spatial) / peak, 0, 1))[None, None].float()
-                    heat = torch.nn.functional.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
-                    pos = int(stats.top_positions[feature, j])
-                    if pos >= 0:
-                        gy, gx = divmod(pos, spatial[1])
-                        sy, sx = h / spatial[0], w / spatial[1]
-                        box = (int(gy * sy), int(gx * sx), int((gy + 1) * sy), int((gx + 1) * sx))
-                tile = _overlay(image[None], heat[None], [box])[0]
-                _save_png(tile, ctx.out / "img" / f"{feature}-ex{len(tiles)}.png", scale=max(1, 160 // max(w, 1)))
+                tile = _exemplar_tile(image, maps[sid][:, column], spatial, float(stats.max[feature]),
+                                      int(stats.top_positions[feature, j]))
+                _save_png(tile, ctx.out / "img" / f"{feature}-ex{len(tiles)}.png", scale=max(1, 160 // max(image.shape[1], 1)))
                 tiles.append(tile)
                 label = int(labels.get(sid, -1))
                 rows_out.append({"sample": sid, "value": float(stats.top_values[feature, j]), "label": label,
@@ -168,6 +172,65 @@ Top classes: {% for c in f.top_classes %}<span class="pill">{{ c.name }} {{ '%.0
             page["exemplars"] = rows_out
             page["top_classes"] = [{"name": ctx.name_of(int(c)), "share": float(s) / len(label_list)}
                                    for c, s in sorted(zip(classes, shares), key=lambda t: -t[1])[:3]]
+
+
+class QuantilesPanel(Panel):
+    """Exemplars below the top: for each band of activation (fractions of the feature's max),
+    images of a random sample whose peak falls in it, the peak boxed — what the feature does at
+    half strength, and whether its weak activations still mean the same thing."""
+
+    name = "exemplars by quantile"
+    template = """{% if f.quantiles %}<h2>Below the top: exemplars by activation band</h2>
+{% for band in f.quantiles %}<div><b>{{ '%.0f' % (100 * band.low) }}&ndash;{{ '%.0f' % (100 * band.high) }}% of max</b>
+{% if band.images %}<div class="cards">{% for e in band.images %}<div class="card"><img src="../img/{{ f.id }}-q{{ band.index }}-{{ loop.index0 }}.png" width="96" alt="band {{ band.index }} exemplar">
+<div>sample {{ e.sample }} &middot; {{ e.label_name }} &middot; {{ '%.3g' % e.value }}</div></div>{% endfor %}</div>
+{% else %}<p>none among the {{ f.quantile_images }} sampled images</p>{% endif %}</div>{% endfor %}{% endif %}"""
+
+    def __init__(self, images: int = 256, bands: Sequence[tuple[float, float]] = ((0.5, 0.75), (0.25, 0.5), (0.0, 0.25)),
+                 per_band: int = 4) -> None:
+        self.count, self.bands, self.per_band = images, [(float(a), float(b)) for a, b in bands], per_band
+
+    def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
+        rng = np.random.default_rng(ctx.seed)
+        chosen = np.sort(rng.choice(len(ctx.dataset), min(self.count, len(ctx.dataset)), replace=False))
+        columns = torch.as_tensor(ctx.ids, device=ctx.device)
+        layout = (ctx.view.spec.meta or {}).get("layout") or "auto"
+        peaks, where, pictures, spatial = [], [], [], ()
+        with capture(ctx.net, ctx.layer) as cap, torch.no_grad():
+            for start in range(0, len(chosen), ctx.batch_size):
+                batch_ids = chosen[start:start + ctx.batch_size]
+                images = ctx.images(batch_ids)
+                x = ctx.prepare(images)
+                if layout == "auto":
+                    layout = infer_layouts(ctx.net, [ctx.layer], x)[ctx.layer].layout
+                ctx.net(x)
+                rows, spatial = as_position_rows(cap[ctx.layer].float(), layout)
+                b, p, c = rows.shape
+                z = ctx.features.encode(rows.reshape(b * p, c))[:, columns].reshape(b, p, -1)
+                value, position = z.max(dim=1)
+                peaks.append(value.cpu().numpy())
+                where.append(position.cpu().numpy())
+                pictures.append((batch_ids, images, z.cpu().numpy()))
+        value, position = np.concatenate(peaks), np.concatenate(where)  # [N, F]
+        image_of = {int(i): (img.permute(1, 2, 0).cpu().numpy(), zi) for ids_, imgs, zs in pictures
+                    for i, img, zi in zip(ids_, imgs, zs)}
+        for column, (feature, page) in enumerate(zip(ctx.ids, pages)):
+            top = max(float(ctx.stats.max[int(feature)]), 1e-12)
+            bands = []
+            for index, (low, high) in enumerate(self.bands):
+                hit = np.flatnonzero((value[:, column] > low * top) & (value[:, column] <= high * top))
+                picked = hit[np.argsort(-value[hit, column], kind="stable")][: self.per_band]
+                shown = []
+                for n, row in enumerate(picked):
+                    sid = int(chosen[row])
+                    image, z = image_of[sid]
+                    tile = _exemplar_tile(image, z[:, column], spatial, top, int(position[row, column]))
+                    _save_png(tile, ctx.out / "img" / f"{int(feature)}-q{index}-{n}.png", scale=max(1, 96 // max(image.shape[1], 1)))
+                    label = int(ctx.dataset[sid][1]) if isinstance(ctx.dataset[sid], (tuple, list)) else -1
+                    shown.append({"sample": sid, "value": float(value[row, column]), "label": label,
+                                  "label_name": ctx.name_of(label)})
+                bands.append({"index": index, "low": low, "high": high, "images": shown})
+            page["quantiles"], page["quantile_images"] = bands, len(chosen)
 
 
 class HistogramPanel(Panel):

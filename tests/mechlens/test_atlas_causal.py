@@ -361,3 +361,17 @@ def test_a_large_index_shows_its_first_rows_and_the_rest_on_request(tmp_path):
             assert page.evaluate(visible) == 1200
         finally:
             browser.close()
+
+
+def test_exemplars_below_the_top_sit_in_their_activation_band(sae_atlas):
+    seen = 0
+    for feature in sae_atlas.data["features"]:
+        top = feature["max"]
+        for band in feature["quantiles"]:
+            for n, image in enumerate(band["images"]):
+                assert band["low"] * top < image["value"] <= band["high"] * top + 1e-6
+                assert (sae_atlas.out / "img" / f"{feature['id']}-q{band['index']}-{n}.png").is_file()
+                seen += 1
+    assert seen > 0
+    page = (sae_atlas.out / "features" / f"{sae_atlas.data['features'][0]['id']}.html").read_text()
+    assert "Below the top" in page
