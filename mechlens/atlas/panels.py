@@ -75,6 +75,23 @@ class AtlasContext:
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         return _prepare(images, self.preprocessing, self.device)
 
+    def encoded(self, sample_ids: np.ndarray):
+        """``(ids, images, z [B, P, F], spatial)`` per batch: the published features' values at every
+        position of the layer's map on these samples (one forward per batch)."""
+        columns = torch.as_tensor(self.ids, device=self.device)
+        layout = (self.view.spec.meta or {}).get("layout") or "auto"  # what the capture knew
+        with capture(self.net, self.layer) as cap, torch.no_grad():
+            for start in range(0, len(sample_ids), self.batch_size):
+                batch_ids = sample_ids[start:start + self.batch_size]
+                images = self.images(batch_ids)
+                x = self.prepare(images)
+                if layout == "auto":
+                    layout = infer_layouts(self.net, [self.layer], x)[self.layer].layout
+                self.net(x)
+                rows, spatial = as_position_rows(cap[self.layer].float(), layout)
+                b, p, c = rows.shape
+                yield batch_ids, images, self.features.encode(rows.reshape(b * p, c))[:, columns].reshape(b, p, -1), spatial
+
     def effect_images(self, count: int) -> torch.Tensor:
         """The images effects are measured on: the dataset's first ``count`` (pixels in ``[0, 1]``),
         the same for every effect panel, so their numbers are about the same images."""
@@ -126,24 +143,12 @@ Top classes: {% for c in f.top_classes %}<span class="pill">{{ c.name }} {{ '%.0
         maps: dict[int, np.ndarray] = {}  # sample -> [P, len(ids)] feature values
         images_u8: dict[int, np.ndarray] = {}
         spatial: tuple[int, ...] = ()
-        columns = torch.as_tensor(ids, device=ctx.device)
-        layout = (ctx.view.spec.meta or {}).get("layout") or "auto"  # what the capture knew
         bar = tqdm(total=len(wanted), desc="atlas exemplars", unit="img", disable=not ctx.progress)
-        with capture(ctx.net, ctx.layer) as cap, torch.no_grad():
-            for start in range(0, len(wanted), ctx.batch_size):
-                batch_ids = wanted[start:start + ctx.batch_size]
-                images = ctx.images(batch_ids)
-                x = ctx.prepare(images)
-                if layout == "auto":
-                    layout = infer_layouts(ctx.net, [ctx.layer], x)[ctx.layer].layout
-                ctx.net(x)
-                rows, spatial = as_position_rows(cap[ctx.layer].float(), layout)
-                b, p, c = rows.shape
-                z = ctx.features.encode(rows.reshape(b * p, c))[:, columns].reshape(b, p, -1)
-                for sid, zi, img in zip(batch_ids, z.cpu().numpy(), images):
-                    maps[int(sid)] = zi
-                    images_u8[int(sid)] = img.permute(1, 2, 0).cpu().numpy()
-                bar.update(len(batch_ids))
+        for batch_ids, images, z, spatial in ctx.encoded(wanted):
+            for sid, zi, img in zip(batch_ids, z.cpu().numpy(), images):
+                maps[int(sid)] = zi
+                images_u8[int(sid)] = img.permute(1, 2, 0).cpu().numpy()
+            bar.update(len(batch_ids))
         bar.close()
         labels: dict[int, int] = {}
         if (samples >= 0).any():
@@ -193,24 +198,12 @@ class QuantilesPanel(Panel):
     def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
         rng = np.random.default_rng(ctx.seed)
         chosen = np.sort(rng.choice(len(ctx.dataset), min(self.count, len(ctx.dataset)), replace=False))
-        columns = torch.as_tensor(ctx.ids, device=ctx.device)
-        layout = (ctx.view.spec.meta or {}).get("layout") or "auto"
         peaks, where, pictures, spatial = [], [], [], ()
-        with capture(ctx.net, ctx.layer) as cap, torch.no_grad():
-            for start in range(0, len(chosen), ctx.batch_size):
-                batch_ids = chosen[start:start + ctx.batch_size]
-                images = ctx.images(batch_ids)
-                x = ctx.prepare(images)
-                if layout == "auto":
-                    layout = infer_layouts(ctx.net, [ctx.layer], x)[ctx.layer].layout
-                ctx.net(x)
-                rows, spatial = as_position_rows(cap[ctx.layer].float(), layout)
-                b, p, c = rows.shape
-                z = ctx.features.encode(rows.reshape(b * p, c))[:, columns].reshape(b, p, -1)
-                value, position = z.max(dim=1)
-                peaks.append(value.cpu().numpy())
-                where.append(position.cpu().numpy())
-                pictures.append((batch_ids, images, z.cpu().numpy()))
+        for batch_ids, images, z, spatial in ctx.encoded(chosen):
+            value, position = z.max(dim=1)
+            peaks.append(value.cpu().numpy())
+            where.append(position.cpu().numpy())
+            pictures.append((batch_ids, images, z.cpu().numpy()))
         value, position = np.concatenate(peaks), np.concatenate(where)  # [N, F]
         image_of = {int(i): (img.permute(1, 2, 0).cpu().numpy(), zi) for ids_, imgs, zs in pictures
                     for i, img, zi in zip(ids_, imgs, zs)}
