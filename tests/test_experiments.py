@@ -145,3 +145,17 @@ def test_the_report_reads_in_a_real_browser(clever_hans):
         finally:
             browser.close()
     assert not errors, errors
+
+
+def test_the_demo_time_benchmark_runs_quick_and_ends_with_its_json_line(model_cache):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "demo_time.py"), "--quick", "--model-cache", model_cache,
+                           "--threads", "1"], capture_output=True, text=True, timeout=900, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert line["benchmark"] == "demo_time" and line["figures"]["shortcut_found"] is True
+    assert set(line["figures"]["stages_seconds"]) >= {"model", "sae", "tcav", "atlas"}
+    assert 0 < sum(line["ratios"].values()) <= 1.05
