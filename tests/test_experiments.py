@@ -66,6 +66,7 @@ def test_sanity_cascade_experiment(tmp_path, model_cache):
     result = run_experiment("sanity_cascade", tmp_path, quick=True, overrides=[f'model_cache="{model_cache}"'])
     final = result["final_spearman"]
     assert final["guided_backprop"] > 0.6 > final["gradcam"]
+    assert result["verdict"]["guided_backprop"] == "fails"  # the verdict uses the registry's rule
     data = json.loads((tmp_path / "cascade.json").read_text())
     assert data["gradcam"]["layers"] == ["head", "stage3.1", "stage3.0"]
     assert (tmp_path / "summary.png").exists() and (tmp_path / "cascade-guided_backprop.png").exists()

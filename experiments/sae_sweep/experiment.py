@@ -19,15 +19,17 @@ def run(config: dict[str, Any], out: Path) -> dict[str, Any]:
 
     out.mkdir(parents=True, exist_ok=True)
     seed = int(config.get("seed", 0))
-    classifier = load_or_train_shapes_classifier(ShapesRecipe(), cache_dir=Path(config.get("model_cache") or out / "model"))
+    progress = bool(config.get("progress", False))  # bars on stderr (mechlens run on a terminal)
+    classifier = load_or_train_shapes_classifier(ShapesRecipe(), cache_dir=Path(config.get("model_cache") or out / "model"),
+                                                 progress=progress)
     layer = config.get("layer", "stage3")
     store = out / "store"
     if not (store / "store.json").exists():
         capture_to_store(classifier.loaded, f"synthetic:shapes?n={int(config.get('capture_images', 1000))}&seed={seed + 3}",
-                         store, layers=[layer], num_workers=0, progress=False)
+                         store, layers=[layer], num_workers=0, progress=progress)
     configs = [TopKConfig(width=int(w), k=int(k)) for w in config.get("widths", [256, 512]) for k in config.get("ks", [4, 8, 16, 32])]
     train = TrainConfig(steps=int(config.get("steps", 1500)), batch_size=int(config.get("batch_size", 1024)), seed=seed)
-    result = train_sae(store, layer, configs, train, out=out / "saes", progress=False)
+    result = train_sae(store, layer, configs, train, out=out / "saes", progress=progress)
     rows = []
     points = []
     for sae, cfg in zip(result.saes, result.configs):

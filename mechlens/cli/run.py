@@ -48,6 +48,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         options.print_json(result, out, default=str)
     elif isinstance(result, dict) and "shortcut_found" in result:
         print(f"shortcut found: {result['shortcut_found']}; report: {args.out}/report.html", file=out or sys.stdout)
+    elif isinstance(result, dict) and isinstance(result.get("verdict"), dict):
+        for name, said in result["verdict"].items():
+            print(f"{name}: {said}", file=out or sys.stdout)
+        print(f"outputs in {args.out}", file=out or sys.stdout)
     elif isinstance(result, dict):
         print(json_dumps(result, default=str)[:4000], file=out or sys.stdout)
     return 0

@@ -1,7 +1,8 @@
 """Every long-running command draws a progress bar on a terminal and prints pure JSON with
 ``--json`` (issue 20, point 1). Each command runs as a user runs it, in a child process: once
 with a pseudo-terminal as its stdout and stderr (a bar must appear), once with pipes and
-``--json`` (stdout must parse as one JSON document; the bar stays off when stderr is no terminal)."""
+``--json`` (stdout must parse as one JSON document; the bar stays off when stderr is no terminal).
+``demo`` is ``run clever_hans`` (one handler); ``run`` is tested with the quick SAE sweep."""
 from __future__ import annotations
 
 import fcntl
@@ -45,9 +46,11 @@ def _run_in_terminal(argv: list[str], cwd: Path) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    """A store, an SAE per layer, images and concept folders for the commands below."""
+def workspace(tmp_path_factory, trained_shapes_model) -> Path:
+    """A store, an SAE per layer, images and concept folders for the commands below, and the
+    trained shapes model's cache (for ``mechlens run``)."""
     root = tmp_path_factory.mktemp("terminal")
+    (root / "model_cache.txt").write_text(str(trained_shapes_model.checkpoint.parent))
     rng = np.random.default_rng(0)
     for folder, count in (("img", 2), ("concept", 6), ("random", 30), ("examples", 6)):
         (root / folder).mkdir()
@@ -84,20 +87,22 @@ COMMANDS = {
                 "--target", "class:0", "--nodes-per-layer", "2", "--out", "{out}"],
     "audit": ["audit", *MODEL, "--sae", "sae-stage2", "--store", "store", "--images-per-class", "3", "--verify", "2",
               "--out", "{out}"],
+    "run": ["run", "sae_sweep", "--quick", "--set", "model_cache=\"{model_cache}\"", "--out", "{out}"],
 }
 
 
-def _argv(command: str, out: str) -> list[str]:
-    return [part.replace("{out}", out) for part in COMMANDS[command]]
+def _argv(command: str, out: str, root: Path) -> list[str]:
+    cache = (root / "model_cache.txt").read_text()
+    return [part.replace("{out}", out).replace("{model_cache}", cache) for part in COMMANDS[command]]
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_a_long_command_draws_a_bar_on_a_terminal_and_prints_pure_json(workspace, command) -> None:
     name = command.replace(" ", "-")
-    code, shown = _run_in_terminal(_argv(command, f"tty-{name}"), workspace)
+    code, shown = _run_in_terminal(_argv(command, f"tty-{name}", workspace), workspace)
     assert code == 0, shown[-2000:]
     assert BAR.search(shown), f"no progress bar on the terminal:\n{shown[-1500:]}"
-    done = subprocess.run([sys.executable, "-m", "mechlens", *_argv(command, f"json-{name}"), "--json"], cwd=workspace,
+    done = subprocess.run([sys.executable, "-m", "mechlens", *_argv(command, f"json-{name}", workspace), "--json"], cwd=workspace,
                           env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     json.loads(done.stdout)  # one JSON document, nothing else
