@@ -65,6 +65,18 @@ class AtlasResult:
     circuit: Path | None = None  # circuit.html, when a circuit was published
 
 
+def _relative_spec(spec: str, out: Path) -> str:
+    """``spec`` with an absolute path in it (``sae:/abs/sae:17``, ``cav:/abs/x.cav``) made relative
+    to the atlas folder: a published site names no machine's absolute paths."""
+    kind, sep, rest = spec.partition(":")
+    if not sep:
+        return spec
+    path, colon, index = rest.rpartition(":") if kind == "sae" else (rest, "", "")
+    if not os.path.isabs(path):
+        return spec
+    return f"{kind}:{os.path.relpath(path, out)}{colon}{index}"
+
+
 def build_atlas(
     sae: Any,
     store: Any,
@@ -178,7 +190,8 @@ def build_atlas(
                        device=device, view=view, dataset=dataset, class_names=list(class_names), out=out,
                        exemplars=exemplars, batch_size=batch_size, seed=seed, progress=progress)
     pages = [{
-        "id": int(i), "spec": features.spec(int(i)), "frequency": float(stats.frequency[i]), "mean": float(stats.mean[i]),
+        "id": int(i), "spec": _relative_spec(features.spec(int(i)), out), "frequency": float(stats.frequency[i]),
+        "mean": float(stats.mean[i]),
         "mean_active": float(stats.mean_active[i]), "max": float(stats.max[i]), "exemplars": [], "top_classes": [],
         "logit_up": [], "logit_down": [], "concepts": [], "concept": None, "concept_cos": None, "has_vis": False,
         "histogram": [], "histogram_max": 0.0, "map": [float(n), 0.0], "attributions": [], "causal": None,

@@ -375,3 +375,13 @@ def test_exemplars_below_the_top_sit_in_their_activation_band(sae_atlas):
     assert seen > 0
     page = (sae_atlas.out / "features" / f"{sae_atlas.data['features'][0]['id']}.html").read_text()
     assert "Below the top" in page
+
+
+def test_published_pages_name_no_absolute_path(inputs, tmp_path):
+    sae_dir = inputs["sae2"].save(tmp_path / "sae")
+    atlas = build_atlas(str(sae_dir), inputs["root"] / "store", inputs["loaded"], tmp_path / "site", causal=False,
+                        max_features=3, progress=False)
+    specs = [f["spec"] for f in atlas.data["features"]]
+    assert all(spec.startswith("sae:../sae:") for spec in specs), specs
+    for page in (tmp_path / "site").rglob("*.html"):
+        assert str(tmp_path) not in page.read_text(), page
