@@ -22,16 +22,27 @@ def _as_set(features: Any) -> FeatureSet:
 
 
 def feature_visualizer(model: LoadedModel, features: Any, *, size: int = 48, steps: int = 64, batch: int = 32,
-                       seed: int = 0) -> Callable[[Sequence[int]], torch.Tensor]:
-    """Render features ``batch`` at a time (one image per feature, one optimization per batch)."""
+                       seed: int = 0, diversity: int = 0, diversity_weight: float = 1e2
+                       ) -> Callable[[Sequence[int]], torch.Tensor]:
+    """Render features ``batch`` at a time (one image per feature, one optimization per batch).
+    ``diversity=n``: also a batch of ``n`` images per feature pushed apart by a Gram-matrix
+    diversity term at the features' layer (one optimization per feature: n times the cost), so
+    the result is ``[F, 1 + n, 3, H, W]``."""
+    from mechlens.featvis import diversity as diversity_term
+    from mechlens.featvis import feature as feature_term
     from mechlens.featvis import render
 
     feature_set = _as_set(features)
 
     def visualize(ids: Sequence[int]) -> torch.Tensor:
         chunks = [list(ids[i:i + batch]) for i in range(0, len(ids), batch)]
-        return torch.cat([render(model, [feature_set.feature(j) for j in chunk], size=size, steps=steps, seed=seed).images
-                          for chunk in chunks])
+        plain = torch.cat([render(model, [feature_set.feature(j) for j in chunk], size=size, steps=steps, seed=seed).images
+                           for chunk in chunks])
+        if diversity <= 0:
+            return plain
+        diverse = [render(model, feature_term(feature_set.feature(j)) + diversity_weight * diversity_term(feature_set.layer),
+                          batch=diversity, size=size, steps=steps, seed=seed).images for j in ids]
+        return torch.cat([plain.unsqueeze(1), torch.stack(diverse)], dim=1)
 
     return visualize
 

@@ -180,6 +180,7 @@ def _histogram_svg(counts: np.ndarray, top: float, width: int = 300, height: int
             f'{axis}{"".join(bars)}{ticks}{labels}</svg>')
 
 
+DENSITY = ("#440154", "#3b528b", "#21918c", "#5ec962", "#fde725")  # viridis, rare to frequent
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 
 
@@ -193,10 +194,14 @@ def _map_svg(coords: np.ndarray, ids: Sequence[int], frequency: np.ndarray, size
     radius = 2.5 + 5 * np.sqrt(frequency / max(frequency.max(), 1e-12))
     names = list(dict.fromkeys(groups)) if groups is not None else []
     colour = {name: PALETTE[k % len(PALETTE)] for k, name in enumerate(names)}
+    # the other colouring (the index's selector switches): density, the firing frequency's quantile
+    ranks = np.argsort(np.argsort(frequency)) / max(len(frequency) - 1, 1)
+    density = [DENSITY[min(int(q * len(DENSITY)), len(DENSITY) - 1)] for q in ranks]
     dots = []
     for k, (i, (x, y), r) in enumerate(zip(ids, xy, radius)):
         group = groups[k] if groups is not None else None
-        fill = f' fill="{colour[group]}" fill-opacity="0.75"' if group is not None else ""
+        fill = (f' fill="{colour[group]}" fill-opacity="0.75" data-class-fill="{colour[group]}" '
+                f'data-density-fill="{density[k]}"') if group is not None else ""
         label = f"feature {i}" + (f" ({html.escape(str(group))})" if group is not None else "")
         dots.append(f'<a href="features/{i}.html"><circle cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}"{fill}><title>{label}</title>'
                     "</circle></a>")

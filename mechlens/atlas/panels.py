@@ -123,6 +123,21 @@ def _exemplar_tile(image: np.ndarray, values: np.ndarray, spatial: tuple[int, ..
     return _overlay(image[None], heat[None], [box])[0]
 
 
+def _peak_crop(image: np.ndarray, spatial: tuple[int, ...], position: int) -> np.ndarray | None:
+    """The part of ``image`` around the peak cell (the cell and half a cell on every side)."""
+    if len(spatial) != 2 or position < 0:
+        return None
+    h, w = image.shape[:2]
+    gy, gx = divmod(position, spatial[1])
+    sy, sx = h / spatial[0], w / spatial[1]
+    y0, x0 = max(0, int((gy - 0.5) * sy)), max(0, int((gx - 0.5) * sx))
+    y1, x1 = min(h, int((gy + 1.5) * sy)), min(w, int((gx + 1.5) * sx))
+    if y1 <= y0 or x1 <= x0:
+        return None
+    crop = image[y0:y1, x0:x1]
+    return crop if crop.dtype == np.uint8 else (np.clip(crop, 0, 1) * 255).round().astype(np.uint8)
+
+
 class ExemplarsPanel(Panel):
     """The top exemplars of each feature, its activation map over them and their classes."""
 
@@ -131,7 +146,8 @@ class ExemplarsPanel(Panel):
 <p>Each image with the feature's activation map over it (red) and the strongest position boxed.
 Top classes: {% for c in f.top_classes %}<span class="pill">{{ c.name }} {{ '%.0f' % (100 * c.share) }}%</span>{% endfor %}</p>
 <div class="cards">{% for e in f.exemplars %}<div class="card"><img src="../img/{{ f.id }}-ex{{ loop.index0 }}.png" width="160" alt="exemplar {{ loop.index }}">
-<div>sample {{ e.sample }} &middot; {{ e.label_name }} &middot; value {{ '%.3g' % e.value }}</div></div>{% endfor %}</div>"""
+<div>sample {{ e.sample }} &middot; {{ e.label_name }} &middot; value {{ '%.3g' % e.value }}</div></div>{% endfor %}</div>
+{% if f.crops %}<h3>Around the peak</h3><div class="cards">{% for e in f.exemplars %}<img src="../img/{{ f.id }}-crop{{ loop.index0 }}.png" width="96" alt="crop {{ loop.index }}">{% endfor %}</div>{% endif %}"""
 
     def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
         from tqdm.auto import tqdm
@@ -163,15 +179,19 @@ Top classes: {% for c in f.top_classes %}<span class="pill">{{ c.name }} {{ '%.0
                 if sid < 0:
                     continue
                 image = images_u8[sid]
-                tile = _exemplar_tile(image, maps[sid][:, column], spatial, float(stats.max[feature]),
-                                      int(stats.top_positions[feature, j]))
+                position = int(stats.top_positions[feature, j])
+                tile = _exemplar_tile(image, maps[sid][:, column], spatial, float(stats.max[feature]), position)
                 _save_png(tile, ctx.out / "img" / f"{feature}-ex{len(tiles)}.png", scale=max(1, 160 // max(image.shape[1], 1)))
+                crop = _peak_crop(image, spatial, position)
+                if crop is not None:
+                    _save_png(crop, ctx.out / "img" / f"{feature}-crop{len(tiles)}.png", scale=max(1, 96 // max(crop.shape[1], 1)))
                 tiles.append(tile)
                 label = int(labels.get(sid, -1))
                 rows_out.append({"sample": sid, "value": float(stats.top_values[feature, j]), "label": label,
                                  "label_name": ctx.name_of(label), "position": int(stats.top_positions[feature, j])})
             if tiles:
                 _save_png(np.concatenate(tiles, axis=1), ctx.out / "img" / f"{feature}-exemplars.png")
+            page["crops"] = len(spatial) == 2 and bool(tiles)
             label_list = [e["label"] for e in rows_out]
             classes, shares = np.unique(label_list, return_counts=True) if label_list else (np.array([]), np.array([]))
             page["exemplars"] = rows_out
@@ -224,6 +244,7 @@ class QuantilesPanel(Panel):
                                   "label_name": ctx.name_of(label)})
                 bands.append({"index": index, "low": low, "high": high, "images": shown})
             page["quantiles"], page["quantile_images"] = bands, len(chosen)
+        ctx.shared["peak_values"] = value  # [images, F]: what fires together (SimilarPanel)
 
 
 class HistogramPanel(Panel):
@@ -401,11 +422,14 @@ class MapPanel(Panel):
 
 class SimilarPanel(Panel):
     """The published features whose directions are closest to each feature's (cosine), linked:
-    near-duplicates and the neighbours a split feature left behind."""
+    near-duplicates and the neighbours a split feature left behind; and, when the quantile pass
+    ran, those that fire on the same images (Jaccard of the sets of images they fire on)."""
 
     name = "similar features"
     template = """{% if f.similar %}<table class="meta"><tr><td><b>similar features (direction cosine)</b></td><td>
-{% for s in f.similar %}<a class="pill" href="{{ s.id }}.html">#{{ s.id }} {{ '%.2f' % s.cos }}</a>{% endfor %}</td></tr></table>{% endif %}"""
+{% for s in f.similar %}<a class="pill" href="{{ s.id }}.html">#{{ s.id }} {{ '%.2f' % s.cos }}</a>{% endfor %}</td></tr>
+{% if f.coactive %}<tr><td><b>fire on the same images (Jaccard)</b></td><td>
+{% for s in f.coactive %}<a class="pill" href="{{ s.id }}.html">#{{ s.id }} {{ '%.2f' % s.jaccard }}</a>{% endfor %}</td></tr>{% endif %}</table>{% endif %}"""
 
     def __init__(self, count: int = 5) -> None:
         self.count = count
@@ -415,16 +439,30 @@ class SimilarPanel(Panel):
         unit = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
         cos = (unit @ unit.T).numpy()
         np.fill_diagonal(cos, -np.inf)
+        fired = ctx.shared.get("peak_values")
+        jaccard = None
+        if fired is not None:
+            active = (np.asarray(fired) > 0).astype(np.float64)  # [images, F]
+            both = active.T @ active
+            count = active.sum(axis=0)
+            jaccard = both / np.maximum(count[:, None] + count[None, :] - both, 1)
+            np.fill_diagonal(jaccard, -1.0)
         for row, page in enumerate(pages):
             order = np.argsort(-cos[row])[: self.count]
             page["similar"] = [{"id": int(ctx.ids[j]), "cos": float(cos[row, j])} for j in order if np.isfinite(cos[row, j])]
+            if jaccard is not None:
+                near = np.argsort(-jaccard[row], kind="stable")[: self.count]
+                page["coactive"] = [{"id": int(ctx.ids[j]), "jaccard": float(jaccard[row, j])} for j in near if jaccard[row, j] > 0]
 
 
 class FeatvisPanel(Panel):
-    """A feature visualization of each feature: ``visualize(ids) -> images [F, 3, H, W]``."""
+    """Feature visualizations of each feature: ``visualize(ids) -> images [F, 3, H, W]``, or
+    ``[F, n, 3, H, W]`` for several per feature (the first the plain optimum, the others a
+    diversity batch, as :func:`~mechlens.atlas.feature_visualizer` with ``diversity=`` renders)."""
 
     name = "featvis"
-    template = """{% if f.has_vis %}<div class="cards"><div class="card"><h3>Feature visualization</h3><img src="../img/{{ f.id }}-vis.png" width="192" alt="visualization of feature {{ f.id }}"></div></div>{% endif %}"""
+    template = """{% if f.has_vis %}<div class="cards"><div class="card"><h3>Feature visualization</h3><img src="../img/{{ f.id }}-vis.png" width="192" alt="visualization of feature {{ f.id }}"></div>
+{% if f.vis_more %}<div class="card"><h3>Diversity batch</h3>{% for k in range(f.vis_more) %}<img src="../img/{{ f.id }}-vis{{ k + 1 }}.png" width="128" alt="diverse visualization {{ k + 1 }}">{% endfor %}</div>{% endif %}</div>{% endif %}"""
 
     def __init__(self, visualize: VisualizeFn) -> None:
         self.visualize = visualize
@@ -432,9 +470,13 @@ class FeatvisPanel(Panel):
     def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
         
         images = self.visualize([int(i) for i in ctx.ids]).detach().cpu().clamp(0, 1)
-        for feature, image, page in zip(ctx.ids, images, pages):
-            _save_png((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), ctx.out / "img" / f"{feature}-vis.png")
-            page["has_vis"] = True
+        if images.dim() == 4:
+            images = images.unsqueeze(1)
+        for feature, several, page in zip(ctx.ids, images, pages):
+            for k, image in enumerate(several):
+                name = f"{feature}-vis.png" if k == 0 else f"{feature}-vis{k}.png"
+                _save_png((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), ctx.out / "img" / name)
+            page["has_vis"], page["vis_more"] = True, len(several) - 1
 
 
 class AttributionPanel(Panel):

@@ -44,6 +44,9 @@ SORT_JS = """
       if(typeof render==='function'){render();}
     });
   });
+  var colour=document.getElementById('mapcolour');
+  if(colour){colour.addEventListener('change',function(){var key=colour.value==='density'?'data-density-fill':'data-class-fill';
+    Array.prototype.forEach.call(document.querySelectorAll('svg.map circle[data-class-fill]'),function(c){c.setAttribute('fill',c.getAttribute(key));});});}
   var filter=document.getElementById('filter');
   var more=document.getElementById('more');
   var PAGE=500, all=false;  // a 16k-feature index stays fast: the first rows, the rest on request
@@ -69,7 +72,8 @@ INDEX = """<!doctype html>
 <p><a id="circuit-link" href="{{ circuit.page }}">The circuit for {{ circuit.target }}</a>: {{ circuit.nodes | length }} nodes over
 {{ circuit.layers | join(', ') }}, faithfulness {{ '%.3f' % circuit.faithfulness }}, completeness {{ '%.3f' % circuit.completeness }}.</p>{% endif %}
 <h2>Overview map</h2>
-<p>Features laid out by {{ map_method }} of their decoder directions; click a point to open the feature.</p>
+<p>Features laid out by {{ map_method }} of their decoder directions; click a point to open the feature. Colour:
+<select id="mapcolour"><option value="class">top class</option><option value="density">firing frequency (dark: rare)</option></select></p>
 {{ map_svg | safe }}
 <h2>Features (<span id="shown">{{ features | length }}</span> shown)</h2>
 <input id="filter" type="search" placeholder="filter: class, concept, id ...">

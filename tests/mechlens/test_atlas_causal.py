@@ -385,3 +385,38 @@ def test_published_pages_name_no_absolute_path(inputs, tmp_path):
     assert all(spec.startswith("sae:../sae:") for spec in specs), specs
     for page in (tmp_path / "site").rglob("*.html"):
         assert str(tmp_path) not in page.read_text(), page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_map_recolours_by_density_and_pages_show_crops_and_coactivation(sae_atlas):
+    from playwright.sync_api import sync_playwright
+
+    first = sae_atlas.data["features"][0]
+    assert first["crops"] and first.get("coactive") is not None
+    assert (sae_atlas.out / "img" / f"{first['id']}-crop0.png").is_file()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto((sae_atlas.out / "index.html").as_uri())
+            fills = "() => Array.from(document.querySelectorAll('svg.map circle[data-class-fill]')).map(c => c.getAttribute('fill'))"
+            by_class = page.evaluate(fills)
+            page.select_option("#mapcolour", "density")
+            by_density = page.evaluate(fills)
+            assert by_density != by_class and set(by_density) <= {"#440154", "#3b528b", "#21918c", "#5ec962", "#fde725"}
+        finally:
+            browser.close()
+
+
+def test_pages_show_a_diversity_batch_of_visualizations(inputs, tmp_path):
+    from mechlens.atlas import channel_features, feature_visualizer
+
+    channels = channel_features("stage1", 16, [0, 1])
+    visualize = feature_visualizer(inputs["loaded"], channels, size=16, steps=2, diversity=2)
+    atlas = build_atlas(channels, inputs["root"] / "store", inputs["loaded"], tmp_path / "site", causal=False,
+                        visualize=visualize, progress=False)
+    for feature in atlas.data["features"]:
+        assert feature["has_vis"] and feature["vis_more"] == 2
+        for name in ("vis", "vis1", "vis2"):
+            assert (tmp_path / "site" / "img" / f"{feature['id']}-{name}.png").is_file()
+    assert "Diversity batch" in (tmp_path / "site" / "features" / f"{atlas.data['features'][0]['id']}.html").read_text()
