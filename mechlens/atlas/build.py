@@ -65,6 +65,12 @@ class AtlasResult:
     circuit: Path | None = None  # circuit.html, when a circuit was published
 
 
+def _relative_model(name: str, out: Path) -> str:
+    """The store's model name (``SPEC@FINGERPRINT``) with a local path in it made relative."""
+    spec, at, fingerprint = name.rpartition("@") if "@" in name else (name, "", "")
+    return (os.path.relpath(spec, out) if os.path.isabs(spec) else spec) + at + fingerprint
+
+
 def _relative_spec(spec: str, out: Path) -> str:
     """``spec`` with an absolute path in it (``sae:/abs/sae:17``, ``cav:/abs/x.cav``) made relative
     to the atlas folder: a published site names no machine's absolute paths."""
@@ -225,7 +231,7 @@ def build_atlas(
                ("features published", f"{len(pages)} of {features.width} ({features.width - len(alive)} never fire)"),
                ("panels", ", ".join(panel.name for panel in panels))]
     index_html = env.from_string(templates.INDEX).render(
-        title=title, subtitle=f"model {store.manifest.model}", summary=summary, features=pages,
+        title=title, subtitle=f"model {_relative_model(str(store.manifest.model), out)}", summary=summary, features=pages,
         map_svg=_map_svg(coords, id_list, np.asarray([p["frequency"] for p in pages]),
                          groups=[p["top_classes"][0]["name"] if p["top_classes"] else "none" for p in pages]),
         map_method=map_method,

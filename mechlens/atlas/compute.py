@@ -200,12 +200,13 @@ def _map_svg(coords: np.ndarray, ids: Sequence[int], frequency: np.ndarray, size
     dots = []
     for k, (i, (x, y), r) in enumerate(zip(ids, xy, radius)):
         group = groups[k] if groups is not None else None
-        fill = (f' fill="{colour[group]}" fill-opacity="0.75" data-class-fill="{colour[group]}" '
+        # style, not the fill attribute: the atlas stylesheet's default fill would win over an attribute
+        fill = (f' style="fill:{colour[group]};fill-opacity:0.75" data-class-fill="{colour[group]}" '
                 f'data-density-fill="{density[k]}"') if group is not None else ""
         label = f"feature {i}" + (f" ({html.escape(str(group))})" if group is not None else "")
         dots.append(f'<a href="features/{i}.html"><circle cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}"{fill}><title>{label}</title>'
                     "</circle></a>")
-    legend = "".join(f'<circle cx="{size + 12}" cy="{16 + 18 * k}" r="5" fill="{colour[name]}"/>'
+    legend = "".join(f'<circle cx="{size + 12}" cy="{16 + 18 * k}" r="5" style="fill:{colour[name]}"/>'
                      f'<text x="{size + 22}" y="{20 + 18 * k}" font-size="11">{html.escape(str(name))}</text>'
                      for k, name in enumerate(names))
     width = size + (120 if names else 0)

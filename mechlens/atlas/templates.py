@@ -16,7 +16,7 @@ img.thumb{height:40px;image-rendering:pixelated}
 .bar{fill:#4a7bd0}.hist text{font-size:9px;fill:#555}
 input#filter{font-size:14px;padding:4px 8px;width:320px;margin:8px 0}
 .meta td{border:none;padding:2px 10px 2px 0}
-svg.map circle{fill:#4a7bd0;fill-opacity:.7}svg.map a:hover circle{fill:#e0552f;fill-opacity:1}
+svg.map circle{fill:#4a7bd0;fill-opacity:.7}svg.map a:hover circle{fill:#e0552f !important;fill-opacity:1 !important}
 .pill{display:inline-block;background:#eef;border-radius:10px;padding:1px 8px;margin:1px;font-size:12px}
 .up{color:#19733a}.down{color:#a12a2a}
 .badge{display:inline-block;background:#a12a2a;color:#fff;border-radius:4px;padding:0 6px;font-size:12px;font-weight:bold}
@@ -46,7 +46,7 @@ SORT_JS = """
   });
   var colour=document.getElementById('mapcolour');
   if(colour){colour.addEventListener('change',function(){var key=colour.value==='density'?'data-density-fill':'data-class-fill';
-    Array.prototype.forEach.call(document.querySelectorAll('svg.map circle[data-class-fill]'),function(c){c.setAttribute('fill',c.getAttribute(key));});});}
+    Array.prototype.forEach.call(document.querySelectorAll('svg.map circle[data-class-fill]'),function(c){c.style.fill=c.getAttribute(key);});});}
   var filter=document.getElementById('filter');
   var more=document.getElementById('more');
   var PAGE=500, all=false;  // a 16k-feature index stays fast: the first rows, the rest on request
