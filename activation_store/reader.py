@@ -542,20 +542,23 @@ class LayerView:
     # ------------------------------------------------------------------ batches
     def iter_batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
                      shuffle_buffer_chunks: int = 8, drop_last: bool = False, with_index: bool = False,
-                     raw: bool = False, rank: int = 0, world_size: int = 1, prefetch: int = 2) -> Iterator:
+                     raw: bool = False, rank: int = 0, world_size: int = 1, prefetch: int = 2,
+                     chunks: Sequence[int] | None = None) -> Iterator:
         """Yield ``[batch_size, dim]`` arrays (or :class:`Batch` with ``with_index``).
 
         Shuffling is two-level: the chunk order is permuted (seeded by ``seed`` and
         ``epoch``), then rows are permuted inside a buffer of ``shuffle_buffer_chunks``
         chunks. ``rank`` / ``world_size`` split the chunks between processes or DataLoader
-        workers. Memory stays at about (shuffle_buffer_chunks + prefetch) chunks.
+        workers. ``chunks``: only these chunk positions (e.g. all but a validation split).
+        Memory stays at about (shuffle_buffer_chunks + prefetch) chunks.
         """
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(self.num_chunks) if shuffle else np.arange(self.num_chunks)
+        selected = np.arange(self.num_chunks) if chunks is None else self._chunk_positions(chunks)
+        order = selected[rng.permutation(len(selected))] if shuffle else selected
         order = order[rank::world_size]
         reads = self._read_ahead(order, prefetch, with_index=True)
         window = max(1, int(shuffle_buffer_chunks))
@@ -579,6 +582,19 @@ class LayerView:
             carry_data, carry_index = data[full:], index[full:]
         if len(carry_data) and not drop_last:
             yield self._emit(carry_data, carry_index, with_index, raw)
+
+    def _chunk_positions(self, chunks: Sequence[int]) -> np.ndarray:
+        positions = np.unique(np.asarray(chunks, dtype=np.int64).reshape(-1))
+        if positions.size and (positions[0] < 0 or positions[-1] >= self.num_chunks):
+            raise IndexError(f"chunk positions must be in [0, {self.num_chunks}) for layer {self.name!r}, got "
+                             f"{positions[0] if positions[0] < 0 else positions[-1]}")
+        return positions
+
+    def chunk_rows(self, chunks: Sequence[int] | None = None) -> int:
+        """The number of rows in the given chunk positions (all chunks when None)."""
+        if chunks is None:
+            return self.num_rows
+        return int(np.asarray(self._table.rows)[self._chunk_positions(chunks)].sum())
 
     def _emit(self, data: np.ndarray, index: np.ndarray, with_index: bool, raw: bool):
         data = data if raw else from_disk(data, self.spec.dtype, raw=False)

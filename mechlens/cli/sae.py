@@ -9,6 +9,7 @@ The architecture options are built from the config dataclasses of the registered
 its help from the field's metadata; numbers take comma-separated values, swept in one pass.
     mechlens sae eval runs/sae/* --store S_test --plot fvu_l0.png [--model M --data D]
     mechlens sae stats runs/sae --store S --top-k 16
+    mechlens sae export runs/sae/topk-w4096-k32 out/saelens   # SAELens format (and `sae import` back)
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from mechlens.cli import options
+from mechlens.sae.config import TrainConfig as _TrainConfig
+
+TRAIN_DEFAULTS = _TrainConfig()  # the command-line defaults are the library's
 
 
 def _ints(text: str) -> list[int]:
@@ -37,6 +41,21 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _learning_rates(text: str) -> str | list[float]:
+    from mechlens.sae.config import LR_MODES
+
+    if text in LR_MODES:
+        return text
+    try:
+        rates = [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, comma-separated numbers or one of {LR_MODES}, "
+                                         f"got {text!r}") from None
+    if not rates or any(not r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"learning rates must be positive, got {text!r}")
+    return rates
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     sae = subparsers.add_parser("sae", help="train, evaluate and describe sparse autoencoders on a store layer")
     actions = sae.add_subparsers(dest="sae_command", metavar="ACTION")
@@ -51,8 +70,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--layer", required=True, metavar="LAYER", help="layer of the store to train on")
     train.add_argument("--steps", type=int, default=10_000)
     train.add_argument("--batch-size", type=int, default=4096)
-    train.add_argument("--lr", type=float, default=4e-4)
-    train.add_argument("--lr-warmup-steps", type=int, default=100)
+    train.add_argument("--lr", type=_learning_rates, default=None, metavar="LR",
+                       help="learning rate: a number, comma-separated numbers (a sweep axis, like --width), 'rule' "
+                            "(from each SAE's width) or 'auto' (a short range test on held-out chunks first); "
+                            f"default {TRAIN_DEFAULTS.lr}")
+    train.add_argument("--lr-warmup-fraction", type=float, default=TRAIN_DEFAULTS.lr_warmup_fraction,
+                       help="fraction of the steps over which the learning rate warms up")
     train.add_argument("--dead-window", type=int, default=100_000, help="rows without firing before a latent is dead")
     train.add_argument("--b-dec-init", default="geometric_median", choices=("geometric_median", "mean", "zeros"))
     train.add_argument("--center", action="store_true", help="subtract the data mean before scaling")
@@ -87,6 +110,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     options.add_run_options(evaluate, device="cpu")
     evaluate.set_defaults(handler=_eval)
 
+    export = actions.add_parser(
+        "export", help="write a saved SAE in a peer's format (SAELens: sae_weights.safetensors + cfg.json)",
+        description="Write the SAE saved in SAE_DIR to OUT_DIR in --format (saelens: the directory "
+                    "sae_lens.SAE.load_from_disk reads), computing the same latents; an architecture the format "
+                    "cannot represent exactly is an error.")
+    export.add_argument("sae", metavar="SAE_DIR", help="saved mechlens SAE directory")
+    export.add_argument("out", metavar="OUT_DIR", help="directory to write")
+    export.add_argument("--format", default="saelens", choices=("saelens",), help="peer format (default: saelens)")
+    options.JSON.add(export)
+    export.set_defaults(handler=_export)
+
+    imported = actions.add_parser(
+        "import", help="convert a SAELens SAE directory into a mechlens SAE (for eval, stats, atlas)",
+        description="Read the SAE SAELens saved in PEER_DIR (cfg.json + sae_weights.safetensors) and save the "
+                    "mechlens SAE computing the same latents to OUT_DIR; a configuration mechlens cannot represent "
+                    "exactly is an error.")
+    imported.add_argument("peer", metavar="PEER_DIR", help="SAELens SAE directory")
+    imported.add_argument("out", metavar="OUT_DIR", help="directory to write the mechlens SAE to")
+    options.JSON.add(imported)
+    imported.set_defaults(handler=_import)
+
     stats = actions.add_parser(
         "stats", help="per-latent frequency, mean, max and top-k exemplars (the atlas's input)",
         description="Per-latent frequency, mean, max and top-k exemplars of SAE over --store, written to --out "
@@ -102,6 +146,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stats.add_argument("--batch-size", type=int, default=4096)
     options.add_run_options(stats, device="cpu", out={"default": None})
     stats.set_defaults(handler=_stats)
+
+    compare = actions.add_parser(
+        "compare", help="stability across seeds: pairwise mean matched decoder cosine (Hungarian)",
+        description="Match the decoder directions of every pair of saved SAEs one to one (Hungarian algorithm, "
+                    "signed cosine) and print the mean matched cosine and the fraction of pairs above --threshold.")
+    compare.add_argument("saes", nargs="+", metavar="SAE", help="saved SAE directories (at least two)")
+    compare.add_argument("--threshold", type=float, default=0.7, help="cosine a matched pair must exceed (default 0.7)")
+    options.add_run_options(compare, device="cpu", progress=False)
+    compare.set_defaults(handler=_compare)
 
 
 # ----------------------------------------------------------------------------- architecture options
@@ -144,10 +197,15 @@ class _ArchOption:
 
 
 def _field_kind(annotation: Any, default: Any) -> type | None:
-    """``int`` / ``float`` / ``str`` / ``bool`` of a field annotated with it (or ``X | None``)."""
+    """``int`` / ``float`` / ``str`` / ``bool`` of a field annotated with it (or ``X | None``).
+    A ``tuple[int, ...]`` field (Matryoshka's ``group_sizes``) is ``str``: one SAE's value is its
+    integers joined by ``+`` (``64+192+768``; commas separate the values of a sweep, as for every
+    option), which the config class parses."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
         annotation = args[0] if len(args) == 1 else None
+    if typing.get_origin(annotation) is tuple and typing.get_args(annotation) in ((int, ...),):
+        return str
     if annotation in (int, float, str, bool):
         return annotation
     if annotation is None and default is not dataclasses.MISSING and type(default) in (int, float, str, bool):
@@ -225,7 +283,12 @@ def _train(args: argparse.Namespace) -> int:
     from mechlens.sae import TrainConfig, train_sae
 
     configs = _configs(args)
-    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_warmup_steps=args.lr_warmup_steps,
+    lr: Any = TRAIN_DEFAULTS.lr if args.lr is None else args.lr
+    if isinstance(lr, list):
+        if len(lr) > 1:  # a sweep axis: each config at each rate
+            configs = [config.replace(lr=rate) for config in configs for rate in lr]
+        lr = lr[0]
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, lr_warmup_fraction=args.lr_warmup_fraction,
                         dead_window=args.dead_window, b_dec_init=args.b_dec_init, center=args.center,
                         normalize=not args.no_normalize, seed=args.seed, device=options.requested_device(args),
                         log_every=args.log_every,
@@ -233,10 +296,14 @@ def _train(args: argparse.Namespace) -> int:
     result = train_sae(args.store, args.layer, configs, train, out=args.out, checkpoint_dir=args.checkpoint_dir,
                        resume=args.resume, progress=options.wants_progress(args), log_path=args.log)
     if args.json:
-        saes = [{"path": str(path), **metrics} for path, metrics in zip(result.paths, result.metrics)]
+        saes = [{"path": str(path), **metrics, "peak_lr": sae.config.lr}
+                for path, sae, metrics in zip(result.paths, result.saes, result.metrics)]
         options.print_json({"saes": saes, "steps": result.steps, "rows": result.rows,
-                            "rows_per_second": result.rows_per_second, "metrics_over_last_steps": train.log_every})
+                            "rows_per_second": result.rows_per_second, "metrics_over_last_steps": train.log_every,
+                            "lr_search": result.lr_search.to_json() if result.lr_search is not None else None})
         return 0
+    if result.lr_search is not None:
+        print(result.lr_search)
     print(f"trained {len(result.saes)} SAE(s) for {result.steps} steps on {result.rows:,} rows "
           f"({result.rows_per_second:,.0f} rows/s)")
     for path, metrics in zip(result.paths, result.metrics):
@@ -289,18 +356,40 @@ def _eval(args: argparse.Namespace) -> int:
                 entry["spliced"] = spliced.to_json()
             report.append(entry)
             points.append((Path(path).name, metrics))
-            if not args.json:
-                print(f"{path}: {metrics}")
-                if model is not None:
-                    print(f"    spliced into {options.model_spec(args)}: {spliced}")
             bar.update()
+    if not args.json:
+        _print_eval_table(report, options.model_spec(args) if model is not None else None)
     if args.plot:
-        plot_fvu_vs_l0(points, args.plot)
+        plot_fvu_vs_l0(points, args.plot, groups=[entry["arch"] for entry in report])
         if not args.json:
             print(f"plot: {args.plot}")
     if args.json:
         options.print_json(report if len(report) > 1 else report[0])
     return 0
+
+
+def _print_eval_table(report: list[dict[str, Any]], model: str | None) -> None:
+    """One row per SAE: reconstruction and sparsity, then (spliced into ``model``) accuracy,
+    KL and cross-entropy recovered."""
+    columns = ["sae", "arch", "width", "rows", "L0", "FVU", "dead %", "dense %"]
+    if model is not None:
+        columns += ["acc clean", "acc spliced", "Δ pts", "KL", "CE rec."]
+    lines = []
+    for entry in report:
+        line = [entry["sae"], entry["arch"], str(entry["width"]), f"{entry['rows']:,}", f"{entry['l0']:.2f}",
+                f"{entry['fvu']:.4f}", f"{100 * entry['dead_fraction']:.1f}", f"{100 * entry['dense_fraction']:.1f}"]
+        if model is not None:
+            spliced = entry["spliced"]
+            line += [f"{100 * spliced['clean_accuracy']:.1f}", f"{100 * spliced['spliced_accuracy']:.1f}",
+                     f"{100 * spliced['accuracy_change']:+.1f}", f"{spliced['kl']:.4g}", f"{spliced['ce_recovered']:.3f}"]
+        lines.append(line)
+    widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths))))
+    for line in lines:
+        print("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))))
+    if model is not None:
+        print(f"(spliced into {model}: accuracy in %, KL of the output distribution in nats, CE rec. = fraction of "
+              "cross-entropy recovered relative to all latents off)")
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -327,3 +416,44 @@ def _median(values: Any) -> float:
 
     return float(np.median(values))
 
+
+def _compare(args: argparse.Namespace) -> int:
+    from mechlens.sae import SAE, seed_stability
+
+    if len(args.saes) < 2:
+        raise ValueError(f"compare needs at least two SAE directories, got {len(args.saes)}")
+    device = options.resolved_device(args)
+    result = seed_stability([SAE.load(path, device=device) for path in args.saes], names=args.saes,
+                            threshold=args.threshold)
+    if args.json:
+        options.print_json(result.to_json())
+    else:
+        print(result)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from mechlens.sae import SAE, export_saelens
+
+    sae = SAE.load(args.sae)
+    out = export_saelens(sae, args.out)
+    if args.json:
+        options.print_json({"out": str(out), "format": args.format, "arch": sae.config.arch, "width": sae.width,
+                            "d_in": sae.d_in})
+        return 0
+    print(f"{args.sae} ({sae.config.arch}, {sae.width} latents) -> {out} (sae_lens.SAE.load_from_disk reads it)")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from mechlens.sae import import_saelens
+
+    sae = import_saelens(args.peer)
+    out = sae.save(args.out, metadata={"imported_from": str(args.peer), "peer_format": "saelens"})
+    if args.json:
+        options.print_json({"out": str(out), "arch": sae.config.arch, "width": sae.width, "d_in": sae.d_in,
+                            "layer": sae.config.layer})
+        return 0
+    print(f"{args.peer} (SAELens) -> {out}: mechlens {sae.config.arch} SAE, {sae.width} latents on {sae.d_in}-dim rows"
+          + (f", layer {sae.config.layer!r}" if sae.config.layer else ""))
+    return 0

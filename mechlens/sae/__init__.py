@@ -6,13 +6,18 @@
 >>> feature_statistics(result.sae, "runs/acts").save("runs/sae")   # per-latent stats + exemplars
 
 * architectures: :func:`create_sae`, :func:`list_architectures` (``relu``, ``topk``, ``batchtopk``,
-  ``jumprelu``) and their typed configs; ``SAE.save(dir)`` / ``SAE.load(dir)`` (safetensors + JSON);
+  ``jumprelu``; ``gated``, ``matryoshka``, ``archetypal`` in :mod:`mechlens.sae.architectures`) and
+  their typed configs; ``SAE.save(dir)`` / ``SAE.load(dir)`` (safetensors + JSON);
   a new architecture is a config subclass and an SAE subclass, registered with :func:`register_sae`,
   that declares its :class:`LossTerm` s (:mod:`mechlens.sae.terms`)
 * training: :class:`SAETrainer` (any iterator of row batches; sweeps in one pass; checkpoints,
   resume, progress bar, CSV/JSON-lines log) and :func:`train_sae` for a store layer
 * metrics: :func:`evaluate`, :func:`evaluate_store`, :func:`spliced_metrics`, :func:`plot_fvu_vs_l0`
 * feature statistics: :func:`feature_statistics`
+* dictionary comparison (:mod:`mechlens.sae.compare`): :func:`mmcs` against known atoms, :func:`stability` /
+  :func:`seed_stability` across seeds (Hungarian), :func:`absorption`, :func:`splitting`
+* interop (:mod:`mechlens.sae.interop`): :func:`export_saelens` / :func:`import_saelens` (SAELens's
+  directory format), :func:`from_peer` (SAELens, dictionary_learning, overcomplete SAE objects)
 
 A saved SAE reads raw activations (the training normalisation is folded into its weights) and
 records its layer and pooling, so ``parse_feature("sae:PATH:123")`` is latent 123 as a
@@ -20,6 +25,9 @@ records its layer and pooling, so ``parse_feature("sae:PATH:123")`` is latent 12
 """
 from __future__ import annotations
 
+from mechlens.sae.compare import (AbsorptionResult, ParentAbsorption, SeedStabilityResult, SplittingResult,
+                                  StabilityResult, absorption, max_cosines, mmcs, seed_stability, splitting,
+                                  stability)
 from mechlens.sae.config import (
     BatchTopKConfig,
     JumpReLUConfig,
@@ -53,17 +61,27 @@ from mechlens.sae.modules import (
     register_sae,
     sae_class,
 )
+from mechlens.sae.lr import LRSearch, find_learning_rate, lr_rule
+from mechlens.sae.synthetic import PlantedDictionary, planted_dictionary
+from mechlens.sae.architectures import (ArchetypalConfig, ArchetypalSAE, GatedConfig, GatedSAE, MatryoshkaConfig,
+                                        MatryoshkaSAE)
+from mechlens.sae.interop import SAEInteropError, export_saelens, from_peer, import_saelens, peer_types
 from mechlens.sae.terms import LossContext, LossTerm
 from mechlens.sae.stats import FeatureStatistics, feature_statistics
 from mechlens.sae.training import SAETrainer, TrainResult, save_saes, train_sae
 
 __all__ = [
+    "ArchetypalConfig", "ArchetypalSAE", "GatedConfig", "GatedSAE", "MatryoshkaConfig", "MatryoshkaSAE",
+    "LRSearch", "PlantedDictionary", "find_learning_rate", "lr_rule", "planted_dictionary",
     "SAE", "BatchTopKConfig", "BatchTopKSAE", "FeatureStatistics", "JumpReLUConfig", "JumpReLUSAE",
     "LossContext", "LossTerm", "NonFiniteActivationsError", "Normalizer", "ReLUConfig", "ReLUSAE", "SAECheckpointError", "SAEConfig",
     "SAEMetrics", "SAEOutput", "SAETrainer", "SplicedMetrics", "StoreSource", "TensorSource", "TopKConfig",
     "TopKSAE", "TrainConfig", "TrainResult", "build_sae", "create_sae", "evaluate", "evaluate_store",
     "feature_from_spec", "feature_statistics", "fold_normalization", "geometric_median", "list_architectures",
     "plot_fvu_vs_l0", "register_sae", "sae_class", "save_saes", "splice_sae", "spliced_metrics", "train_sae",
+    "AbsorptionResult", "ParentAbsorption", "SeedStabilityResult", "SplittingResult", "StabilityResult",
+    "absorption", "max_cosines", "mmcs", "seed_stability", "splitting", "stability",
+    "SAEInteropError", "export_saelens", "from_peer", "import_saelens", "peer_types",
 ]
 
 

@@ -24,6 +24,7 @@ from activation_store.jsonutil import check_fields
 
 __all__ = [
     "B_DEC_INITS",
+    "LR_MODES",
     "BatchTopKConfig",
     "JumpReLUConfig",
     "ReLUConfig",
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 B_DEC_INITS: tuple[str, ...] = ("mean", "geometric_median", "zeros")
+LR_MODES: tuple[str, ...] = ("rule", "auto")
 _POOLINGS = ("all", "mean", "max", "cls")
 _LAYOUTS = ("auto", "nchw", "nhwc", "nlc", "ncl", "nc")
 
@@ -69,7 +71,8 @@ class SAEConfig:
     rows came from, so a saved SAE can be turned into :class:`~mechlens.features.SAELatent`
     features and spliced back into its model. ``normalize_decoder`` keeps decoder rows at unit
     norm during training (the gradient component parallel to each row is removed before the
-    step). ``input_scale`` / ``input_centered`` record the activation normalisation that was
+    step). ``lr`` overrides ``TrainConfig.lr`` for this SAE, so the learning rate is a sweep axis
+    like the width (several rates trained in one pass over the data). ``input_scale`` / ``input_centered`` record the activation normalisation that was
     folded into the weights on export (informational: a saved SAE reads raw activations).
     """
 
@@ -80,6 +83,7 @@ class SAEConfig:
     pooling: str = field(default="all", metadata=_INTERNAL)
     layout: str = field(default="auto", metadata=_INTERNAL)
     normalize_decoder: bool = option(True, "keep decoder rows at unit norm")
+    lr: float | None = field(default=None, metadata={"cli": False, "help": "learning rate (None: TrainConfig.lr)"})
     input_scale: float = field(default=1.0, metadata=_INTERNAL)
     input_centered: bool = field(default=False, metadata=_INTERNAL)
 
@@ -101,6 +105,8 @@ class SAEConfig:
             raise ValueError(f"layout must be one of {_LAYOUTS}, got {self.layout!r}")
         if not self.input_scale > 0:
             raise ValueError(f"input_scale must be positive, got {self.input_scale}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number or None (TrainConfig.lr), got {self.lr!r}")
 
     # ------------------------------------------------------------------ JSON
     def to_json(self) -> dict[str, Any]:
@@ -123,7 +129,13 @@ class SAEConfig:
 
     @property
     def name(self) -> str:
-        """Short name for sweeps and directories, e.g. ``topk-w4096-k32``."""
+        """Short name for sweeps and directories, e.g. ``topk-w4096-k32`` (``-lr0.002`` when the
+        config sets its own learning rate)."""
+        return self.base_name + (f"-lr{self.lr:g}" if self.lr is not None else "")
+
+    @property
+    def base_name(self) -> str:
+        """The name without the learning rate (architectures override this)."""
         return f"{self.arch}-w{self.width}"
 
 
@@ -148,7 +160,7 @@ class ReLUConfig(SAEConfig):
         return self.l1_coeff
 
     @property
-    def name(self) -> str:
+    def base_name(self) -> str:
         return f"relu-w{self.width}-l1{self.l1_coeff:g}"
 
 
@@ -158,7 +170,9 @@ class TopKConfig(SAEConfig):
 
     ``aux_k`` latents (default ``d_in // 2``, capped by the width) of those that have not fired
     for ``TrainConfig.dead_window`` rows reconstruct the residual in the AuxK loss, weighted by
-    ``aux_coeff`` (1/32 in the paper). ``multi_k`` (off by default) adds the paper's Multi-TopK
+    ``aux_coeff`` (1/32 in the paper) and divided by the residual's variance as in the paper
+    (``aux_normalize``; off: the raw squared error, the earlier form). ``multi_k`` (off by
+    default) adds the paper's Multi-TopK
     term: the reconstruction error with the ``multi_k`` largest latents, weighted by
     ``multi_k_coeff`` (the paper: ``multi_k = 4 k``, coefficient 1/8)."""
 
@@ -166,6 +180,7 @@ class TopKConfig(SAEConfig):
     k: int = option(32, "active latents per row")
     aux_k: int | None = option(None, "dead latents in the AuxK loss (None: d_in // 2)")
     aux_coeff: float = option(1 / 32, "AuxK coefficient")
+    aux_normalize: bool = option(True, "divide the AuxK loss by the residual's variance (Gao et al.)")
     multi_k: int | None = option(None, "latents of the Multi-TopK term (None: off)")
     multi_k_coeff: float = option(1 / 8, "Multi-TopK coefficient")
 
@@ -192,7 +207,7 @@ class TopKConfig(SAEConfig):
         return int(min(base, self.width))
 
     @property
-    def name(self) -> str:
+    def base_name(self) -> str:
         return f"{self.arch}-w{self.width}-k{self.k}"
 
 
@@ -237,7 +252,7 @@ class JumpReLUConfig(SAEConfig):
         return self.l0_coeff
 
     @property
-    def name(self) -> str:
+    def base_name(self) -> str:
         return f"jumprelu-w{self.width}-l0{self.l0_coeff:g}"
 
 
@@ -245,8 +260,13 @@ class JumpReLUConfig(SAEConfig):
 class TrainConfig:
     """One training run (shared by every SAE of a sweep trained in the same pass).
 
-    Schedule: the learning rate warms up linearly over ``lr_warmup_steps``, stays at ``lr`` and
-    decays linearly to zero over the last ``lr_decay_fraction`` of the steps; the sparsity
+    Learning rate ``lr``: a number; ``"rule"``, the rate :func:`mechlens.sae.lr_rule` gives for
+    each SAE's width; or ``"auto"``, a short range test on a validation split before the run
+    (:func:`mechlens.sae.find_learning_rate`; only through :func:`~mechlens.sae.train_sae`, which
+    can hold rows out). A config's own ``lr`` overrides it.
+
+    Schedule: the learning rate warms up linearly over the first ``lr_warmup_fraction`` of the
+    steps, stays at ``lr`` and decays linearly to zero over the last ``lr_decay_fraction``; the sparsity
     coefficient (ReLU / JumpReLU) ramps up linearly over the first ``sparsity_warmup_fraction``.
     Gradients are clipped to norm ``grad_clip`` (0 disables).
 
@@ -259,10 +279,10 @@ class TrainConfig:
 
     steps: int = 10_000
     batch_size: int = 4096
-    lr: float = 4e-4
+    lr: float | str = 4e-4
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
-    lr_warmup_steps: int = 100
+    lr_warmup_fraction: float = 0.01
     lr_decay_fraction: float = 0.2
     sparsity_warmup_fraction: float = 0.05
     grad_clip: float = 1.0
@@ -284,13 +304,16 @@ class TrainConfig:
             value = getattr(self, name)
             if int(value) != value or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("lr_warmup_steps", "checkpoint_every", "seed", "prefetch"):
+        for name in ("checkpoint_every", "seed", "prefetch"):
             value = getattr(self, name)
             if int(value) != value or value < 0:
                 raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        for name in ("lr_decay_fraction", "sparsity_warmup_fraction"):
+        if isinstance(self.lr, str):
+            if self.lr not in LR_MODES:
+                raise ValueError(f"lr must be a positive number or one of {LR_MODES}, got {self.lr!r}")
+        elif not self.lr > 0:
+            raise ValueError(f"lr must be positive (or one of {LR_MODES}), got {self.lr}")
+        for name in ("lr_warmup_fraction", "lr_decay_fraction", "sparsity_warmup_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"TrainConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.grad_clip < 0:
@@ -305,8 +328,11 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        data = dict(data)
+        if "lr_warmup_steps" in data and "lr_warmup_fraction" not in data:  # written before the fraction
+            data["lr_warmup_fraction"] = min(1.0, data.pop("lr_warmup_steps") / max(int(data.get("steps", 10_000)), 1))
         check_fields(cls, data, "TrainConfig key")
-        return cls(**dict(data))
+        return cls(**data)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

@@ -114,25 +114,29 @@ class StoreSource:
     ``shuffle_buffer_chunks + 1`` chunks. Batches carry their row ids, so a bad row is named.
     """
 
-    def __init__(self, view: Any, batch_size: int, *, seed: int = 0, shuffle_buffer_chunks: int = 8):
+    def __init__(self, view: Any, batch_size: int, *, seed: int = 0, shuffle_buffer_chunks: int = 8,
+                 chunks: Any = None):
         self.view = view
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.shuffle_buffer_chunks = int(shuffle_buffer_chunks)
-        if view.num_rows < self.batch_size:
-            raise ValueError(f"layer {view.name!r} has {view.num_rows} committed rows, fewer than one batch of "
-                             f"{self.batch_size}; lower the batch size or capture more")
+        self.chunks = None if chunks is None else [int(c) for c in chunks]  # None: every chunk
+        self.num_rows = view.chunk_rows(self.chunks)
+        if self.num_rows < self.batch_size:
+            raise ValueError(f"layer {view.name!r} has {self.num_rows} committed rows"
+                             + (" in the chunks used for training" if chunks is not None else "")
+                             + f", fewer than one batch of {self.batch_size}; lower the batch size or capture more")
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.view.num_rows // self.batch_size
+        return self.num_rows // self.batch_size
 
     def iterate(self, start: int = 0) -> Iterator[Any]:
         epoch, skip = divmod(int(start), self.batches_per_epoch)
         while True:
             batches = self.view.iter_batches(self.batch_size, shuffle=True, seed=self.seed, epoch=epoch,
                                              shuffle_buffer_chunks=self.shuffle_buffer_chunks, drop_last=True,
-                                             with_index=True)
+                                             with_index=True, chunks=self.chunks)
             for position, batch in enumerate(batches):
                 if position >= skip:
                     yield batch

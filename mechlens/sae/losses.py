@@ -36,18 +36,26 @@ def l1_penalty(z: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     return (z.abs() @ W_dec.norm(dim=1)).mean()
 
 
-def auxk_loss(residual: torch.Tensor, pre_dead: torch.Tensor, W_dead: torch.Tensor, aux_k: int) -> torch.Tensor:
+def auxk_loss(residual: torch.Tensor, pre_dead: torch.Tensor, W_dead: torch.Tensor, aux_k: int, *,
+              normalize: bool = True) -> torch.Tensor:
     """AuxK (Gao et al. 2024): the ``aux_k`` largest pre-activations among the *dead* latents
     reconstruct the (detached) residual ``x - x_hat`` through their decoder rows, without bias.
 
     ``pre_dead`` ``[N, n_dead]`` and ``W_dead`` ``[n_dead, d]`` are the dead latents' columns of the
     pre-activations and rows of the decoder, so the cost scales with the number of dead latents.
+    ``normalize``: divide the squared error by the residual's variance (summed over ``d``), as
+    Gao et al. do, so the term's weight does not shrink as the reconstruction improves.
     """
     if pre_dead.shape[-1] == 0:
         return residual.new_zeros(())
+    residual = residual.detach()
     values, indices = pre_dead.topk(min(aux_k, pre_dead.shape[-1]), dim=-1, sorted=False)
     recon = torch.zeros_like(pre_dead).scatter_(-1, indices, torch.relu(values)) @ W_dead
-    return (recon - residual.detach()).pow(2).sum(dim=-1).mean()
+    loss = (recon - residual).pow(2).sum(dim=-1).mean()
+    if normalize:
+        variance = (residual - residual.mean(dim=0, keepdim=True)).pow(2).sum(dim=-1).mean()
+        loss = loss / variance.clamp_min(torch.finfo(variance.dtype).tiny)
+    return loss
 
 
 # ---------------------------------------------------------------------------- JumpReLU

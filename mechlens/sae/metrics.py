@@ -347,14 +347,18 @@ def spliced_metrics(model: Any, sae: SAE, data: Any, *, layer: str | None = None
 
 # ---------------------------------------------------------------------------- plot
 def plot_fvu_vs_l0(points: Sequence[tuple[str, SAEMetrics]] | Sequence[tuple[str, float, float]],
-                   path: str | os.PathLike, *, title: str = "SAE sweep: fidelity vs sparsity") -> Path:
-    """Scatter FVU against mean L0 (log x) for a sweep; ``points`` are ``(label, SAEMetrics)`` or
-    ``(label, l0, fvu)``. Written with the Agg backend (no display needed)."""
+                   path: str | os.PathLike, *, title: str = "SAE sweep: fidelity vs sparsity",
+                   groups: Sequence[str] | None = None) -> Path:
+    """FVU against mean L0 (log x) for a sweep, with the Pareto frontier (the lowest FVU reached at
+    each L0 or below) drawn per group; ``points`` are ``(label, SAEMetrics)`` or ``(label, l0,
+    fvu)``, ``groups`` (one per point, e.g. the architecture) colours them. Agg backend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     if not points:
         raise ValueError("nothing to plot: no SAE metrics given")
+    if groups is not None and len(groups) != len(points):
+        raise ValueError(f"groups has {len(groups)} entries for {len(points)} points")
     parsed = []
     for point in points:
         if len(point) == 2:
@@ -362,16 +366,26 @@ def plot_fvu_vs_l0(points: Sequence[tuple[str, SAEMetrics]] | Sequence[tuple[str
             parsed.append((label, metrics.l0, metrics.fvu))
         else:
             parsed.append(tuple(point))  # type: ignore[arg-type]
+    names = list(groups) if groups is not None else [""] * len(parsed)
     figure = Figure(figsize=(5.5, 4.0), dpi=120)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
-    ordered = sorted(parsed, key=lambda p: p[1])
-    axes.plot([p[1] for p in ordered], [p[2] for p in ordered], "-", color="0.7", zorder=1)
+    for group in dict.fromkeys(names):
+        members = sorted((p for p, g in zip(parsed, names) if g == group), key=lambda p: (p[1], p[2]))
+        frontier, best = [], float("inf")
+        for _, l0, fvu in members:
+            if fvu < best:
+                frontier.append((l0, fvu))
+                best = fvu
+        dots = axes.scatter([p[1] for p in members], [p[2] for p in members], zorder=2, label=group or None)
+        axes.plot([f[0] for f in frontier], [f[1] for f in frontier], "-", color=dots.get_facecolor()[0], alpha=0.6,
+                  zorder=1, drawstyle="steps-post")
     for label, l0, fvu in parsed:
-        axes.scatter([l0], [fvu], zorder=2)
         axes.annotate(label, (l0, fvu), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if min(p[1] for p in parsed) > 0:
         axes.set_xscale("log")
+    if groups is not None:
+        axes.legend(fontsize=7, title="frontier per", title_fontsize=7)
     axes.set_xlabel("mean L0 (active latents per row)")
     axes.set_ylabel("fraction of variance unexplained")
     axes.set_title(title)

@@ -43,6 +43,7 @@ from mechlens.sae.data import (
     resolve_device,
 )
 from mechlens.sae.losses import squared_error
+from mechlens.sae.lr import lr_rule
 from mechlens.sae.modules import SAE, SAECheckpointError, build_sae, fold_normalization, sae_class
 from mechlens.sae.terms import LossContext, LossTerm, sparsity_warmup
 
@@ -50,6 +51,7 @@ __all__ = [
     "SAETrainer",
     "TrainResult",
     "lr_factor",
+    "member_lr",
     "sparsity_factor",
     "train_sae",
 ]
@@ -70,9 +72,10 @@ _POOLING_OF_SPATIAL = {"all": "all", "random": "all", "mean": "mean", "max": "ma
 
 # ---------------------------------------------------------------------------- schedules
 def lr_factor(step: int, config: TrainConfig) -> float:
-    """Linear warm-up over ``lr_warmup_steps``, constant, linear decay to 0 over the last
-    ``lr_decay_fraction`` of ``steps``."""
-    warm = 1.0 if config.lr_warmup_steps == 0 else min(1.0, (step + 1) / config.lr_warmup_steps)
+    """Linear warm-up over the first ``lr_warmup_fraction`` of ``steps``, constant, linear decay
+    to 0 over the last ``lr_decay_fraction``."""
+    warmup_steps = config.lr_warmup_fraction * config.steps
+    warm = 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
     decay_steps = config.lr_decay_fraction * config.steps
     if decay_steps <= 0:
         return warm
@@ -84,6 +87,19 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 sparsity_factor = sparsity_warmup  # the schedule of the sparsity terms (mechlens.sae.terms)
 
 
+def member_lr(config: SAEConfig, train: TrainConfig) -> float:
+    """The peak learning rate of one SAE: its config's ``lr``, else ``TrainConfig.lr`` (``"rule"``:
+    :func:`~mechlens.sae.lr.lr_rule` of its width)."""
+    if config.lr is not None:
+        return float(config.lr)
+    if train.lr == "rule":
+        return lr_rule(config.width)
+    if train.lr == "auto":
+        raise ValueError("lr='auto' needs a validation split to test rates on: train through train_sae (which holds "
+                         "images out) or call find_learning_rate and pass its rate")
+    return float(train.lr)
+
+
 # ---------------------------------------------------------------------------- results
 @dataclass
 class TrainResult:
@@ -91,7 +107,8 @@ class TrainResult:
 
     ``saes``: the trained SAEs, exported (normalisation folded in: they read raw activations),
     in eval mode; ``metrics``: the last logged metrics of each; ``log``: every logged row;
-    ``paths``: where they were saved (when an output directory was given).
+    ``paths``: where they were saved (when an output directory was given); ``lr_search``: the
+    :class:`~mechlens.sae.lr.LRSearch` that chose the rate of a run with ``lr="auto"``.
     """
 
     saes: list[SAE]
@@ -102,6 +119,7 @@ class TrainResult:
     metrics: list[dict[str, float]]
     log: list[dict[str, Any]] = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
+    lr_search: Any = None  # the LRSearch of a run with lr="auto"
 
     @property
     def rows_per_second(self) -> float:
@@ -201,7 +219,8 @@ class SAETrainer:
 
     def _member(self, sae: SAE) -> _Member:
         cfg = self.train
-        optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+        optimizer = torch.optim.Adam(sae.parameters(), lr=member_lr(sae.config, cfg), betas=cfg.adam_betas,
+                                     eps=cfg.adam_eps)
         return _Member(sae, optimizer, torch.zeros(sae.width, dtype=torch.long, device=self.device),
                        torch.zeros(_FIXED_SUMS + len(sae.loss_terms), dtype=torch.float64, device=self.device))
 
@@ -218,7 +237,7 @@ class SAETrainer:
         """One optimizer step of every SAE on raw rows ``x`` ``[N, d_in]`` (on the trainer's device)."""
         cfg = self.train
         x = self.normalizer.apply(x.to(self.device, torch.float32))
-        lr = cfg.lr * lr_factor(self.step, cfg)
+        factor = lr_factor(self.step, cfg)
         batch = x.shape[0]
         with torch.no_grad():
             variance = (x - x.mean(dim=0, keepdim=True)).pow(2).sum()
@@ -226,7 +245,7 @@ class SAETrainer:
             sae = member.sae
             config = sae.config
             for group in member.optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = member_lr(config, cfg) * factor
             out = sae(x)
             recon = squared_error(x, out.x_hat)
             loss = recon
@@ -285,14 +304,15 @@ class SAETrainer:
                             for m in self.members]).cpu().numpy()
         rows = []
         last = max(self.step - 1, 0)
-        lr = self.train.lr * lr_factor(last, self.train)
+        factor = lr_factor(last, self.train)
         offset = 0
         for index, member in enumerate(self.members):
             sums = flat[offset:offset + len(member.sums)]
             offset += len(member.sums)
             n = max(member.steps_in_window, 1)
             row = {
-                "step": self.step, "rows": self.rows_seen, "sae": index, "lr": lr,
+                "step": self.step, "rows": self.rows_seen, "sae": index,
+                "lr": member_lr(member.sae.config, self.train) * factor,
                 "loss": sums[0] / n, "mse": sums[1] / n / member.sae.d_in, "fvu": sums[3] / max(sums[4], 1e-30),
                 "l0": sums[2] / n, "dead_fraction": float(dead[index]), "sparsity_coeff": 0.0, "aux_loss": 0.0,
                 "elapsed_s": self.elapsed,
@@ -518,7 +538,9 @@ def _check_same_saes(saved: list[SAEConfig], wanted: list[SAEConfig], directory:
     if not mismatch:
         comparable = [(s.to_json(), w.to_json()) for s, w in zip(saved, wanted)]
         skip = {"layer", "pooling", "layout", "d_in", "input_scale", "input_centered"}
-        mismatch = any({k: v for k, v in a.items() if k not in skip} != {k: v for k, v in b.items() if k not in skip}
+        # a config without its own lr takes the checkpoint's (what lr="auto" chose before the kill)
+        mismatch = any({k: v for k, v in a.items() if k not in skip and not (k == "lr" and b[k] is None)}
+                       != {k: v for k, v in b.items() if k not in skip and not (k == "lr" and v is None)}
                        for a, b in comparable)
     if mismatch:
         raise SAECheckpointError(
@@ -618,6 +640,12 @@ def train_sae(store: Any, layer: str, configs: SAEConfig | Sequence[SAEConfig], 
                                  "continue that run, or choose another checkpoint directory to start a new one")
     if resume and has_checkpoint:
         trainer = SAETrainer.from_checkpoint(checkpoint_dir, expect=configs, train=train)
+    search = None
+    if trainer is None and train.lr == "auto" and any(c.lr is None for c in configs):
+        from mechlens.sae.lr import find_learning_rate
+
+        search = find_learning_rate(store, layer, [c for c in configs if c.lr is None], train, progress=progress)
+        configs = [c if c.lr is not None else c.replace(lr=search.best[c.name]) for c in configs]
     normalizer = b_dec = None
     if trainer is None:
         trainer = SAETrainer(configs, train)
@@ -630,8 +658,13 @@ def train_sae(store: Any, layer: str, configs: SAEConfig | Sequence[SAEConfig], 
             b_dec = normalizer.apply(torch.as_tensor(stats.mean, dtype=torch.float32))
     result = trainer.fit(source, until_step=until_step, progress=progress, log_path=log_path,
                          checkpoint_dir=checkpoint_dir, normalizer=normalizer, b_dec=b_dec)
+    result.lr_search = search
     if out is not None and trainer.step >= train.steps:
         result.paths = save_saes(result, out, store=str(store.root.resolve()), train=trainer.train)
+        if search is not None:
+            from mechlens.sae.lr import save_search
+
+            save_search(search, out)
     return result
 
 

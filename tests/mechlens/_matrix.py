@@ -510,7 +510,7 @@ class _Run:
         rows = view.num_rows
         out = self.workdir / "sae"
         config = TopKConfig(width=32, k=4)
-        train = TrainConfig(steps=6, batch_size=min(64, rows), lr=1e-3, lr_warmup_steps=1, init_rows=min(256, rows),
+        train = TrainConfig(steps=6, batch_size=min(64, rows), lr=1e-3, lr_warmup_fraction=0.17, init_rows=min(256, rows),
                             log_every=3, checkpoint_every=0, seed=0)
         result = train_sae(self.store_all, f.layer, config, train, out=out, progress=False)
         check(result.paths, "train_sae saved nothing")

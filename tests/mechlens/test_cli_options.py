@@ -39,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MODEL_COMMANDS = {"layers", "attribute", "capture", "tcav", "atlas", "visualize", "dream", "sae eval", "intervene",
                   "circuit", "audit"}
-QUICK = {"store info", "layers"}
+QUICK = {"store info", "layers", "sae export", "sae import", "sae compare"}
 NO_BAR: set[str] = set()  # every long command draws a bar on a terminal
 MODEL_GROUP = ("--model", "--weights", "--pretrained", "--num-classes")
 # what an action must share with its definition (a command may not choose these)
@@ -68,7 +68,7 @@ def _reference(option: options.Option) -> argparse.Action:
 
 def test_the_walk_sees_every_command():
     assert set(COMMANDS) == {"store info", "store verify", "layers", "attribute", "sae train", "sae eval", "sae stats",
-                             "capture", "tcav", "atlas", "visualize", "dream", "intervene", "circuit", "audit", "run", "demo"}
+                             "sae compare", "sae export", "sae import", "capture", "tcav", "atlas", "visualize", "dream", "intervene", "circuit", "audit", "run", "demo"}
 
 
 # ----------------------------------------------------------------------------- rule 1

@@ -42,15 +42,10 @@ from mechlens.sae.losses import auxk_loss, jumprelu, step_l0
 from mechlens.sae.stats import FeatureStatistics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """The SAEs here are tiny: one intra-op thread is as fast on an idle machine and immune to the
-    OpenMP barrier stalls of two threads on two shared cores (measured on the project's 2-core
-    machine with one other busy process: 0.8 s vs 13-45 s for the same 150-step training)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# The SAEs here are tiny: one intra-op thread is as fast on an idle machine and immune to the
+# OpenMP barrier stalls of two threads on two shared cores (measured on the project's 2-core
+# machine with one other busy process: 0.8 s vs 13-45 s for the same 150-step training).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -85,7 +80,7 @@ def small_store(tmp_path_factory):
 
 
 def quick_train(**changes) -> TrainConfig:
-    base = dict(steps=60, batch_size=128, lr=3e-3, log_every=20, dead_window=2000, lr_warmup_steps=5, device="cpu",
+    base = dict(steps=60, batch_size=128, lr=3e-3, log_every=20, dead_window=2000, lr_warmup_fraction=0.08, device="cpu",
                 init_rows=1024, prefetch=1)
     base.update(changes)
     return TrainConfig(**base)
@@ -93,7 +88,7 @@ def quick_train(**changes) -> TrainConfig:
 
 # ---------------------------------------------------------------------------- registry and configs
 def test_registry_lists_and_creates_every_architecture():
-    assert list_architectures() == ["batchtopk", "jumprelu", "relu", "topk"]
+    assert list_architectures() == ["archetypal", "batchtopk", "gated", "jumprelu", "matryoshka", "relu", "topk"]
     assert list_architectures("*topk") == ["batchtopk", "topk"]
     sae = create_sae("topk", width=8, d_in=4, k=2)
     assert isinstance(sae, TopKSAE) and sae.W_enc.shape == (4, 8) and sae.W_dec.shape == (8, 4)
@@ -205,7 +200,11 @@ def test_auxk_reconstructs_the_residual_from_the_top_dead_latents():
     masked[:, dead] = pre[:, dead]
     top = masked.topk(2, dim=1)
     recon = torch.zeros_like(pre).scatter(1, top.indices, torch.relu(top.values)) @ W
-    assert torch.allclose(loss, (recon - residual).pow(2).sum(1).mean())
+    squared = (recon - residual).pow(2).sum(1).mean()
+    # normalised (the default, Gao et al.): divided by the residual's variance summed over d
+    variance = (residual - residual.mean(0)).pow(2).sum(1).mean()
+    assert torch.allclose(loss, squared / variance)
+    assert torch.allclose(auxk_loss(residual, pre[:, dead], W[dead], 2, normalize=False), squared)
 
 
 def test_auxk_revives_dead_latents(small_store):
@@ -259,7 +258,7 @@ def test_topk_sae_recovers_a_known_overcomplete_dictionary():
     """Ground truth: 96 unit atoms in 32 dimensions (3x overcomplete), 3 active per row. The learnt
     decoder rows must match the atoms: mean over atoms of the best cosine similarity >= 0.9."""
     x, dictionary = sparse_dictionary_data(40_000, d=32, atoms=96, k=3, seed=0)
-    train = TrainConfig(steps=500, batch_size=256, lr=4e-3, lr_warmup_steps=20, log_every=100, dead_window=20_000,
+    train = TrainConfig(steps=500, batch_size=256, lr=4e-3, lr_warmup_fraction=0.04, log_every=100, dead_window=20_000,
                         device="cpu", seed=0)
     result = SAETrainer(TopKConfig(width=192, k=3), train).fit(TensorSource(x, 256, seed=0), progress=False)
     decoder = result.sae.W_dec.detach()

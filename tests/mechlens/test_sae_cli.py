@@ -13,15 +13,10 @@ from mechlens.sae import SAE
 from mechlens.sae.stats import FeatureStatistics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """The SAEs here are tiny: one intra-op thread is as fast on an idle machine and immune to the
-    OpenMP barrier stalls of two threads on two shared cores (measured on the project's 2-core
-    machine with one other busy process: 0.8 s vs 13-45 s for the same 150-step training)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# The SAEs here are tiny: one intra-op thread is as fast on an idle machine and immune to the
+# OpenMP barrier stalls of two threads on two shared cores (measured on the project's 2-core
+# machine with one other busy process: 0.8 s vs 13-45 s for the same 150-step training).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

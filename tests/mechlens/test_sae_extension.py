@@ -67,7 +67,7 @@ def _batches(x: torch.Tensor, size: int = 128) -> list[torch.Tensor]:
 
 
 def _train(steps: int = 60, **changes) -> TrainConfig:
-    base = dict(steps=steps, batch_size=128, lr=1e-2, log_every=20, lr_warmup_steps=2, device="cpu", init_rows=512,
+    base = dict(steps=steps, batch_size=128, lr=1e-2, log_every=20, lr_warmup_fraction=0.02, device="cpu", init_rows=512,
                 prefetch=1, sparsity_warmup_fraction=0.0)
     base.update(changes)
     return TrainConfig(**base)
@@ -136,7 +136,7 @@ def test_the_cli_offers_the_new_architectures_fields(plain_l1, tmp_path, capsys)
     assert SAE.load(out).config.l1_weight == 0.2
     # an option of another architecture is an error, not silently ignored
     assert main([*argv, "--k", "4"]) == 2
-    assert "--k (batchtopk/topk) does not apply to --arch plainl1" in capsys.readouterr().err
+    assert "--k (archetypal/batchtopk/matryoshka/topk) does not apply to --arch plainl1" in capsys.readouterr().err
 
 
 def test_no_architecture_branch_is_left_in_the_trainer():

@@ -1,0 +1,194 @@
+"""The SAE training recipe: per-SAE learning rates (a sweep axis), the rate rule and the range
+test on a validation split, the warm-up fraction, and the AuxK normalisation switch."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mechlens.sae import (
+    SAETrainer,
+    TensorSource,
+    TopKConfig,
+    TrainConfig,
+    find_learning_rate,
+    lr_rule,
+    train_sae,
+)
+from mechlens.sae.lr import default_rates, validation_split
+from mechlens.sae.training import lr_factor, member_lr
+from tests.mechlens.test_sae import sparse_dictionary_data, write_store
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def straddling_store(tmp_path_factory):
+    """3000 rows, 8 per image, in chunks of 100 rows: images straddle chunk boundaries."""
+    x, _ = sparse_dictionary_data(3000, d=16, atoms=48, k=3, seed=1)
+    return write_store(tmp_path_factory.mktemp("recipe") / "s", x.numpy().astype(np.float32), chunk_rows=100)
+
+
+def test_the_warmup_is_a_fraction_of_the_steps():
+    short, long = TrainConfig(steps=100, lr_warmup_fraction=0.1), TrainConfig(steps=1000, lr_warmup_fraction=0.1)
+    assert lr_factor(0, short) == pytest.approx(0.1) and lr_factor(9, short) == 1.0
+    assert lr_factor(0, long) == pytest.approx(0.01) and lr_factor(49, long) == pytest.approx(0.5)
+    assert lr_factor(99, long) == 1.0
+    assert lr_factor(0, TrainConfig(steps=100, lr_warmup_fraction=0.0)) == 1.0
+    # a config written before the fraction (lr_warmup_steps) is read as the same schedule
+    old = TrainConfig.from_json({"steps": 1000, "lr_warmup_steps": 100})
+    assert old.lr_warmup_fraction == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="lr_warmup_fraction must be in"):
+        TrainConfig(lr_warmup_fraction=2.0)
+
+
+def test_learning_rate_modes_and_per_config_rates():
+    assert lr_rule(2 ** 14) == pytest.approx(2e-4) and lr_rule(2 ** 12) == pytest.approx(4e-4)
+    assert default_rates(2 ** 14) == pytest.approx([5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3])
+    config = TopKConfig(width=4096, k=8, d_in=4)
+    assert member_lr(config, TrainConfig(lr=1e-3)) == 1e-3
+    assert member_lr(config, TrainConfig(lr="rule")) == pytest.approx(4e-4)
+    assert member_lr(config.replace(lr=5e-3), TrainConfig(lr="rule")) == 5e-3
+    assert config.replace(lr=2e-3).name == "topk-w4096-k8-lr0.002" and config.name == "topk-w4096-k8"
+    with pytest.raises(ValueError, match="lr='auto' needs a validation split"):
+        member_lr(config, TrainConfig(lr="auto"))
+    with pytest.raises(ValueError, match="lr must be a positive number or one of"):
+        TrainConfig(lr="fast")
+    with pytest.raises(ValueError, match="lr must be a positive number or None"):
+        TopKConfig(width=8, k=2, lr=-1.0)
+
+
+def test_rates_of_one_pass_are_applied_per_sae():
+    x, _ = sparse_dictionary_data(2048, d=8, atoms=16, k=2, seed=0)
+    configs = [TopKConfig(width=16, k=2, d_in=8, lr=rate) for rate in (1e-4, 1e-2)]
+    train = TrainConfig(steps=20, batch_size=128, lr=1.0, lr_warmup_fraction=0.0, lr_decay_fraction=0.0, log_every=20,
+                        device="cpu", init_rows=512)
+    trainer = SAETrainer(configs, train)
+    result = trainer.fit(TensorSource(x, 128), progress=False)
+    assert [row["lr"] for row in result.metrics] == pytest.approx([1e-4, 1e-2])
+    assert [m.optimizer.param_groups[0]["lr"] for m in trainer.members] == pytest.approx([1e-4, 1e-2])
+    # the second member is exactly the SAE a run of its own at TrainConfig.lr = 1e-2 trains (its seed: seed + 1)
+    alone = SAETrainer(configs[1].replace(lr=None), train.replace(lr=1e-2, seed=1)).fit(TensorSource(x, 128),
+                                                                                    progress=False)
+    assert torch.equal(alone.sae.W_dec, result.saes[1].W_dec)
+
+
+def test_validation_split_holds_no_image_on_both_sides(straddling_store):
+    view = straddling_store.layer("l")
+    training, ids = validation_split(view, 0.2, seed=0)
+    held = sorted(set(range(view.num_chunks)) - set(training))
+    assert len(held) == 6 and len(training) == 24
+    trained_images = set()
+    for position in training:
+        _, index = view.read_chunk(position, with_index=True)
+        trained_images.update(index.sample_id.tolist())
+    validation_images = set(view.read_index(ids).sample_id.tolist())
+    assert validation_images and not validation_images & trained_images
+    # the held-out rows really are those of the held-out chunks, minus boundary images only
+    assert 0.7 * view.chunk_rows(held) < len(ids) <= view.chunk_rows(held)
+    with pytest.raises(ValueError, match="validation fraction must be in"):
+        validation_split(view, 1.5)
+
+
+def test_range_test_chooses_the_rate_of_lowest_validation_fvu(straddling_store):
+    train = TrainConfig(steps=150, batch_size=128, device="cpu", init_rows=512, prefetch=1, log_every=50)
+    search = find_learning_rate(straddling_store, "l", TopKConfig(width=32, k=3), train, rates=[1e-5, 3e-3, 3e-2],
+                                fraction=1.0, progress=False)
+    rows = search.results["topk-w32-k3"]
+    assert [r["lr"] for r in rows] == [1e-5, 3e-3, 3e-2]
+    assert search.best_lr == min(rows, key=lambda r: r["fvu"])["lr"]
+    assert search.best_lr != 1e-5  # a rate that cannot move the weights in 150 steps never wins
+    assert rows[0]["fvu"] > 1.5 * min(r["fvu"] for r in rows)
+    assert "chosen" in search._repr_html_() and "<- chosen" in str(search)
+
+
+def test_train_with_lr_auto_trains_at_the_chosen_rate_and_saves_the_search(straddling_store, tmp_path):
+    train = TrainConfig(steps=100, batch_size=128, device="cpu", init_rows=512, prefetch=1, log_every=50, lr="auto")
+    result = train_sae(straddling_store, "l", TopKConfig(width=32, k=3), train, out=tmp_path / "sae", progress=False)
+    chosen = result.lr_search.best_lr
+    assert result.sae.config.lr == chosen and result.metrics[0]["lr"] == pytest.approx(0.0, abs=chosen)
+    saved = json.loads((tmp_path / "sae" / "lr_search.json").read_text())
+    assert saved["best"] == {"topk-w32-k3": chosen}
+    assert (tmp_path / "sae" / "lr_search.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "sae" / "config.json").read_text())["config"]["lr"] == chosen
+
+
+def test_cli_learning_rate_is_a_sweep_axis_or_auto(straddling_store, tmp_path, capsys):
+    from mechlens.cli import main
+
+    base = ["sae", "train", "--store", str(straddling_store.root), "--layer", "l", "--arch", "topk", "--width", "32",
+            "--k", "3", "--steps", "20", "--batch-size", "128", "--no-progress", "--device", "cpu"]
+    assert main([*base, "--lr", "1e-3,3e-3", "--out", str(tmp_path / "sweep")]) == 0
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["topk-w32-k3-lr0.001", "topk-w32-k3-lr0.003"]
+    capsys.readouterr()
+    assert main([*base, "--lr", "auto", "--out", str(tmp_path / "auto"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["saes"][0]["peak_lr"] == report["lr_search"]["best"]["topk-w32-k3"]
+    with pytest.raises(SystemExit) as stop:  # argparse refuses it: usage and one line, exit 2
+        main([*base, "--lr", "quick", "--out", str(tmp_path / "bad")])
+    assert stop.value.code == 2
+    assert "expected a number, comma-separated numbers or one of" in capsys.readouterr().err
+
+
+def test_cli_eval_prints_one_table_and_plots_the_frontier_per_architecture(straddling_store, tmp_path, capsys):
+    from mechlens.cli import main
+
+    base = ["sae", "train", "--store", str(straddling_store.root), "--layer", "l", "--width", "32", "--steps", "20",
+            "--batch-size", "128", "--no-progress", "--device", "cpu", "--lr", "3e-3"]
+    assert main([*base, "--arch", "topk", "--k", "2,4", "--out", str(tmp_path / "topk")]) == 0
+    assert main([*base, "--arch", "batchtopk", "--k", "3", "--out", str(tmp_path / "btk")]) == 0
+    capsys.readouterr()
+    saes = [*sorted((tmp_path / "topk").iterdir()), tmp_path / "btk"]
+    plot = tmp_path / "frontier.png"
+    assert main(["sae", "eval", *map(str, saes), "--store", str(straddling_store.root), "--plot", str(plot)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split()[:4] == ["sae", "arch", "width", "rows"] and "FVU" in printed[0]
+    assert [line.split()[1] for line in printed[1:4]] == ["topk", "topk", "batchtopk"]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_batchtopk_threshold_calibrated_to_an_l0_gives_that_l0():
+    from mechlens.sae import BatchTopKConfig, build_sae, evaluate
+
+    sae = build_sae(BatchTopKConfig(width=64, k=5, d_in=16), seed=0).eval()
+    x, _ = sparse_dictionary_data(3000, d=16, atoms=48, k=3, seed=2)
+    batches = [x[i:i + 256] for i in range(0, 3000, 256)]   # batch by batch: the pool is merged exactly
+    threshold = sae.calibrate_threshold(batches)
+    assert float(sae.threshold) == threshold > 0
+    assert evaluate(sae, batches).l0 == pytest.approx(5.0, abs=1e-3)
+    # the same threshold as one batch of all the rows, BatchTopK's own selection
+    acts = torch.relu(sae.pre_activations(x)).flatten()
+    assert (acts > threshold).sum() == 5 * 3000
+    sae.calibrate_threshold(batches, l0=2.5)
+    assert evaluate(sae, batches).l0 == pytest.approx(2.5, abs=1e-3)
+    with pytest.raises(ValueError, match="l0 must be in"):
+        sae.calibrate_threshold(batches, l0=0)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_the_sparse_decoder_path_equals_the_dense_one_with_its_gradients(arch):
+    """TopK / BatchTopK training decodes only the active rows (embedding_bag); the output and
+    every gradient must be those of the dense decode of the generic SAE.forward."""
+    from mechlens.sae import create_sae
+    from mechlens.sae.losses import squared_error
+    from mechlens.sae.modules import SAE
+
+    sae = create_sae(arch, width=48, d_in=12, k=4, seed=3).train()
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(std=0.1)
+    x = torch.randn(37, 12, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for forward in (sae.forward, lambda rows: SAE.forward(sae, rows)):
+        sae.zero_grad(set_to_none=True)
+        out = forward(x)
+        squared_error(x, out.x_hat).backward()
+        grads.append((out.x_hat.detach(), out.z.detach(), [p.grad.clone() for p in sae.parameters()]))
+    (fast_x, fast_z, fast_g), (slow_x, slow_z, slow_g) = grads
+    assert torch.allclose(fast_x, slow_x, atol=1e-5) and torch.equal(fast_z, slow_z)
+    assert (fast_z > 0).sum() >= (4 * 37 if arch == "batchtopk" else 1)
+    for fast, slow in zip(fast_g, slow_g):
+        assert torch.allclose(fast, slow, atol=1e-5)
