@@ -54,9 +54,11 @@ rows), so a mechlens variant is one more entry of :func:`systems`, chosen with `
 own rate, are there already).
 
 Figures per data x arch x system, every SAE scored by the same code (``mechlens.sae.evaluate``
-on the test rows, through encode / decode): FVU; mean L0 beside it (TopK: k per row for all;
-BatchTopK: each library's inference threshold, so the L0s differ: the L0 ratio is reported with
-the FVU ratio); dead % (latents that never fire on the test rows); MMCS on planted data (mean over
+on the test rows, through encode / decode): FVU at matched L0 (``FVU@k``; TopK keeps k per row for every
+system; for BatchTopK every SAE is converted exactly into a mechlens SAE by ``from_peer`` and its
+inference threshold is set so that the mean L0 on the test rows is k, the same procedure
+for all, since each library's own running threshold lands elsewhere after a short run), and
+beside it the FVU and L0 with each library's own inference threshold; dead % (latents that never fire on the test rows, at matched L0); MMCS on planted data (mean over
 the atoms of the largest cosine with a decoder row, ``mechlens.sae.compare.mmcs``); training
 rows/s (``steps * batch`` over the wall-clock of the whole training call: set-up, initialisation,
 loop, export; the median over the rates of the sweep, after one untimed 5-step warm-up run per
@@ -78,6 +80,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import importlib.util
 import io
@@ -115,9 +118,10 @@ from mechlens.data.synthetic import SyntheticShapes, SyntheticShapesConfig  # no
 from mechlens.features.layout import as_position_rows  # noqa: E402
 from mechlens.models import small_cnn, train_classifier  # noqa: E402
 from mechlens.sae import (  # noqa: E402
-    BatchTopKConfig, Normalizer, SAETrainer, TensorSource, TopKConfig, TrainConfig, evaluate, train_sae,
+    BatchTopKConfig, Normalizer, SAETrainer, TensorSource, TopKConfig, TrainConfig, evaluate, from_peer, train_sae,
 )
 from mechlens.sae.synthetic import planted_dictionary  # noqa: E402
+from mechlens.sae.training import member_lr  # noqa: E402
 
 try:  # the shared definition, once mechlens has one
     from mechlens.sae.compare import mmcs as _shared_mmcs  # noqa: E402
@@ -265,6 +269,7 @@ class Trained:
     decode: Callable[[torch.Tensor], torch.Tensor]
     decoder_rows: torch.Tensor
     lr: float | None = None
+    as_mechlens: Callable[[], Any] | None = None  # the same SAE as a mechlens SAE (mechlens.sae.from_peer)
 
 
 @dataclass(frozen=True)
@@ -310,7 +315,8 @@ def mechlens_system(name: str = "mechlens", *, sae: Callable[[Run], dict[str, An
         else:
             result = train_sae(store, run.data.layer, config, train_config, progress=False)
         model = result.sae
-        return Trained(model.encode, model.decode, model.W_dec.detach(), lr=model.config.lr or train_config.lr)
+        return Trained(model.encode, model.decode, model.W_dec.detach(), lr=member_lr(model.config, train_config),
+                       as_mechlens=lambda: copy.deepcopy(model))
 
     return System(name, fit, ours=True, uses_lr=uses_lr,
                   how=how or ("SAETrainer.fit on the in-memory batches" if in_memory else "train_sae on the train store"))
@@ -341,7 +347,7 @@ def train_saelens(run: Run) -> Trained:
         model = LensSAE.load_from_disk(str(path), device=run.device).eval()
     finally:
         shutil.rmtree(path, ignore_errors=True)
-    return Trained(model.encode, model.decode, model.W_dec.detach())
+    return Trained(model.encode, model.decode, model.W_dec.detach(), as_mechlens=lambda: from_peer(model))
 
 
 class _Copies:
@@ -381,7 +387,7 @@ def train_dictionary_learning(run: Run) -> Trained:
                  device=run.device)
     model = made[0].ae.eval()  # biases scaled back: it reads raw activations
     # TopK: top-k per row (encode's default); BatchTopK: encode's default, the inference threshold
-    return Trained(model.encode, model.decode, model.decoder.weight.detach().T)
+    return Trained(model.encode, model.decode, model.decoder.weight.detach().T, as_mechlens=lambda: from_peer(model))
 
 
 def train_overcomplete(run: Run) -> Trained:
@@ -397,7 +403,8 @@ def train_overcomplete(run: Run) -> Trained:
     oc_train_sae(model, run.batches, top_k_auxiliary_loss, optimizer, nb_epochs=1, clip_grad=1.0, monitoring=0,
                  device=run.device)
     model.eval()  # BatchTopK: the running threshold
-    return Trained(lambda x: model.encode(x)[1], model.decode, model.get_dictionary().detach())
+    return Trained(lambda x: model.encode(x)[1], model.decode, model.get_dictionary().detach(),
+                   as_mechlens=lambda: from_peer(model))
 
 
 def systems() -> dict[str, System]:
@@ -415,6 +422,8 @@ def systems() -> dict[str, System]:
                         how="train_sae with the Multi-TopK term (k and 4k)"),
         mechlens_system("mechlens_auto_lr", train=lambda run: {"lr": "auto"}, uses_lr=False,
                         how='train_sae with lr="auto" (its own range test on a validation split of the train store)'),
+        mechlens_system("mechlens_rule_lr", train=lambda run: {"lr": "rule"}, uses_lr=False,
+                        how='train_sae with lr="rule" (the default: lr_rule of the width)'),
     ]
     return {entry.name: entry for entry in entries}
 
@@ -489,12 +498,28 @@ def mmcs(decoder_rows: torch.Tensor, atoms: torch.Tensor) -> float:
     return float((F.normalize(atoms.float(), dim=1) @ F.normalize(decoder, dim=1).T).max(dim=1).values.mean())
 
 
+def matched_l0(trained: Trained, test: list[Any], k: int, device: str) -> Any:
+    """BatchTopK at matched L0: the same SAE (as a mechlens SAE, converted exactly by
+    ``from_peer``) with its inference threshold set so that the mean L0 on the test rows is ``k``
+    (``BatchTopKSAE.calibrate_threshold``: what BatchTopK keeps from one batch of all these rows),
+    and scored on them. One scalar fixed to match L0, not to lower FVU, by the same procedure for
+    every system, so the FVUs compare at one L0 whatever threshold each library's own training
+    left."""
+    sae = trained.as_mechlens()
+    if not hasattr(sae, "calibrate_threshold"):
+        raise TypeError(f"{type(sae).__name__} has no inference threshold to calibrate")
+    sae = sae.to(device).eval()
+    sae.calibrate_threshold(test, l0=k)
+    return evaluate(sae, test, device=device)
+
+
 # ---------------------------------------------------------------------------- one comparison
 def compare(data: Data, arch: str, entries: list[System], args: argparse.Namespace,
             scratch: Path) -> dict[str, dict[str, Any] | None]:
     """Train every entry at every rate, choose each one's rate on validation, score on test."""
     train_rows = data.rows("train")
-    base = Run(data, arch, args.width, args.k, args.batch_size, args.steps, None, args.seed, args.device,
+    k = args.planted_k if data.atoms is not None else args.k
+    base = Run(data, arch, args.width, k, args.batch_size, args.steps, None, args.seed, args.device,
                dead_window=args.dead_window or max(4 * args.batch_size, train_rows // 2), scratch=scratch)
     runnable = [s for s in entries if arch in s.archs and s.available()]
     for system in runnable:  # untimed: imports, first-call set-up and allocations out of the timings
@@ -526,7 +551,10 @@ def compare(data: Data, arch: str, entries: list[System], args: argparse.Namespa
         probe = dataclasses.replace(base, lr=lr if system.uses_lr else None, steps=min(args.memory_steps, args.steps),
                                     dead_window=args.batch_size)
         rate = args.steps * args.batch_size / statistics.median(seconds[system.name])
+        matched = matched_l0(trained, test, k, args.device) if arch == "batchtopk" else metrics
         results[system.name] = {
+            "fvu_at_k": round(matched.fvu, 5), "l0_at_k": round(matched.l0, 3),
+            "dead_pct_at_k": round(100 * matched.dead_fraction, 2),
             "lr": lr, "validation_fvu": round(fvu_val, 5), "validation_fvu_by_lr": sweep[system.name],
             "fvu": round(metrics.fvu, 5), "l0": round(metrics.l0, 3), "dead_pct": round(100 * metrics.dead_fraction, 2),
             "mmcs": round(mmcs(trained.decoder_rows, data.atoms), 4) if data.atoms is not None else None,
@@ -543,34 +571,40 @@ def ratios_of(kind: str, arch: str, results: dict[str, dict[str, Any] | None],
     ratios: dict[str, float] = {}
     if not peers:
         return ratios, None
-    best_name = min(peers, key=lambda name: peers[name]["fvu"])
-    fewest_dead = min(peer["dead_pct"] for peer in peers.values())
+    # FVU at matched L0: TopK keeps k per row for everyone; BatchTopK thresholds are calibrated to k
+    best_name = min(peers, key=lambda name: peers[name]["fvu_at_k"])
+    fewest_dead = min(peer["dead_pct_at_k"] for peer in peers.values())
     for system in entries:
         ours = results[system.name]
         if not system.ours or ours is None:
             continue
         prefix = f"{kind}_{arch}_" + ("" if system.name == "mechlens" else f"{system.name}_")
         best = peers[best_name]
-        ratios[prefix + "fvu_vs_best_peer"] = round(ours["fvu"] / max(best["fvu"], 1e-12), 4)
-        ratios[prefix + "l0_vs_best_peer"] = round(ours["l0"] / max(best["l0"], 1e-12), 4)
-        ratios[prefix + "dead_pct_minus_best_peer"] = round(ours["dead_pct"] - best["dead_pct"], 2)
-        ratios[prefix + "dead_pct_minus_fewest_dead_peer"] = round(ours["dead_pct"] - fewest_dead, 2)
+        ratios[prefix + "fvu_vs_best_peer"] = round(ours["fvu_at_k"] / max(best["fvu_at_k"], 1e-12), 4)
+        ratios[prefix + "own_threshold_fvu_vs_best_peer"] = round(ours["fvu"] / max(best["fvu"], 1e-12), 4)
+        ratios[prefix + "own_threshold_l0_vs_best_peer"] = round(ours["l0"] / max(best["l0"], 1e-12), 4)
+        ratios[prefix + "dead_pct_minus_best_peer"] = round(ours["dead_pct_at_k"] - best["dead_pct_at_k"], 2)
+        ratios[prefix + "dead_pct_minus_fewest_dead_peer"] = round(ours["dead_pct_at_k"] - fewest_dead, 2)
         for name, peer in peers.items():
             ratios[prefix + f"rows_per_s_vs_{name}"] = round(ours["rows_per_s"] / peer["rows_per_s"], 3)
+        swept = results.get("mechlens")
+        if system.name != "mechlens" and swept is not None:  # a variant (e.g. its own rate) against the sweep's best
+            ratios[prefix + "fvu_vs_mechlens_sweep"] = round(ours["fvu_at_k"] / max(swept["fvu_at_k"], 1e-12), 4)
     return ratios, best_name
 
 
 def print_table(kind: str, arch: str, results: dict[str, dict[str, Any] | None], memory: str) -> None:
     print(f"\n{kind} / {arch}" + " " * max(1, 44 - len(kind) - len(arch)) + f"peak memory: {memory}")
-    print(f"{'system':<22}{'lr':>8}{'val FVU':>9}{'FVU':>9}{'L0':>8}{'dead %':>8}{'MMCS':>8}{'rows/s':>11}{'MiB':>9}")
+    print(f"{'system':<22}{'lr':>8}{'val FVU':>9}{'FVU@k':>9}{'dead %':>8}{'own FVU':>9}{'own L0':>8}{'MMCS':>8}"
+          f"{'rows/s':>11}{'MiB':>9}")
     for name, r in results.items():
         if r is None:
             print(f"{name:<22}  (null: not installed, or cannot train {arch})")
             continue
         lr = f"{r['lr']:.0e}" if r["lr"] is not None else "own"
         mmcs_text = f"{r['mmcs']:.3f}" if r["mmcs"] is not None else "-"
-        print(f"{name:<22}{lr:>8}{r['validation_fvu']:>9.4f}{r['fvu']:>9.4f}{r['l0']:>8.2f}{r['dead_pct']:>8.1f}"
-              f"{mmcs_text:>8}{r['rows_per_s']:>11,.0f}{r['peak_memory_mib']:>9.1f}")
+        print(f"{name:<22}{lr:>8}{r['validation_fvu']:>9.4f}{r['fvu_at_k']:>9.4f}{r['dead_pct_at_k']:>8.1f}"
+              f"{r['fvu']:>9.4f}{r['l0']:>8.2f}{mmcs_text:>8}{r['rows_per_s']:>11,.0f}{r['peak_memory_mib']:>9.1f}")
 
 
 # ---------------------------------------------------------------------------- main
@@ -585,7 +619,8 @@ def main() -> None:
     parser.add_argument("--planted-rows", type=int, default=2 ** 18, help="planted train rows (val / test: 1/8)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--k", type=int, default=16, help="k on the conv rows")
+    parser.add_argument("--planted-k", type=int, default=8, help="k on the planted rows (8 atoms are active per row)")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--lr-sweep", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2],
                         help="rates every system is trained at (each chooses its own on the validation split)")
@@ -600,6 +635,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.images, args.planted_rows, args.steps, args.width, args.k, args.batch_size = 250, 2 ** 15, 100, 512, 8, 512
+        args.planted_k = 8
         args.lr_sweep, args.memory_steps = [2e-3, 8e-3], 30
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -624,7 +660,8 @@ def main() -> None:
                 f"{data.rows(split):,} {split}" for split in ("train", "validation", "test")), flush=True)
             results[kind] = {}
             for arch in archs:
-                print(f"  {arch}: width {args.width}, k {args.k}, {args.steps} steps x {args.batch_size} rows", flush=True)
+                k = args.planted_k if kind == "planted" else args.k
+                print(f"  {arch}: width {args.width}, k {k}, {args.steps} steps x {args.batch_size} rows", flush=True)
                 results[kind][arch] = compare(data, arch, entries, args, scratch)
                 found, best_peer[f"{kind}_{arch}"] = ratios_of(kind, arch, results[kind][arch], entries)
                 ratios.update(found)
@@ -645,7 +682,7 @@ def main() -> None:
             rows_per_s = ", ".join(f"{k[len(key) + len('rows_per_s_vs_'):]} {v:.2f}x" for k, v in ratios.items()
                                    if k.startswith(key + "rows_per_s_vs_"))
             print(f"{kind}/{arch}: mechlens FVU / best peer ({best_peer[f'{kind}_{arch}']}) "
-                  f"{ratios[key + 'fvu_vs_best_peer']:.3f} (target <= 1.0; L0 ratio {ratios[key + 'l0_vs_best_peer']:.2f}); "
+                  f"{ratios[key + 'fvu_vs_best_peer']:.3f} at matched L0 (target <= 1.0); "
                   f"dead % minus best peer's {ratios[key + 'dead_pct_minus_best_peer']:+.1f}; rows/s {rows_per_s} "
                   "(target >= 1.0)")
     notes = [f"{s.name}: not installed (pip install {s.requires})" for s in entries if not s.available()]
@@ -653,7 +690,7 @@ def main() -> None:
     for note in notes:
         print(f"note: {note}")
     figures = {
-        "settings": {"width": args.width, "k": args.k, "steps": args.steps, "batch_size": args.batch_size,
+        "settings": {"width": args.width, "k": args.k, "planted_k": args.planted_k, "steps": args.steps, "batch_size": args.batch_size,
                      "lr_sweep": list(args.lr_sweep), "memory_steps": min(args.memory_steps, args.steps),
                      "device": args.device, "threads": torch.get_num_threads(), "seed": args.seed,
                      "peak_memory": memory, "systems": {s.name: s.how for s in entries}, "quick": args.quick,

@@ -97,7 +97,10 @@ def shapes_saes(trained_shapes_model, tmp_path_factory: pytest.TempPathFactory):
                          dtype="float16", batch_size=128, progress=False)
         saes = {}
         for layer in ("stage2", "stage3"):
-            result = train_sae(out / "store", layer, TopKConfig(width=512, k=8), TrainConfig(steps=1500, batch_size=1024, seed=0),
+            # lr 4e-4: the recipe these SAEs had when the validity thresholds that use them were measured
+            # over seeds (TrainConfig's default became lr="rule" later)
+            result = train_sae(out / "store", layer, TopKConfig(width=512, k=8),
+                               TrainConfig(steps=1500, batch_size=1024, seed=0, lr=4e-4, lr_warmup_fraction=100 / 1500),
                                out=out / f"sae-{layer}", progress=False)
             saes[layer] = (result.sae if hasattr(result, "sae") else result.saes[0]).eval()
         return types.SimpleNamespace(store=out / "store", captured=build_dataset(spec), **saes)

@@ -61,14 +61,14 @@ from mechlens.sae.modules import (
     register_sae,
     sae_class,
 )
-from mechlens.sae.lr import LRSearch, find_learning_rate, lr_rule
+from mechlens.sae.lr import LRSearch, lr_rule
 from mechlens.sae.synthetic import PlantedDictionary, planted_dictionary
 from mechlens.sae.architectures import (ArchetypalConfig, ArchetypalSAE, GatedConfig, GatedSAE, MatryoshkaConfig,
                                         MatryoshkaSAE)
 from mechlens.sae.interop import SAEInteropError, export_saelens, from_peer, import_saelens, peer_types
 from mechlens.sae.terms import LossContext, LossTerm
 from mechlens.sae.stats import FeatureStatistics, feature_statistics
-from mechlens.sae.training import SAETrainer, TrainResult, save_saes, train_sae
+from mechlens.sae.training import SAETrainer, TrainResult, find_learning_rate, save_saes, train_sae
 
 __all__ = [
     "ArchetypalConfig", "ArchetypalSAE", "GatedConfig", "GatedSAE", "MatryoshkaConfig", "MatryoshkaSAE",

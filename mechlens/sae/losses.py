@@ -37,7 +37,7 @@ def l1_penalty(z: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
 
 
 def auxk_loss(residual: torch.Tensor, pre_dead: torch.Tensor, W_dead: torch.Tensor, aux_k: int, *,
-              normalize: bool = True) -> torch.Tensor:
+              normalize: bool = True, relu: bool = True) -> torch.Tensor:
     """AuxK (Gao et al. 2024): the ``aux_k`` largest pre-activations among the *dead* latents
     reconstruct the (detached) residual ``x - x_hat`` through their decoder rows, without bias.
 
@@ -45,12 +45,14 @@ def auxk_loss(residual: torch.Tensor, pre_dead: torch.Tensor, W_dead: torch.Tens
     pre-activations and rows of the decoder, so the cost scales with the number of dead latents.
     ``normalize``: divide the squared error by the residual's variance (summed over ``d``), as
     Gao et al. do, so the term's weight does not shrink as the reconstruction improves.
+    ``relu``: pass the chosen pre-activations through the ReLU (the paper); without it a latent
+    whose pre-activations are negative on every row still gets a gradient, and can come back.
     """
     if pre_dead.shape[-1] == 0:
         return residual.new_zeros(())
     residual = residual.detach()
     values, indices = pre_dead.topk(min(aux_k, pre_dead.shape[-1]), dim=-1, sorted=False)
-    recon = torch.zeros_like(pre_dead).scatter_(-1, indices, torch.relu(values)) @ W_dead
+    recon = torch.zeros_like(pre_dead).scatter_(-1, indices, torch.relu(values) if relu else values) @ W_dead
     loss = (recon - residual).pow(2).sum(dim=-1).mean()
     if normalize:
         variance = (residual - residual.mean(dim=0, keepdim=True)).pow(2).sum(dim=-1).mean()

@@ -5,7 +5,7 @@
 >>> search.best_lr, search                                          # a table in a notebook
 >>> train_sae("runs/acts", "stage2", config, TrainConfig(steps=20_000, lr="auto"))   # the same, then the run
 
-The range test trains the SAE at several rates in *one* pass over the data (the rates are
+The range test (:func:`mechlens.sae.training.find_learning_rate`) trains the SAE at several rates in *one* pass over the data (the rates are
 members of one sweep, so the rows are read once), for a fraction of the run's steps with the
 run's schedule shrunk to fit, and scores each on a validation split of the store: whole chunks
 held out, minus the images that may straddle a chunk boundary, so no image is on both sides.
@@ -13,39 +13,22 @@ The full run then trains on every row at the rate with the lowest validation FVU
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:  # pragma: no cover
-    from mechlens.sae.config import SAEConfig, TrainConfig
+from mechlens.sae.config import LR_RULE_BASE, LR_RULE_WIDTH, lr_rule
 
-__all__ = ["LRSearch", "find_learning_rate", "lr_rule", "validation_split"]
-
-# Gao et al. 2024 (fig. 3 and appendix) fit the best rate of TopK SAEs on GPT-2 activations as
-# ~ width^-1/2; dictionary_learning's TopK trainer uses 2e-4 / sqrt(width / 2^14). On our
-# normalisation (E||x||^2 = d) the measured optimum sat higher (see benchmarks/sae_lr.py and the
-# README): LR_RULE_BASE is the rate at 2^14 latents.
-LR_RULE_BASE = 2e-4
-LR_RULE_WIDTH = 2 ** 14
-
-
-def lr_rule(width: int) -> float:
-    """The learning rate for an SAE of ``width`` latents: ``LR_RULE_BASE * sqrt(2^14 / width)``
-    (Gao et al.'s width^-1/2 scaling)."""
-    if int(width) != width or width < 1:
-        raise ValueError(f"width must be a positive integer, got {width!r}")
-    return LR_RULE_BASE * math.sqrt(LR_RULE_WIDTH / int(width))
+__all__ = ["LR_RULE_BASE", "LR_RULE_WIDTH", "LRSearch", "default_rates", "lr_rule", "save_search", "validation_split"]
 
 
 def default_rates(width: int, count: int = 6) -> list[float]:
-    """``count`` rates a factor 2 apart around :func:`lr_rule`: from rule/4 to rule * 2^(count-3)."""
+    """``count`` rates a factor 2 apart around :func:`lr_rule`: from rule/8 to rule * 2^(count-4)."""
     centre = lr_rule(width)
-    return [float(f"{centre * 2.0 ** (i - 2):.3g}") for i in range(count)]
+    return [float(f"{centre * 2.0 ** (i - 3):.3g}") for i in range(count)]
 
 
 @dataclass
@@ -144,67 +127,6 @@ def validation_split(view: Any, fraction: float = 0.1, *, seed: int = 0, max_row
         raise ValueError(f"the held-out chunks of layer {view.name!r} hold no image whole (each holds 2 images or "
                          "fewer): write larger chunks, or give a learning rate")
     return training, ids
-
-
-def find_learning_rate(store: Any, layer: str, configs: "SAEConfig | Sequence[SAEConfig]",
-                       train: "TrainConfig | None" = None, *, rates: Sequence[float] | None = None,
-                       fraction: float = 0.2, validation: float = 0.1, min_steps: int = 100,
-                       progress: bool = True) -> LRSearch:
-    """Train every config at every rate (default :func:`default_rates` of its width) in one pass
-    for ``fraction`` of ``train.steps`` (at least ``min_steps``), score each on a validation split
-    (:func:`validation_split`) and choose, per config, the rate of lowest validation FVU."""
-    from activation_store import ActivationStore
-
-    from mechlens.sae.config import SAEConfig, TrainConfig
-    from mechlens.sae.data import Normalizer, StoreSource
-    from mechlens.sae.metrics import evaluate
-    from mechlens.sae.training import SAETrainer, _layer_context
-
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    store = store if isinstance(store, ActivationStore) else ActivationStore(store)
-    view = store.layer(layer)
-    train = train or TrainConfig()
-    configs = [configs] if isinstance(configs, SAEConfig) else list(configs)
-    context = _layer_context(view)
-    steps = max(int(min_steps), int(round(fraction * train.steps)))
-    training_chunks, validation_ids = validation_split(view, validation, seed=train.seed,
-                                                       min_training_rows=train.batch_size)
-    members: list[SAEConfig] = []
-    owners: list[tuple[str, float]] = []
-    for config in configs:
-        base = config.replace(lr=None, d_in=view.dim, **context)
-        for rate in (rates if rates is not None else default_rates(config.width)):
-            if not rate > 0:
-                raise ValueError(f"learning rates must be positive, got {rate}")
-            members.append(base.replace(lr=float(rate)))
-            owners.append((base.name, float(rate)))
-    probe = train.replace(steps=steps, lr=float(members[0].lr), log_every=steps, checkpoint_every=0,
-                          dead_window=min(train.dead_window, max(train.batch_size, steps * train.batch_size // 4)))
-    stats = store.statistics(layer)
-    normalizer = Normalizer.from_statistics(stats, center=probe.center) if probe.normalize else Normalizer.identity()
-    b_dec = None
-    if probe.b_dec_init == "mean":
-        import torch
-
-        b_dec = normalizer.apply(torch.as_tensor(stats.mean, dtype=torch.float32))
-    source = StoreSource(view, probe.batch_size, seed=probe.seed, shuffle_buffer_chunks=probe.shuffle_buffer_chunks,
-                         chunks=training_chunks)
-    result = SAETrainer(members, probe).fit(source, progress=progress, normalizer=normalizer, b_dec=b_dec)
-    held_out = view.read_rows(validation_ids)
-    batches = [held_out[i:i + 8192] for i in range(0, len(held_out), 8192)]
-    results: dict[str, list[dict[str, float]]] = {}
-    for sae, (name, rate) in zip(result.saes, owners):
-        metrics = evaluate(sae, batches)
-        results.setdefault(name, []).append({"lr": rate, "fvu": float(metrics.fvu), "l0": float(metrics.l0),
-                                             "dead_fraction": float(metrics.dead_fraction)})
-    best = {}
-    for name, rows in results.items():
-        finite = [r for r in rows if math.isfinite(r["fvu"])]
-        if not finite:
-            raise ValueError(f"every rate diverged for {name} (non-finite validation FVU): give lower rates")
-        best[name] = min(finite, key=lambda r: r["fvu"])["lr"]
-    return LRSearch(results, best, steps, int(len(validation_ids)))
 
 
 def save_search(search: LRSearch, out: str | os.PathLike) -> list[Path]:

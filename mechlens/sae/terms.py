@@ -106,7 +106,8 @@ def _auxk(sae: Any, ctx: LossContext) -> Optional[torch.Tensor]:
         return None
     out, dead = ctx.out, ctx.dead
     return auxk_loss(ctx.x - out.x_hat, out.pre.index_select(1, dead), sae.W_dec.index_select(0, dead),
-                     sae.config.resolved_aux_k(), normalize=sae.config.aux_normalize)
+                     sae.config.resolved_aux_k(), normalize=sae.config.aux_normalize,
+                     relu=sae.config.aux_activation == "relu")
 
 
 def sparsity_term(coeff: str) -> LossTerm:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import math
 import os
 import time
 import warnings
@@ -31,7 +32,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from activation_store.jsonutil import dumps as json_dumps
-from mechlens.sae.config import SAEConfig, TrainConfig
+from mechlens.sae.config import SAEConfig, TrainConfig, lr_rule
+from mechlens.sae.lr import LRSearch, default_rates, save_search, validation_split
 from mechlens.sae.data import (
     BatchSource,
     Normalizer,
@@ -43,13 +45,13 @@ from mechlens.sae.data import (
     resolve_device,
 )
 from mechlens.sae.losses import squared_error
-from mechlens.sae.lr import lr_rule
 from mechlens.sae.modules import SAE, SAECheckpointError, build_sae, fold_normalization, sae_class
 from mechlens.sae.terms import LossContext, LossTerm, sparsity_warmup
 
 __all__ = [
     "SAETrainer",
     "TrainResult",
+    "find_learning_rate",
     "lr_factor",
     "member_lr",
     "sparsity_factor",
@@ -269,7 +271,11 @@ class SAETrainer:
                 sae.normalize_decoder_rows()
             sae.after_step(out)
             with torch.no_grad():
-                counts = (out.z > 0).sum(dim=0)
+                if out.active is not None:  # a sparse forward lists its firing latents
+                    fired = (out.active_values > 0).to(x.dtype)
+                    counts = torch.bincount(out.active, weights=fired, minlength=sae.width)
+                else:
+                    counts = (out.z > 0).sum(dim=0)
                 member.rows_since_fired = torch.where(counts > 0, torch.zeros_like(member.rows_since_fired),
                                                       member.rows_since_fired + batch)
                 member.sums += torch.stack([loss.detach(), recon.detach(), counts.sum() / batch, recon.detach() * batch,
@@ -642,8 +648,6 @@ def train_sae(store: Any, layer: str, configs: SAEConfig | Sequence[SAEConfig], 
         trainer = SAETrainer.from_checkpoint(checkpoint_dir, expect=configs, train=train)
     search = None
     if trainer is None and train.lr == "auto" and any(c.lr is None for c in configs):
-        from mechlens.sae.lr import find_learning_rate
-
         search = find_learning_rate(store, layer, [c for c in configs if c.lr is None], train, progress=progress)
         configs = [c if c.lr is not None else c.replace(lr=search.best[c.name]) for c in configs]
     normalizer = b_dec = None
@@ -662,10 +666,66 @@ def train_sae(store: Any, layer: str, configs: SAEConfig | Sequence[SAEConfig], 
     if out is not None and trainer.step >= train.steps:
         result.paths = save_saes(result, out, store=str(store.root.resolve()), train=trainer.train)
         if search is not None:
-            from mechlens.sae.lr import save_search
-
             save_search(search, out)
     return result
+
+
+def find_learning_rate(store: Any, layer: str, configs: "SAEConfig | Sequence[SAEConfig]",
+                       train: "TrainConfig | None" = None, *, rates: Sequence[float] | None = None,
+                       fraction: float = 0.2, validation: float = 0.1, min_steps: int = 100,
+                       progress: bool = True) -> LRSearch:
+    """Train every config at every rate (default :func:`~mechlens.sae.lr.default_rates` of its width) in one pass
+    for ``fraction`` of ``train.steps`` (at least ``min_steps``), score each on a validation split
+    (:func:`validation_split`) and choose, per config, the rate of lowest validation FVU."""
+    from activation_store import ActivationStore
+
+    from mechlens.sae.metrics import evaluate
+
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    store = store if isinstance(store, ActivationStore) else ActivationStore(store)
+    view = store.layer(layer)
+    train = train or TrainConfig()
+    configs = [configs] if isinstance(configs, SAEConfig) else list(configs)
+    context = _layer_context(view)
+    steps = max(int(min_steps), int(round(fraction * train.steps)))
+    training_chunks, validation_ids = validation_split(view, validation, seed=train.seed,
+                                                       min_training_rows=train.batch_size)
+    members: list[SAEConfig] = []
+    owners: list[tuple[str, float]] = []
+    for config in configs:
+        base = config.replace(lr=None, d_in=view.dim, **context)
+        for rate in (rates if rates is not None else default_rates(config.width)):
+            if not rate > 0:
+                raise ValueError(f"learning rates must be positive, got {rate}")
+            members.append(base.replace(lr=float(rate)))
+            owners.append((base.name, float(rate)))
+    probe = train.replace(steps=steps, lr=float(members[0].lr), log_every=steps, checkpoint_every=0,
+                          dead_window=min(train.dead_window, max(train.batch_size, steps * train.batch_size // 4)))
+    stats = store.statistics(layer)
+    normalizer = Normalizer.from_statistics(stats, center=probe.center) if probe.normalize else Normalizer.identity()
+    b_dec = None
+    if probe.b_dec_init == "mean":
+        import torch
+
+        b_dec = normalizer.apply(torch.as_tensor(stats.mean, dtype=torch.float32))
+    source = StoreSource(view, probe.batch_size, seed=probe.seed, shuffle_buffer_chunks=probe.shuffle_buffer_chunks,
+                         chunks=training_chunks)
+    result = SAETrainer(members, probe).fit(source, progress=progress, normalizer=normalizer, b_dec=b_dec)
+    held_out = view.read_rows(validation_ids)
+    batches = [held_out[i:i + 8192] for i in range(0, len(held_out), 8192)]
+    results: dict[str, list[dict[str, float]]] = {}
+    for sae, (name, rate) in zip(result.saes, owners):
+        metrics = evaluate(sae, batches)
+        results.setdefault(name, []).append({"lr": rate, "fvu": float(metrics.fvu), "l0": float(metrics.l0),
+                                             "dead_fraction": float(metrics.dead_fraction)})
+    best = {}
+    for name, rows in results.items():
+        finite = [r for r in rows if math.isfinite(r["fvu"])]
+        if not finite:
+            raise ValueError(f"every rate diverged for {name} (non-finite validation FVU): give lower rates")
+        best[name] = min(finite, key=lambda r: r["fvu"])["lr"]
+    return LRSearch(results, best, steps, int(len(validation_ids)))
 
 
 def save_saes(result: TrainResult, out: str | os.PathLike, *, store: str | None = None,

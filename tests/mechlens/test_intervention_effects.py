@@ -136,7 +136,8 @@ def test_interventions_benchmark_quick_runs_and_ends_with_its_json_line() -> Non
     assert done.returncode == 0, done.stderr[-2000:]
     line = json.loads(done.stdout.strip().splitlines()[-1])
     assert line["benchmark"] == "interventions"
-    assert line["figures"]["exhaustive_forwards"] > line["figures"]["width"]
+    # one intervened forward per firing latent (and batch) at least: the cost attribution patching avoids
+    assert line["figures"]["exhaustive_forwards"] >= line["figures"]["latents_firing"] > 0
     assert line["ratios"]["exhaustive_over_attribution"] > 1
 
 

@@ -205,6 +205,11 @@ def test_auxk_reconstructs_the_residual_from_the_top_dead_latents():
     variance = (residual - residual.mean(0)).pow(2).sum(1).mean()
     assert torch.allclose(loss, squared / variance)
     assert torch.allclose(auxk_loss(residual, pre[:, dead], W[dead], 2, normalize=False), squared)
+    # linear: the chosen pre-activations as they are, negative ones included
+    linear = torch.zeros_like(pre).scatter(1, top.indices, top.values) @ W
+    assert (top.values < 0).any()  # so the two forms differ here
+    assert torch.allclose(auxk_loss(residual, pre[:, dead], W[dead], 2, normalize=False, relu=False),
+                          (linear - residual).pow(2).sum(1).mean())
 
 
 def test_auxk_revives_dead_latents(small_store):

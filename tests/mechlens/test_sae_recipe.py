@@ -46,11 +46,13 @@ def test_the_warmup_is_a_fraction_of_the_steps():
 
 
 def test_learning_rate_modes_and_per_config_rates():
-    assert lr_rule(2 ** 14) == pytest.approx(2e-4) and lr_rule(2 ** 12) == pytest.approx(4e-4)
-    assert default_rates(2 ** 14) == pytest.approx([5e-5, 1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3])
+    assert lr_rule(2 ** 14) == pytest.approx(1.4e-3) and lr_rule(2 ** 12) == pytest.approx(2.8e-3)
+    assert lr_rule(512) == pytest.approx(7.92e-3, rel=1e-3)   # Gao et al.'s width^-1/2, our constant
+    assert default_rates(2 ** 14) == pytest.approx([1.75e-4, 3.5e-4, 7e-4, 1.4e-3, 2.8e-3, 5.6e-3])
+    assert TrainConfig().lr == "rule"
     config = TopKConfig(width=4096, k=8, d_in=4)
     assert member_lr(config, TrainConfig(lr=1e-3)) == 1e-3
-    assert member_lr(config, TrainConfig(lr="rule")) == pytest.approx(4e-4)
+    assert member_lr(config, TrainConfig(lr="rule")) == pytest.approx(2.8e-3)
     assert member_lr(config.replace(lr=5e-3), TrainConfig(lr="rule")) == 5e-3
     assert config.replace(lr=2e-3).name == "topk-w4096-k8-lr0.002" and config.name == "topk-w4096-k8"
     with pytest.raises(ValueError, match="lr='auto' needs a validation split"):
@@ -187,8 +189,31 @@ def test_the_sparse_decoder_path_equals_the_dense_one_with_its_gradients(arch):
         out = forward(x)
         squared_error(x, out.x_hat).backward()
         grads.append((out.x_hat.detach(), out.z.detach(), [p.grad.clone() for p in sae.parameters()]))
+        if out.active is not None:  # the firing counts the trainer takes from the sparse forward
+            counts = torch.bincount(out.active, weights=(out.active_values > 0).float(), minlength=48)
+            assert torch.equal(counts, (out.z > 0).sum(0).float())
     (fast_x, fast_z, fast_g), (slow_x, slow_z, slow_g) = grads
     assert torch.allclose(fast_x, slow_x, atol=1e-5) and torch.equal(fast_z, slow_z)
     assert (fast_z > 0).sum() >= (4 * 37 if arch == "batchtopk" else 1)
     for fast, slow in zip(fast_g, slow_g):
         assert torch.allclose(fast, slow, atol=1e-5)
+
+
+def test_batch_topk_selects_the_same_entries_as_topk_and_falls_back_when_the_sample_misleads():
+    from mechlens.sae.modules import batch_topk
+
+    generator = torch.Generator().manual_seed(0)
+    flat = torch.relu(torch.randn(1024 * 512, generator=generator))
+    values, indices = batch_topk(flat, 8192)
+    reference = flat.topk(8192, sorted=False)
+    assert torch.equal(indices.sort().values, reference.indices.sort().values)
+    assert torch.equal(values, flat[indices])
+    # the large values sit where the strided sample never looks (its floor is 0: every entry is a candidate),
+    # or only where it looks (its floor passes fewer than 8192 entries: the full topk runs); exact either way
+    hidden = torch.zeros(1024 * 512)
+    hidden[torch.arange(1, 1024 * 512, 17)[:9000]] = 1.0 + torch.rand(9000, generator=generator)
+    seen = torch.rand(1024 * 512, generator=generator)
+    seen[torch.arange(0, 1024 * 512, 17)[:1000]] = 10.0 + torch.rand(1000, generator=generator)
+    for flat in (hidden, seen):
+        values, indices = batch_topk(flat, 8192)
+        assert torch.equal(indices.sort().values, flat.topk(8192, sorted=False).indices.sort().values)
