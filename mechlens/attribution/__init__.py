@@ -59,7 +59,17 @@ from mechlens.attribution.gradients import (
     integrated_gradients,
     saliency,
 )
-from mechlens.attribution.perturbation import kernel_shap, lime, occlusion, slic_segments, weighted_ridge
+from mechlens.attribution.perturbation import (
+    feature_ablation,
+    kernel_shap,
+    lime,
+    occlusion,
+    rise,
+    rise_masks,
+    shapley_value_sampling,
+    slic_segments,
+    weighted_ridge,
+)
 from mechlens.attribution.smooth import noise_tunnel, smoothgrad, smoothgrad_sq, vargrad
 from mechlens.attribution.vit import (
     AttentionMaps,
@@ -74,11 +84,12 @@ from mechlens.attribution.vit import (
 __all__ = [
     "AttentionMaps", "Attribution", "BASELINES", "MethodInfo", "NonFiniteError", "Target",
     "attention", "attention_maps", "attention_modules", "attention_rollout", "attribute", "check_finite",
-    "dataset_mean", "eval_mode", "exact_execution", "gaussian_blur", "get_method", "gradcam", "gradcam_plusplus",
+    "dataset_mean", "eval_mode", "exact_execution", "feature_ablation", "gaussian_blur", "get_method", "gradcam", "gradcam_plusplus",
     "gradient_shap", "guided_backprop", "guided_gradcam", "guided_relus", "inference_copy", "inference_model", "input_gradients",
     "input_x_gradient", "integrated_gradients", "kernel_shap", "layer_activations_and_gradients",
     "layercam", "lime", "list_methods", "make_baseline", "noise_tunnel", "occlusion",
-    "register_method", "resolve_target", "rollout", "saliency", "scorecam", "slic_segments",
+    "register_method", "resolve_target", "rise", "rise_masks", "rollout", "saliency", "scorecam",
+    "shapley_value_sampling", "slic_segments",
     "smoothgrad", "smoothgrad_sq", "suggest_cam_layer", "to_grid", "unfused_attention",
     "vargrad", "vit_cam_layer", "weighted_ridge",
 ]

@@ -1,5 +1,6 @@
 """Model-agnostic perturbation methods: occlusion (sliding windows), LIME and KernelSHAP on SLIC
-superpixels.
+superpixels, RISE (random smooth masks), feature ablation and Shapley value sampling over
+integer group masks.
 
 All of them evaluate the feature on many perturbed copies of each input; the copies are built
 on the fly and run ``internal_batch_size`` rows per forward pass (never one window or one
@@ -35,7 +36,8 @@ from mechlens.attribution.execution import has_hooks, inference_model, optimizin
 from mechlens.attribution.local import LocalSplit, local_split
 from mechlens.attribution.baselines import make_baseline
 
-__all__ = ["SurrogateFit", "kernel_shap", "lime", "occlusion", "slic_segments", "weighted_ridge"]
+__all__ = ["SurrogateFit", "feature_ablation", "kernel_shap", "lime", "occlusion", "rise", "rise_masks",
+           "shapley_value_sampling", "slic_segments", "weighted_ridge"]
 
 
 # ---------------------------------------------------------------------------- occlusion
@@ -493,3 +495,370 @@ def kernel_shap(
     return _superpixel_result("kernel_shap", fit, segments, inputs, target, f_x.detach(), n_samples=n_samples,
                               n_segments=n_per_sample, convergence_delta=delta, completeness_error=error,
                               baseline_values=f_0)
+
+
+# ---------------------------------------------------------------------------- RISE
+def _grid_cells(grid_size: int | Sequence[int], image_hw: tuple[int, int]) -> tuple[int, int]:
+    """``(rows, columns)`` of RISE's coarse grid, checked against the image."""
+    if isinstance(grid_size, bool):
+        cells = None
+    elif isinstance(grid_size, int):
+        cells = (grid_size, grid_size)
+    else:
+        try:
+            cells = tuple(int(v) for v in grid_size)
+        except (TypeError, ValueError):
+            cells = None
+    if cells is None or len(cells) != 2 or not (1 <= cells[0] <= image_hw[0] and 1 <= cells[1] <= image_hw[1]):
+        raise ValueError(
+            f"grid_size must be an int or (rows, columns) of cells, each between 1 and the image size "
+            f"{image_hw[0]}x{image_hw[1]}, got {grid_size!r}"
+        )
+    return cells  # type: ignore[return-value]
+
+
+def _check_rise_options(n_masks: Any, p: Any, debias: bool) -> None:
+    if isinstance(n_masks, bool) or not isinstance(n_masks, int) or n_masks < 1:
+        raise ValueError(f"n_masks must be a positive integer (the number of random masks), got {n_masks!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or not 0 < p <= 1:
+        raise ValueError(f"p (the probability that a grid cell keeps the image) must be in (0, 1], got {p!r}")
+    if debias and p == 1:
+        raise ValueError("debias=True weights masks by (M - p) / (p (1 - p)), which needs p < 1")
+
+
+def _interpolation_matrix(out: int, cells: int) -> torch.Tensor:
+    """``[out, cells]`` weights of linear interpolation from ``cells`` values to ``out`` samples
+    with half-pixel centres and a mirror boundary (float64): what
+    ``skimage.transform.resize(order=1, mode="reflect")`` computes, which the reference RISE
+    uses to upsample its grids (tested)."""
+    position = (torch.arange(out, dtype=torch.float64) + 0.5) * cells / out - 0.5
+    low = position.floor()
+    frac = position - low
+    low = low.long()
+
+    def mirror(k: torch.Tensor) -> torch.Tensor:
+        if cells == 1:
+            return torch.zeros_like(k)
+        k = k.abs()
+        return torch.where(k > cells - 1, 2 * (cells - 1) - k, k)
+
+    weights = torch.zeros(out, cells, dtype=torch.float64)
+    rows = torch.arange(out)
+    weights.index_put_((rows, mirror(low)), 1 - frac, accumulate=True)
+    weights.index_put_((rows, mirror(low + 1)), frac, accumulate=True)
+    return weights
+
+
+class _RiseMasks:
+    """RISE's masks (Petsiuk et al. 2018, as their reference code draws them): ``n`` binary grids
+    of ``rows x columns`` cells, each cell kept with probability ``p``, upsampled bilinearly to
+    ``(cells + 1) * ceil(size / cells)`` pixels per side and cropped to the image at a random
+    shift below one cell. Only the grids and the shifts are drawn and stored (``n`` x cells);
+    :meth:`masks` upsamples any range of them, as two small matrix products per mask, so the
+    ``[n, H, W]`` masks exist one chunk at a time and do not depend on the chunking."""
+
+    def __init__(self, n: int, image_hw: tuple[int, int], cells: tuple[int, int], p: float,
+                 generator: torch.Generator, device: torch.device) -> None:
+        height, width = image_hw
+        cell_h, cell_w = math.ceil(height / cells[0]), math.ceil(width / cells[1])
+        where = generator.device
+        self.grids = (torch.rand((n, *cells), generator=generator, device=where) < p).to(device)
+        self.shift_y = torch.randint(0, cell_h, (n,), generator=generator, device=where).to(device)
+        self.shift_x = torch.randint(0, cell_w, (n,), generator=generator, device=where).to(device)
+        self.up_h = _interpolation_matrix((cells[0] + 1) * cell_h, cells[0]).to(device)
+        self.up_w = _interpolation_matrix((cells[1] + 1) * cell_w, cells[1]).to(device)
+        self.image_hw = image_hw
+
+    def masks(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+        """Masks ``start..stop-1``, ``[n, H, W]`` in ``dtype`` (computed in float64, like the reference)."""
+        height, width = self.image_hw
+        device = self.grids.device
+        rows = self.up_h[self.shift_y[start:stop, None] + torch.arange(height, device=device)]  # [n, H, cells_h]
+        cols = self.up_w[self.shift_x[start:stop, None] + torch.arange(width, device=device)]  # [n, W, cells_w]
+        return (rows @ self.grids[start:stop].double() @ cols.transpose(1, 2)).to(dtype)
+
+
+def rise_masks(
+    n_masks: int,
+    image_size: int | Sequence[int],
+    *,
+    grid_size: int | Sequence[int] = 7,
+    p: float = 0.5,
+    seed: int | None = 0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The ``[N, 1, H, W]`` masks that :func:`rise` uses for the same ``seed`` (or a generator in
+    the same state), image size, ``grid_size`` and ``p`` on the same device: for plotting them,
+    or for checking RISE by hand. All of them at once; :func:`rise` itself makes them a chunk at a
+    time."""
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(v) for v in image_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"image_size must be an int or (H, W), got {image_size!r}")
+    _check_rise_options(n_masks, p, False)
+    cells = _grid_cells(grid_size, size)  # type: ignore[arg-type]
+    where = torch.device(device) if device is not None else torch.device("cpu")
+    sampler = _RiseMasks(n_masks, size, cells, float(p), make_generator(where, seed, generator), where)  # type: ignore[arg-type]
+    return sampler.masks(0, n_masks, dtype).unsqueeze(1)
+
+
+@register_method("rise", kind="input", family="perturbation", multiplies_batch=True)
+def rise(
+    model: Any,
+    inputs: torch.Tensor,
+    target: Any = None,
+    *,
+    n_masks: int = 4000,
+    grid_size: int | Sequence[int] = 7,
+    p: float = 0.5,
+    baseline: Any = "zeros",
+    debias: bool = False,
+    seed: int | None = 0,
+    generator: torch.Generator | None = None,
+    internal_batch_size: int | None = 64,
+    mean: Any = None,
+    blur_sigma: float | None = None,
+) -> Attribution:
+    """RISE (Petsiuk et al. 2018): the feature's value on ``n_masks`` randomly masked copies of
+    the input, averaged with the masks as weights. The saliency of pixel ``u`` is the paper's
+    Monte-Carlo estimate of ``E[f(x . M) | M(u) = 1]``,
+    ``S(u) = sum_i f(x . M_i) M_i(u) / (N p)`` (``E[M] = p``; the reference code's ``sal / N / p1``).
+
+    Masks (see :func:`rise_masks`): ``grid_size`` cells per side (int or ``(rows, columns)``),
+    each kept with probability ``p``, upsampled bilinearly and cropped at a random shift, as in
+    the reference code; drawn once from ``seed`` / ``generator`` and shared by every image of the
+    batch. Masked pixels blend towards ``baseline`` (``x M + b (1 - M)``; the paper's ``"zeros"``
+    is ``x M``; ``"blur"``, ``"mean"``... as :func:`~mechlens.attribution.baselines.make_baseline`).
+    The paper scores softmax probabilities: pass ``ClassLogit(c, normalize="softmax")``
+    (``"class:c:softmax"``) for that; any feature works.
+
+    ``debias=True`` weights the masks by ``M - p`` instead (Hatakeyama et al. 2020's debiased
+    RISE, xaitk-saliency's ``RISEScoring(p1=p)`` before its max-abs scaling) and divides by
+    ``N p (1 - p)``: for binary masks ``E[f | u kept] - E[f | u removed]``, without RISE's
+    image-wide offset ``E[f]``. Neither the paper nor its reference code subtracts a mean or a
+    blank-image score, so the default does not. ``internal_batch_size``: masked images per
+    forward pass (masks x images). ``extras``: ``n_forwards`` (images run through the model:
+    ``B (N + 1)``), ``n_forward_passes``, ``mask_mean`` (the drawn masks' mean; ``p`` in
+    expectation), ``mean_score`` ``[B]`` (the feature's mean over the masked images: the map's
+    image-wide offset; ``debias`` maps are ``(map - mean_score) / (1 - p)``)."""
+    model = unwrap(model)
+    inputs = check_images(inputs).detach()
+    _check_rise_options(n_masks, p, debias)
+    batch = inputs.shape[0]
+    image_hw = (int(inputs.shape[2]), int(inputs.shape[3]))
+    cells = _grid_cells(grid_size, image_hw)
+    target = resolve_target(model, inputs, target)
+    gen = make_generator(inputs.device, seed, generator)
+    sampler = _RiseMasks(n_masks, image_hw, cells, float(p), gen, inputs.device)
+    base = make_baseline(inputs, baseline, mean=mean, blur_sigma=blur_sigma, generator=gen).detach()
+    delta = inputs - base
+    per_chunk = n_masks if internal_batch_size is None else max(1, internal_batch_size // batch)
+    total = torch.zeros(batch, *image_hw, dtype=torch.float64, device=inputs.device)
+    mask_total = 0.0
+    score_total = torch.zeros(batch, dtype=torch.float64, device=inputs.device)
+    passes = 1
+    with inference_model(model, keep=target.layers, gradients=False) as model, torch.no_grad():
+        f_x = feature_values(model, inputs, target)
+        for start, stop in chunk_ranges(n_masks, per_chunk):
+            masks = sampler.masks(start, stop, inputs.dtype)  # [n, H, W]
+            n = masks.shape[0]
+            masked = base.unsqueeze(0) + delta.unsqueeze(0) * masks[:, None, None]  # [n, B, C, H, W]
+            values, _ = target.repeat(n).forward(model, masked.reshape(n * batch, *inputs.shape[1:]), grads=False)
+            del masked
+            weights = masks.double() - p if debias else masks.double()
+            scores = values.view(n, batch).double()
+            total += torch.einsum("nb,nhw->bhw", scores, weights)
+            score_total += scores.sum(dim=0)
+            mask_total += float(masks.double().sum())
+            passes += 1
+    scale = n_masks * p * ((1 - p) if debias else 1)
+    saliency = (total / scale).to(inputs.dtype)
+    return Attribution(
+        map=saliency.unsqueeze(1).expand_as(inputs).contiguous(), method="rise", features=target.names,
+        values=f_x, kind="input", input_shape=tuple(inputs.shape), channel_reduce="mean",
+        extras={"n_masks": n_masks, "grid_size": list(cells), "p": float(p), "debias": bool(debias),
+                "n_forwards": batch * (n_masks + 1), "n_forward_passes": passes,
+                "mask_mean": mask_total / (n_masks * image_hw[0] * image_hw[1]),
+                "mean_score": (score_total / n_masks).to(inputs.dtype)},
+    )
+
+
+# ---------------------------------------------------------------------------- group masks
+def _check_feature_mask(feature_mask: Any, inputs: torch.Tensor, method: str) -> torch.Tensor:
+    """``feature_mask`` as ``[1 or B, 1 or C, H, W]`` long group ids on the inputs' device (an
+    int ``k``: square ``k x k`` patches, ids row-major)."""
+    batch, channels, height, width = (int(s) for s in inputs.shape)
+    if feature_mask is None:
+        raise ValueError(
+            f"{method} needs feature_mask=: an integer tensor [B or 1, 1 or C, H, W] of group ids (e.g. "
+            "slic_segments(x)[:, None]) or an int k for k x k patches; one group per element (Captum's default) "
+            "would cost C*H*W forward passes per image"
+        )
+    if isinstance(feature_mask, int) and not isinstance(feature_mask, bool):
+        if not 1 <= feature_mask <= max(height, width):
+            raise ValueError(f"a patch feature_mask must be between 1 and the image size {height}x{width}, got {feature_mask}")
+        ys = torch.arange(height, device=inputs.device) // feature_mask
+        xs = torch.arange(width, device=inputs.device) // feature_mask
+        return (ys[:, None] * math.ceil(width / feature_mask) + xs[None, :]).view(1, 1, height, width)
+    if not isinstance(feature_mask, torch.Tensor):
+        raise TypeError(f"feature_mask must be an integer tensor [B or 1, 1 or C, H, W] or an int patch size, got {type(feature_mask).__name__}")
+    if feature_mask.is_floating_point() or feature_mask.is_complex() or feature_mask.dtype == torch.bool:
+        raise ValueError(f"feature_mask must hold integer group ids (e.g. torch.long), got {feature_mask.dtype}")
+    mask = feature_mask[None, None] if feature_mask.dim() == 2 else feature_mask
+    if (mask.dim() != 4 or mask.shape[0] not in (1, batch) or mask.shape[1] not in (1, channels)
+            or tuple(mask.shape[2:]) != (height, width)):
+        raise ValueError(
+            f"feature_mask must be [B or 1, 1 or C, H, W] = [{batch} or 1, 1 or {channels}, {height}, {width}] "
+            f"(or [H, W]), got {tuple(feature_mask.shape)}; for [B, H, W] segments pass segments[:, None]"
+        )
+    if int(mask.min()) < 0:
+        raise ValueError(f"feature_mask must hold non-negative group ids, got {int(mask.min())}")
+    return mask.to(device=inputs.device, dtype=torch.long)
+
+
+def _present_groups(mask: torch.Tensor, groups: int, batch: int) -> torch.Tensor:
+    """``[B, groups]``: whether group ``g`` covers any element of sample ``b``."""
+    present = torch.zeros(mask.shape[0], groups, dtype=torch.bool, device=mask.device)
+    present.scatter_(1, mask.flatten(1), True)
+    return present.expand(batch, -1)
+
+
+def _spread(per_group: torch.Tensor, mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``[B, C, H, W]`` map repeating each group's value ``per_group[b, g]`` over its elements."""
+    batch = per_group.shape[0]
+    ids = mask.expand(batch, -1, -1, -1)
+    return per_group.gather(1, ids.flatten(1)).view(ids.shape).expand(shape).contiguous()
+
+
+def _mask_rows(mask: torch.Tensor, samples: torch.Tensor) -> torch.Tensor:
+    """The group ids of each row's sample ``[r, C', H, W]`` (a shared mask is not copied)."""
+    return mask[samples] if mask.shape[0] > 1 else mask.expand(samples.shape[0], -1, -1, -1)
+
+
+@register_method("feature_ablation", kind="input", family="perturbation", multiplies_batch=True, aliases=("ablation",))
+def feature_ablation(
+    model: Any,
+    inputs: torch.Tensor,
+    target: Any = None,
+    *,
+    feature_mask: torch.Tensor | int | None = None,
+    baseline: Any = 0.0,
+    internal_batch_size: int | None = 64,
+    mean: Any = None,
+    blur_sigma: float | None = None,
+    seed: int | None = 0,
+) -> Attribution:
+    """Feature ablation (Captum's ``FeatureAblation``): replace one group of ``feature_mask`` at
+    a time by the baseline and credit ``f(x) - f(x with the group ablated)`` to every element of
+    the group. ``feature_mask``: integer ids ``[B or 1, 1 or C, H, W]`` (or ``[H, W]``; one id map
+    for all channels, or per channel; per sample or shared), or an int ``k`` for ``k x k``
+    patches. It is required: Captum's default, every element its own group, costs ``C H W``
+    forward passes per image; :func:`occlusion` covers sliding windows. Only the groups a sample
+    has are evaluated. ``internal_batch_size``: ablated images per forward pass (groups x
+    images). ``extras``: ``group_ids``, ``group_attributions`` ``[B, G]`` (0 for a group a sample
+    lacks), ``n_forwards``."""
+    model = unwrap(model)
+    inputs = check_images(inputs).detach()
+    mask = _check_feature_mask(feature_mask, inputs, "feature_ablation")
+    target = resolve_target(model, inputs, target)
+    batch = inputs.shape[0]
+    ids, dense = torch.unique(mask, return_inverse=True)  # any ids -> 0..G-1
+    groups = int(ids.numel())
+    rows = _present_groups(dense, groups, batch).nonzero()  # [R, 2]: (sample, group)
+    base = make_baseline(inputs, baseline, mean=mean, blur_sigma=blur_sigma,
+                         generator=make_generator(inputs.device, seed, None)).detach()
+    diffs = torch.zeros(batch, groups, dtype=inputs.dtype, device=inputs.device)
+    with inference_model(model, keep=target.layers, gradients=False) as model, torch.no_grad():
+        f_x = feature_values(model, inputs, target)
+        for start, stop in chunk_ranges(rows.shape[0], internal_batch_size):
+            b, g = rows[start:stop].unbind(1)
+            ablate = _mask_rows(dense, b) == g.view(-1, 1, 1, 1)
+            values, _ = target.select(b.cpu()).forward(model, torch.where(ablate, base[b], inputs[b]), grads=False)
+            diffs[b, g] = f_x[b] - values
+    return Attribution(
+        map=_spread(diffs, dense, inputs.shape), method="feature_ablation", features=target.names, values=f_x,
+        kind="input", input_shape=tuple(inputs.shape), channel_reduce="mean",
+        extras={"group_ids": ids, "group_attributions": diffs, "n_groups": groups,
+                "n_forwards": int(rows.shape[0]) + batch},
+    )
+
+
+@register_method("shapley_value_sampling", kind="input", family="perturbation", multiplies_batch=True,
+                 aliases=("shapley_sampling",))
+def shapley_value_sampling(
+    model: Any,
+    inputs: torch.Tensor,
+    target: Any = None,
+    *,
+    feature_mask: torch.Tensor | int | None = None,
+    n_samples: int = 25,
+    baseline: Any = 0.0,
+    seed: int | None = 0,
+    generator: torch.Generator | None = None,
+    internal_batch_size: int | None = 64,
+    mean: Any = None,
+    blur_sigma: float | None = None,
+) -> Attribution:
+    """Shapley value sampling (Castro et al. 2009; Captum's ``ShapleyValueSampling``): for each
+    of ``n_samples`` random orders of the groups of ``feature_mask`` (as in
+    :func:`feature_ablation`), start from the baseline, switch the groups to the input one at a
+    time and credit each group its marginal change of the feature; average over the orders.
+
+    The orders are ``torch.randperm(max id + 1)`` drawn from ``seed`` / ``generator``, the same
+    draws as Captum's after ``torch.manual_seed(seed)`` (tested). Steps that add a group a sample
+    lacks, and those after the last of its groups (the input itself, ``f(x)``), are not evaluated;
+    every other step of every order is, ``internal_batch_size`` images per forward pass. The
+    values sum exactly to ``f(x) - f(baseline)`` (telescoping): ``extras`` has
+    ``convergence_delta``, ``completeness_error``, ``baseline_values``, the per-group
+    ``shapley_values`` ``[B, max id + 1]`` and ``n_forwards``."""
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer (the number of random orders), got {n_samples!r}")
+    model = unwrap(model)
+    inputs = check_images(inputs).detach()
+    mask = _check_feature_mask(feature_mask, inputs, "shapley_value_sampling")
+    target = resolve_target(model, inputs, target)
+    batch, device = inputs.shape[0], inputs.device
+    groups = int(mask.max()) + 1
+    gen = make_generator(device, seed, generator)
+    orders = torch.stack([torch.randperm(groups, generator=gen, device=gen.device) for _ in range(n_samples)]).to(device)
+    steps = torch.arange(groups, device=device)
+    rank = torch.empty_like(orders).scatter_(1, orders, steps.expand(n_samples, -1))  # rank[j, g]: step adding g
+    present = _present_groups(mask, groups, batch)  # [B, G]
+    last = torch.where(present.unsqueeze(1), rank.unsqueeze(0), -1).amax(dim=2)  # [B, n]: step adding b's last group
+    adds_present = present[:, orders]  # [B, n, G]: step k of order j adds a group sample b has
+    rows = (adds_present & (steps < last.unsqueeze(2))).nonzero()  # [R, 3]: (sample, order, step)
+    base = make_baseline(inputs, baseline, mean=mean, blur_sigma=blur_sigma, generator=gen).detach()
+    # values[b, j, k]: the feature with the first k groups of order j switched to the input
+    values = torch.zeros(batch, n_samples, groups + 1, dtype=inputs.dtype, device=device)
+    known = torch.zeros(batch, n_samples, groups + 1, dtype=torch.bool, device=device)
+    with inference_model(model, keep=target.layers, gradients=False) as model, torch.no_grad():
+        f_x = feature_values(model, inputs, target)
+        f_0 = feature_values(model, base, target)
+        values[:, :, 0] = f_0.unsqueeze(1)
+        known[:, :, 0] = True
+        complete = (last + 1).unsqueeze(2)  # from here on the input is x itself
+        values.scatter_(2, complete, f_x.view(batch, 1, 1).expand(-1, n_samples, 1))
+        known.scatter_(2, complete, True)
+        for start, stop in chunk_ranges(rows.shape[0], internal_batch_size):
+            b, j, k = rows[start:stop].unbind(1)
+            ids = _mask_rows(mask, b)
+            keep = rank[j].gather(1, ids.flatten(1)).view(ids.shape) <= k.view(-1, 1, 1, 1)
+            out, _ = target.select(b.cpu()).forward(model, torch.where(keep, inputs[b], base[b]), grads=False)
+            values[b, j, k + 1] = out
+            known[b, j, k + 1] = True
+    # a step not evaluated left the input as it was: carry the last known value
+    carried = torch.where(known, torch.arange(groups + 1, device=device), 0).cummax(dim=2).values
+    values = values.gather(2, carried)
+    marginal = values[:, :, 1:] - values[:, :, :-1]  # [B, n, G], credited to orders[j, k]
+    phi = torch.zeros(batch, groups, dtype=torch.float64, device=device)
+    phi.scatter_add_(1, orders.unsqueeze(0).expand(batch, -1, -1).reshape(batch, -1), marginal.reshape(batch, -1).double())
+    phi = (phi / n_samples).to(inputs.dtype)
+    delta = phi.sum(dim=1) - (f_x - f_0)
+    error = delta.abs() / (f_x - f_0).abs().clamp_min(torch.finfo(inputs.dtype).tiny)
+    return Attribution(
+        map=_spread(phi, mask, inputs.shape), method="shapley_value_sampling", features=target.names, values=f_x,
+        kind="input", input_shape=tuple(inputs.shape), channel_reduce="mean",
+        extras={"shapley_values": phi, "n_samples": n_samples, "n_forwards": int(rows.shape[0]) + 2 * batch,
+                "convergence_delta": delta, "completeness_error": error, "baseline_values": f_0},
+    )

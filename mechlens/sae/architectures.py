@@ -191,9 +191,10 @@ def prefix_errors(sae: "MatryoshkaSAE", x: torch.Tensor, z: torch.Tensor) -> lis
     the full width last."""
     errors = []
     recon = sae.b_dec.expand_as(x)
+    directions = sae.decoder_directions()
     start = 0
     for size in sae.config.resolved_group_sizes():
-        recon = torch.addmm(recon, z[:, start:start + size], sae.W_dec[start:start + size])
+        recon = torch.addmm(recon, z[:, start:start + size], directions[start:start + size])
         start += size
         errors.append(squared_error(x, recon))
     return errors
@@ -249,6 +250,9 @@ class ArchetypalConfig(TopKConfig):
         super().__post_init__()
         if self.normalize_decoder:
             raise ValueError("archetypal SAE: normalize_decoder must be False (the archetypes set the decoder norms)")
+        if self.rescale_acts_by_decoder_norm:
+            raise ValueError("archetypal SAE: rescale_acts_by_decoder_norm must be False (the archetypes set the "
+                             "decoder norms)")
         if self.n_candidates is not None and (int(self.n_candidates) != self.n_candidates or self.n_candidates < 1):
             raise ValueError(f"n_candidates must be a positive integer or None, got {self.n_candidates!r}")
         if not self.delta >= 0:

@@ -199,7 +199,14 @@ class TopKConfig(SAEConfig):
     28% linear, FVU within 4%). ``multi_k`` (off by
     default) adds the paper's Multi-TopK
     term: the reconstruction error with the ``multi_k`` largest latents, weighted by
-    ``multi_k_coeff`` (the paper: ``multi_k = 4 k``, coefficient 1/8)."""
+    ``multi_k_coeff`` (the paper: ``multi_k = 4 k``, coefficient 1/8).
+
+    ``rescale_acts_by_decoder_norm`` (SAELens's default for its TopK family) is another way to
+    keep the decoder's directions at unit norm: the rows of ``W_dec`` are free parameters, the
+    SAE decodes with ``W_dec_i / ||W_dec_i||`` and multiplies pre-activation ``i`` by
+    ``||W_dec_i||``. The function class is the unit-norm SAE's (the norms fold into the encoder:
+    :meth:`~mechlens.sae.TopKSAE.fold_decoder_norm`, done on export), but the gradient steps
+    differ, like weight normalisation. It needs ``normalize_decoder=False``."""
 
     arch: ClassVar[str] = "topk"
     k: int = option(32, "active latents per row")
@@ -210,6 +217,9 @@ class TopKConfig(SAEConfig):
                                            "(their pre-activations: revives latents that are negative everywhere)")
     multi_k: int | None = option(None, "latents of the Multi-TopK term (None: off)")
     multi_k_coeff: float = option(1 / 8, "Multi-TopK coefficient")
+    rescale_acts_by_decoder_norm: bool = option(
+        False, "select on pre * ||W_dec_i|| and decode with unit rows (SAELens's parameterisation; "
+               "needs --no-normalize-decoder)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -226,6 +236,9 @@ class TopKConfig(SAEConfig):
             raise ValueError(f"aux_activation must be 'relu' or 'linear', got {self.aux_activation!r}")
         if self.multi_k is not None and not self.k < self.multi_k <= self.width:
             raise ValueError(f"multi_k must be in ({self.k}, {self.width}], got {self.multi_k}")
+        if self.rescale_acts_by_decoder_norm and self.normalize_decoder:
+            raise ValueError("rescale_acts_by_decoder_norm leaves the decoder norms free (the SAE decodes with unit "
+                             "rows and scales each latent by its row's norm): set normalize_decoder=False with it")
 
     @property
     def sparsity_coeff(self) -> float:

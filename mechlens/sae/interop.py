@@ -257,6 +257,7 @@ def export_saelens(sae: SAE, path: str | os.PathLike) -> Path:
 
     if not isinstance(sae, SAE):
         raise TypeError(f"export_saelens needs a mechlens SAE, got {type(sae).__name__} (convert peers with from_peer)")
+    sae = sae.fold_decoder_norm()  # SAELens's rescaled form is foldable: write the plain one
     architecture, extra, weights, extra_metadata = _saelens_form(sae)
     dtype = sae.W_enc.dtype
     metadata: dict[str, Any] = {"sae_lens_version": SAELENS_FORMAT_VERSION,

@@ -105,7 +105,7 @@ def _auxk(sae: Any, ctx: LossContext) -> Optional[torch.Tensor]:
     if not sae.config.aux_coeff > 0 or ctx.dead is None:
         return None
     out, dead = ctx.out, ctx.dead
-    return auxk_loss(ctx.x - out.x_hat, out.pre.index_select(1, dead), sae.W_dec.index_select(0, dead),
+    return auxk_loss(ctx.x - out.x_hat, out.pre.index_select(1, dead), sae.decoder_directions(dead),
                      sae.config.resolved_aux_k(), normalize=sae.config.aux_normalize,
                      relu=sae.config.aux_activation == "relu")
 

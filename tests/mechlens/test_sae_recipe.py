@@ -170,18 +170,21 @@ def test_batchtopk_threshold_calibrated_to_an_l0_gives_that_l0():
         sae.calibrate_threshold(batches, l0=0)
 
 
-@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
-def test_the_sparse_decoder_path_equals_the_dense_one_with_its_gradients(arch):
+@pytest.mark.parametrize("arch,rescale", [("topk", False), ("batchtopk", False), ("topk", True), ("batchtopk", True)])
+def test_the_sparse_decoder_path_equals_the_dense_one_with_its_gradients(arch, rescale):
     """TopK / BatchTopK training decodes only the active rows (embedding_bag); the output and
     every gradient must be those of the dense decode of the generic SAE.forward."""
     from mechlens.sae import create_sae
     from mechlens.sae.losses import squared_error
     from mechlens.sae.modules import SAE
 
-    sae = create_sae(arch, width=48, d_in=12, k=4, seed=3).train()
+    options = {"rescale_acts_by_decoder_norm": True, "normalize_decoder": False} if rescale else {}
+    sae = create_sae(arch, width=48, d_in=12, k=4, seed=3, **options).train()
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc.normal_(std=0.1)
+        if rescale:  # rows of norms 0.5..2: the rescaled decode divides by them
+            sae.W_dec.mul_(torch.linspace(0.5, 2.0, 48)[:, None])
     x = torch.randn(37, 12, generator=torch.Generator().manual_seed(1))
     grads = []
     for forward in (sae.forward, lambda rows: SAE.forward(sae, rows)):
@@ -217,3 +220,83 @@ def test_batch_topk_selects_the_same_entries_as_topk_and_falls_back_when_the_sam
     for flat in (hidden, seen):
         values, indices = batch_topk(flat, 8192)
         assert torch.equal(indices.sort().values, flat.topk(8192, sorted=False).indices.sort().values)
+
+
+# ---------------------------------------------------------------------------- rescale by decoder norm
+def _rescaled(arch: str, seed: int = 3):
+    from mechlens.sae import create_sae
+
+    sae = create_sae(arch, width=48, d_in=12, k=4, seed=seed, rescale_acts_by_decoder_norm=True,
+                     normalize_decoder=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.W_dec.mul_(0.5 + 1.5 * torch.rand(48, 1, generator=generator))  # free norms 0.5..2
+        sae.W_enc.add_(0.2 * torch.randn(sae.W_enc.shape, generator=generator))
+        sae.b_enc.normal_(std=0.1, generator=generator)
+        sae.b_dec.normal_(generator=generator)
+    return sae
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_rescale_by_decoder_norm_matches_saelens_training_forward_and_gradients(arch):
+    """SAELens's TopK family selects on ``pre * ||W_dec_i||`` and decodes with unit rows (its
+    default): the latents, reconstruction, MSE and every parameter's gradient must match."""
+    pytest.importorskip("sae_lens")
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from mechlens.sae.losses import squared_error
+
+    ours = _rescaled(arch).train()
+    peer_class, config_class = {"topk": (TopKTrainingSAE, TopKTrainingSAEConfig),
+                                "batchtopk": (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig)}[arch]
+    peer = peer_class(config_class(d_in=12, d_sae=48, k=4, rescale_acts_by_decoder_norm=True))
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(peer, name).copy_(getattr(ours, name))
+    x = torch.randn(40, 12, generator=torch.Generator().manual_seed(5)) * 2
+    out = ours(x)
+    recon = squared_error(x, out.x_hat)
+    recon.backward()
+    step = peer.training_forward_pass(TrainStepInput(x, {}, None, 0, False))
+    torch.testing.assert_close(out.z, step.feature_acts.to_dense(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.x_hat, step.sae_out, atol=1e-5, rtol=1e-5)
+    assert recon.item() == pytest.approx(step.losses["mse_loss"].item(), rel=1e-5)
+    step.losses["mse_loss"].backward()
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(getattr(ours, name).grad, getattr(peer, name).grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+def test_rescaled_sae_folds_exactly_into_the_plain_form_and_on_export(arch, tmp_path):
+    """fold_decoder_norm, the raw-space fold and the SAELens export all give the same latents and
+    reconstruction as the rescaled SAE (BatchTopK: its inference threshold unchanged)."""
+    from mechlens.sae import export_saelens, import_saelens
+    from mechlens.sae.modules import fold_normalization
+
+    sae = _rescaled(arch).eval()
+    if arch != "topk":
+        sae.threshold.fill_(0.3)
+    x = torch.randn(40, 12, generator=torch.Generator().manual_seed(6))
+    z, x_hat = sae.encode(x), sae.reconstruct(x)
+    assert (z > 0).sum() > 20
+    plain = sae.fold_decoder_norm()
+    assert not plain.rescales_by_decoder_norm and plain is not sae
+    torch.testing.assert_close(plain.W_dec.norm(dim=1), torch.ones(48))
+    torch.testing.assert_close(plain.encode(x), z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plain.reconstruct(x), x_hat, atol=1e-5, rtol=1e-5)
+    raw = fold_normalization(sae, scale=0.25)  # the SAE trained on x / 4, reading x
+    torch.testing.assert_close(raw.encode(4 * x), z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(raw.reconstruct(4 * x), 4 * x_hat, atol=1e-4, rtol=1e-5)
+    back = import_saelens(export_saelens(sae, tmp_path / "lens"))
+    torch.testing.assert_close(back.reconstruct(x), x_hat, atol=1e-5, rtol=1e-5)
+
+
+def test_rescale_by_decoder_norm_refuses_a_unit_norm_constraint_and_archetypes():
+    from mechlens.sae import BatchTopKConfig
+    from mechlens.sae.architectures import ArchetypalConfig
+
+    with pytest.raises(ValueError, match="normalize_decoder=False"):
+        BatchTopKConfig(width=32, k=4, rescale_acts_by_decoder_norm=True)
+    with pytest.raises(ValueError, match="archetypes"):
+        ArchetypalConfig(width=32, k=4, rescale_acts_by_decoder_norm=True)
