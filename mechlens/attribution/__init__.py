@@ -41,15 +41,24 @@ from mechlens.attribution.base import (
 from mechlens.attribution.execution import exact_execution, inference_copy, inference_model
 from mechlens.attribution.baselines import BASELINES, dataset_mean, gaussian_blur, make_baseline
 from mechlens.attribution.cam import (
+    ablationcam,
+    eigen_gradcam,
+    eigencam,
+    fullgrad,
+    fullgrad_bias_layers,
     gradcam,
     gradcam_plusplus,
     guided_gradcam,
+    hirescam,
     layer_activations_and_gradients,
     layercam,
+    multilayer_cam,
+    principal_projection,
     scorecam,
     suggest_cam_layer,
     to_grid,
     vit_cam_layer,
+    xgradcam,
 )
 from mechlens.attribution.gradients import (
     gradient_shap,
@@ -82,6 +91,8 @@ from mechlens.attribution.vit import (
 )
 
 __all__ = [
+    "ablationcam", "eigen_gradcam", "eigencam", "fullgrad", "fullgrad_bias_layers", "hirescam", "multilayer_cam",
+    "principal_projection", "xgradcam",
     "AttentionMaps", "Attribution", "BASELINES", "MethodInfo", "NonFiniteError", "Target",
     "attention", "attention_maps", "attention_modules", "attention_rollout", "attribute", "check_finite",
     "dataset_mean", "eval_mode", "exact_execution", "feature_ablation", "gaussian_blur", "get_method", "gradcam", "gradcam_plusplus",
