@@ -61,13 +61,19 @@ from mechlens.attribution.cam import (
     xgradcam,
 )
 from mechlens.attribution.gradients import (
+    BASELINE_DISTRIBUTIONS,
+    BaselineSet,
+    baseline_set,
+    expected_gradients,
     gradient_shap,
     guided_backprop,
     guided_relus,
     input_x_gradient,
     integrated_gradients,
+    multi_baseline_ig,
     saliency,
 )
+from mechlens.attribution.layer_attribution import layer_conductance, layer_integrated_gradients
 from mechlens.attribution.perturbation import (
     feature_ablation,
     kernel_shap,
@@ -93,6 +99,8 @@ from mechlens.attribution.vit import (
 __all__ = [
     "ablationcam", "eigen_gradcam", "eigencam", "fullgrad", "fullgrad_bias_layers", "hirescam", "multilayer_cam",
     "principal_projection", "xgradcam",
+    "BASELINE_DISTRIBUTIONS", "BaselineSet", "baseline_set", "expected_gradients", "layer_conductance",
+    "layer_integrated_gradients", "multi_baseline_ig",
     "AttentionMaps", "Attribution", "BASELINES", "MethodInfo", "NonFiniteError", "Target",
     "attention", "attention_maps", "attention_modules", "attention_rollout", "attribute", "check_finite",
     "dataset_mean", "eval_mode", "exact_execution", "feature_ablation", "gaussian_blur", "get_method", "gradcam", "gradcam_plusplus",
