@@ -8,7 +8,10 @@ of ``--images`` SyntheticShapes images at ``--size`` (ImageNet-normalised, seed 
   SmoothGrad over saliency (``--samples`` noisy copies, the same absolute noise std on both
   sides), occlusion (window ``3 x W x W``, stride ``S``, zero baseline) and Grad-CAM at
   ``layer4`` (``LayerGradCam``): mechlens vs **Captum**;
-* Grad-CAM and Score-CAM at ``layer4``: mechlens vs **pytorch-grad-cam**.
+* Grad-CAM, Score-CAM, HiResCAM, XGradCAM, EigenCAM and AblationCAM at ``layer4``, and FullGrad
+  (every bias layer): mechlens vs **pytorch-grad-cam** (AblationCAM batched: ``--perturb-rows``
+  ablated copies per pass against its ``batch_size``);
+* RISE (``--rise-masks`` masks, no peer: Captum #1150 is open): seconds per image.
 
 Every implementation runs at its *default* batching and, where it has a batching knob, at tuned
 ones named ``rows<N>`` (N rows per forward pass): each of ``--rows`` for the gradient methods
@@ -41,7 +44,8 @@ rounding) where the settings fix the result (saliency, IG, occlusion, Grad-CAM, 
 SmoothGrad draws its noise from different generators, so there the check is the correlation of
 the two maps and the ratio of their mean magnitudes. The ratios are mechlens best / peer best:
 wall time, CPU time and peak memory. Targets (issue 5): time <= 1.0x the peer's best on every
-method with peak memory <= the peer's best; Score-CAM and occlusion <= 0.5x.
+method with peak memory <= the peer's best; Score-CAM and occlusion <= 0.5x (issue 22:
+AblationCAM <= 0.5x too).
 
 ``--device cuda`` (a GPU machine) runs the same comparison on the GPU: children are spawned
 instead of forked, wall time waits for the device (``torch.cuda.synchronize``), and peak memory
@@ -82,7 +86,8 @@ from typing import Any, Callable  # noqa: E402
 
 import torch  # noqa: E402
 
-METHODS = ("saliency", "integrated_gradients", "smoothgrad", "occlusion", "gradcam", "scorecam")
+PGC_CAMS = ("hirescam", "xgradcam", "eigencam", "ablationcam", "fullgrad")  # compared with pytorch-grad-cam
+METHODS = ("saliency", "integrated_gradients", "smoothgrad", "occlusion", "gradcam", "scorecam", *PGC_CAMS, "rise")
 # (method, peer) pairs compared; mechlens' gradcam runs are shared by both Grad-CAM comparisons.
 COMPARISONS = (
     ("saliency", "captum"),
@@ -92,8 +97,9 @@ COMPARISONS = (
     ("gradcam", "captum"),
     ("gradcam", "pytorch_grad_cam"),
     ("scorecam", "pytorch_grad_cam"),
+    *((cam, "pytorch_grad_cam") for cam in PGC_CAMS),
 )
-TIME_TARGETS = {"occlusion": 0.5, "scorecam": 0.5}  # else 1.0
+TIME_TARGETS = {"occlusion": 0.5, "scorecam": 0.5, "ablationcam": 0.5}  # else 1.0
 TARGET_CLASS = 3
 LAYER = "layer4"
 MIB = 1024 * 1024
@@ -110,6 +116,7 @@ class Config:
     rows: tuple[int, ...] = (8, 64)
     perturb_rows: tuple[int, ...] = (8, 16, 64)
     noise_spread: float = 0.15
+    rise_masks: int = 1000
     threads: int = 0  # torch intra-op threads in each child; 0 = torch's default
     device: str = "cpu"  # where the model and inputs live ("cuda" on a GPU machine)
 
@@ -130,7 +137,7 @@ def _batching(method: str, impl: str, rows: int | None, cfg: Config) -> tuple[di
     """The batching keyword arguments of ``impl`` that run about ``rows`` rows per forward pass
     (``None``: the implementation's default), and the rows per pass they really mean."""
     b = cfg.images
-    if method in ("saliency", "gradcam"):
+    if method in ("saliency", "gradcam", "hirescam", "xgradcam", "eigencam", "fullgrad"):
         return {}, b
     if method == "integrated_gradients":  # interpolation rows; default: all steps x batch at once
         total = cfg.steps * b
@@ -148,6 +155,13 @@ def _batching(method: str, impl: str, rows: int | None, cfg: Config) -> tuple[di
         windows = min(max(1, rows // b), n_windows)
         key = "internal_batch_size" if impl == "mechlens" else "perturbations_per_eval"
         return {key: windows * b if impl == "mechlens" else windows}, windows * b
+    if method == "ablationcam":  # ablated copies per pass; defaults: mechlens 64, pytorch-grad-cam 32
+        if rows is None:
+            return {}, 64 if impl == "mechlens" else 32
+        key = "internal_batch_size" if impl == "mechlens" else "batch_size"
+        return {key: rows}, rows
+    if method == "rise":  # masked inputs per pass; no peer (Captum #1150)
+        return ({}, 64) if rows is None else ({"internal_batch_size": rows}, rows)
     if method == "scorecam":  # masked inputs per pass; defaults: mechlens 64, pytorch-grad-cam 16
         if rows is None:
             return {}, 64 if impl == "mechlens" else 16
@@ -157,8 +171,9 @@ def _batching(method: str, impl: str, rows: int | None, cfg: Config) -> tuple[di
 
 
 PEERS = {"saliency": ("captum",), "integrated_gradients": ("captum",), "smoothgrad": ("captum",),
-         "occlusion": ("captum",), "gradcam": ("captum", "pytorch_grad_cam"), "scorecam": ("pytorch_grad_cam",)}
-TUNABLE = ("integrated_gradients", "smoothgrad", "occlusion", "scorecam")
+         "occlusion": ("captum",), "gradcam": ("captum", "pytorch_grad_cam"), "scorecam": ("pytorch_grad_cam",),
+         **{cam: ("pytorch_grad_cam",) for cam in PGC_CAMS}, "rise": ()}
+TUNABLE = ("integrated_gradients", "smoothgrad", "occlusion", "scorecam", "ablationcam")
 
 
 def plan(cfg: Config, methods: list[str]) -> list[Run]:
@@ -172,7 +187,7 @@ def plan(cfg: Config, methods: list[str]) -> list[Run]:
         impls = ("mechlens", *PEERS[method])
         candidates: list[int | None] = [None]
         if method in TUNABLE:
-            candidates += list(cfg.perturb_rows if method in ("occlusion", "scorecam") else cfg.rows)
+            candidates += list(cfg.perturb_rows if method in ("occlusion", "scorecam", "ablationcam") else cfg.rows)
         seen: dict[str, set[int]] = {impl: set() for impl in impls}
         for rows in candidates:
             for impl in impls:
@@ -218,12 +233,15 @@ def make_call(run: Run, cfg: Config, model: torch.nn.Module, x: torch.Tensor) ->
             "occlusion": {"window": window, "strides": stride, "baseline": 0.0},
             "gradcam": {"layer": LAYER},
             "scorecam": {"layer": LAYER},
+            **{cam: {"layer": LAYER} for cam in PGC_CAMS if cam != "fullgrad"},
+            "fullgrad": {},
+            "rise": {"n_masks": cfg.rise_masks, "seed": 0},
         }[run.method]
 
         def call() -> tuple[torch.Tensor, dict]:
             result = attribute(model, x, TARGET_CLASS, method=run.method, **args, **kw)
             extras = {}
-            for key in ("masked_inputs_run", "local_recompute"):  # work saved, for the record
+            for key in ("masked_inputs_run", "local_recompute", "n_forwards"):  # work done / saved, for the record
                 if key in result.extras:
                     extras[key] = result.extras[key]
             return result.map, extras
@@ -255,10 +273,12 @@ def make_call(run: Run, cfg: Config, model: torch.nn.Module, x: torch.Tensor) ->
         import pytorch_grad_cam as pgc
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        cls = {"gradcam": pgc.GradCAM, "scorecam": pgc.ScoreCAM}[run.method]
+        cls = {"gradcam": pgc.GradCAM, "scorecam": pgc.ScoreCAM, "hirescam": pgc.HiResCAM, "xgradcam": pgc.XGradCAM,
+               "eigencam": pgc.EigenCAM, "ablationcam": pgc.AblationCAM, "fullgrad": pgc.FullGrad}[run.method]
+        layers = [] if run.method == "fullgrad" else [getattr(model, LAYER)]  # FullGrad takes every bias layer
 
         def call() -> tuple[torch.Tensor, dict]:
-            with cls(model=model, target_layers=[getattr(model, LAYER)]) as cam:
+            with cls(model=model, target_layers=layers) as cam:
                 if "batch_size" in kw:
                     cam.batch_size = kw["batch_size"]
                 out = cam(input_tensor=x, targets=[ClassifierOutputTarget(TARGET_CLASS)] * x.shape[0])
@@ -401,7 +421,11 @@ def check_agreement(method: str, peer: str, ours: torch.Tensor, theirs: torch.Te
     """Shapes equal and values close where the settings fix the result; raises if not."""
     if method == "gradcam" and peer == "captum":
         theirs = theirs.clamp(min=0).squeeze(1)  # LayerGradCam: [B, 1, h, w] before the ReLU
-    if method in ("gradcam", "scorecam") and peer == "pytorch_grad_cam":
+    if method == "fullgrad" and peer == "pytorch_grad_cam":  # ours is already at input size
+        from pytorch_grad_cam.utils.image import scale_cam_image
+
+        ours = torch.from_numpy(scale_cam_image(ours.numpy()))
+    elif peer == "pytorch_grad_cam":
         ours = _pgc_scaled(ours, cfg.size)  # pytorch-grad-cam returns scaled maps at input size
     if tuple(ours.shape) != tuple(theirs.shape):
         raise AssertionError(f"{method}: mechlens map {tuple(ours.shape)} vs {peer} {tuple(theirs.shape)}")
@@ -582,6 +606,7 @@ def main() -> None:
                              "the GPU's, from torch.cuda.max_memory_allocated, and the host's is reported beside it)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--one", metavar="METHOD:IMPL:SETTING", help="measure one run in this process and print it")
+    parser.add_argument("--rise-masks", type=int, default=1000, help="RISE masks per image")
     parser.add_argument("--quick", action="store_true", help="tiny run for the test suite")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -590,9 +615,10 @@ def main() -> None:
         args.images, args.size, args.steps, args.samples = 2, 64, 8, 4
         args.window, args.stride, args.rows, args.perturb_rows, args.repeats = 16, 8, [4], [8], 1
         args.threads = args.threads or 1
+        args.rise_masks = 64
     cfg = Config(images=args.images, size=args.size, steps=args.steps, samples=args.samples, window=args.window,
                  stride=args.stride, rows=tuple(args.rows), perturb_rows=tuple(args.perturb_rows), threads=args.threads,
-                 device=args.device)
+                 device=args.device, rise_masks=args.rise_masks)
     runs = plan(cfg, args.methods if not args.one else [args.one.split(":")[0]])
     if args.one:
         (run,) = [r for r in runs if r.key == args.one] or [None]
@@ -641,7 +667,10 @@ def main() -> None:
         "occlusion_window": [3, cfg.window, cfg.window], "occlusion_stride": [3, cfg.stride, cfg.stride],
         "rows": list(cfg.rows), "perturb_rows": list(cfg.perturb_rows), "repeats": args.repeats,
         "device": cfg.device, "threads": cfg.threads or torch.get_num_threads(), "wall_seconds": round(time.perf_counter() - total_start, 1),
-        "runs": summary, "comparisons": comparisons,
+        "runs": summary, "comparisons": comparisons, "rise_masks": cfg.rise_masks,
+        # RISE has no peer (Captum #1150): its cost per image at its fastest batching
+        "rise_seconds_per_image": min((v["seconds"] / cfg.images for k, v in summary.items()
+                                       if k.startswith("rise:") and "seconds" in v), default=None),
         "targets": {
             "time": complete and all(c["time_target_met"] for c in ok),
             "memory": complete and all(c["memory_target_met"] for c in ok),
