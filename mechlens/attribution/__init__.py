@@ -74,6 +74,15 @@ from mechlens.attribution.gradients import (
     saliency,
 )
 from mechlens.attribution.layer_attribution import layer_conductance, layer_integrated_gradients
+from mechlens.attribution.propagation import (
+    LRP_COMPOSITES,
+    LRP_RULES,
+    CompletenessWarning,
+    deeplift,
+    deeplift_shap,
+    lrp,
+    lrp_rule_map,
+)
 from mechlens.attribution.perturbation import (
     feature_ablation,
     kernel_shap,
@@ -101,6 +110,7 @@ __all__ = [
     "principal_projection", "xgradcam",
     "BASELINE_DISTRIBUTIONS", "BaselineSet", "baseline_set", "expected_gradients", "layer_conductance",
     "layer_integrated_gradients", "multi_baseline_ig",
+    "CompletenessWarning", "LRP_COMPOSITES", "LRP_RULES", "deeplift", "deeplift_shap", "lrp", "lrp_rule_map",
     "AttentionMaps", "Attribution", "BASELINES", "MethodInfo", "NonFiniteError", "Target",
     "attention", "attention_maps", "attention_modules", "attention_rollout", "attribute", "check_finite",
     "dataset_mean", "eval_mode", "exact_execution", "feature_ablation", "gaussian_blur", "get_method", "gradcam", "gradcam_plusplus",

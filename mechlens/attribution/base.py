@@ -406,7 +406,7 @@ class Attribution:
 class MethodInfo:
     """A registered attribution method.
 
-    ``kind``: ``"input"`` or ``"layer"`` maps; ``family``: gradient | cam | perturbation |
+    ``kind``: ``"input"`` or ``"layer"`` maps; ``family``: gradient | cam | perturbation | propagation |
     attention | smoothing; ``needs_layer``: the method takes ``layer=``; ``randomization``:
     what the model-parameter randomization check measured of it, per variant where they differ
     (``"passes"``, ``"fails"``, ``"fails with abs=True (the default); passes with abs=False"``,
