@@ -11,7 +11,11 @@ of ``--images`` SyntheticShapes images at ``--size`` (ImageNet-normalised, seed 
 * Grad-CAM, Score-CAM, HiResCAM, XGradCAM, EigenCAM and AblationCAM at ``layer4``, and FullGrad
   (every bias layer): mechlens vs **pytorch-grad-cam** (AblationCAM batched: ``--perturb-rows``
   ablated copies per pass against its ``batch_size``);
-* RISE (``--rise-masks`` masks, no peer: Captum #1150 is open): seconds per image.
+* RISE (``--rise-masks`` masks, no peer: Captum #1150 is open): seconds per image;
+* DeepLIFT (zero baseline) and DeepLiftShap (4 reference images) vs **Captum**, on the house
+  SmallCNN (width 32, 4 stages; Captum's DeepLift refuses resnet18, whose ReLU module is used
+  twice per block); LRP (``epsilon_plus`` with BatchNorm merged) on resnet18 vs **Zennit**
+  (``EpsilonPlus`` with its ``ResNetCanonizer``), both seeded with the logit.
 
 Every implementation runs at its *default* batching and, where it has a batching knob, at tuned
 ones named ``rows<N>`` (N rows per forward pass): each of ``--rows`` for the gradient methods
@@ -87,7 +91,10 @@ from typing import Any, Callable  # noqa: E402
 import torch  # noqa: E402
 
 PGC_CAMS = ("hirescam", "xgradcam", "eigencam", "ablationcam", "fullgrad")  # compared with pytorch-grad-cam
-METHODS = ("saliency", "integrated_gradients", "smoothgrad", "occlusion", "gradcam", "scorecam", *PGC_CAMS, "rise")
+PROPAGATION = ("deeplift", "deeplift_shap")  # on the house SmallCNN: Captum refuses resnet18's shared ReLU
+METHODS = ("saliency", "integrated_gradients", "smoothgrad", "occlusion", "gradcam", "scorecam", *PGC_CAMS, "rise",
+           *PROPAGATION, "lrp")
+SHAP_BASELINES = 4  # DeepLiftShap reference images
 # (method, peer) pairs compared; mechlens' gradcam runs are shared by both Grad-CAM comparisons.
 COMPARISONS = (
     ("saliency", "captum"),
@@ -98,6 +105,9 @@ COMPARISONS = (
     ("gradcam", "pytorch_grad_cam"),
     ("scorecam", "pytorch_grad_cam"),
     *((cam, "pytorch_grad_cam") for cam in PGC_CAMS),
+    ("deeplift", "captum"),
+    ("deeplift_shap", "captum"),
+    ("lrp", "zennit"),
 )
 TIME_TARGETS = {"occlusion": 0.5, "scorecam": 0.5, "ablationcam": 0.5}  # else 1.0
 TARGET_CLASS = 3
@@ -137,8 +147,10 @@ def _batching(method: str, impl: str, rows: int | None, cfg: Config) -> tuple[di
     """The batching keyword arguments of ``impl`` that run about ``rows`` rows per forward pass
     (``None``: the implementation's default), and the rows per pass they really mean."""
     b = cfg.images
-    if method in ("saliency", "gradcam", "hirescam", "xgradcam", "eigencam", "fullgrad"):
+    if method in ("saliency", "gradcam", "hirescam", "xgradcam", "eigencam", "fullgrad", "deeplift", "lrp"):
         return {}, b
+    if method == "deeplift_shap":  # both run every (input, baseline) pair in one pass
+        return {}, b * SHAP_BASELINES
     if method == "integrated_gradients":  # interpolation rows; default: all steps x batch at once
         total = cfg.steps * b
         return ({}, total) if rows is None else ({"internal_batch_size": rows}, min(rows, total))
@@ -172,7 +184,8 @@ def _batching(method: str, impl: str, rows: int | None, cfg: Config) -> tuple[di
 
 PEERS = {"saliency": ("captum",), "integrated_gradients": ("captum",), "smoothgrad": ("captum",),
          "occlusion": ("captum",), "gradcam": ("captum", "pytorch_grad_cam"), "scorecam": ("pytorch_grad_cam",),
-         **{cam: ("pytorch_grad_cam",) for cam in PGC_CAMS}, "rise": ()}
+         **{cam: ("pytorch_grad_cam",) for cam in PGC_CAMS}, "rise": (), "deeplift": ("captum",),
+         "deeplift_shap": ("captum",), "lrp": ("zennit",)}
 TUNABLE = ("integrated_gradients", "smoothgrad", "occlusion", "scorecam", "ablationcam")
 
 
@@ -200,14 +213,19 @@ def plan(cfg: Config, methods: list[str]) -> list[Run]:
 
 
 # ---------------------------------------------------------------------------- child side
-def build(cfg: Config) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The model and the batch every run sees."""
+def build(cfg: Config, method: str = "") -> tuple[torch.nn.Module, torch.Tensor]:
+    """The model and the batch every run sees (DeepLIFT: the house SmallCNN, whose modules are
+    used once each, as Captum's DeepLift requires)."""
     import torchvision
 
     from mechlens.data import SyntheticShapes
+    from mechlens.models import small_cnn
 
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None).eval()
+    if method in PROPAGATION:
+        model = small_cnn(num_classes=10, width=32, depth=4, blocks_per_stage=1, seed=0).eval()
+    else:
+        model = torchvision.models.resnet18(weights=None).eval()
     images = SyntheticShapes(num_samples=cfg.images, image_size=cfg.size, seed=0).to_tensors()[0]
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -236,6 +254,9 @@ def make_call(run: Run, cfg: Config, model: torch.nn.Module, x: torch.Tensor) ->
             **{cam: {"layer": LAYER} for cam in PGC_CAMS if cam != "fullgrad"},
             "fullgrad": {},
             "rise": {"n_masks": cfg.rise_masks, "seed": 0},
+            "deeplift": {"baseline": "zeros"},
+            "deeplift_shap": {"baselines": shap_baselines(cfg, x)},
+            "lrp": {"composite": "epsilon_plus"},
         }[run.method]
 
         def call() -> tuple[torch.Tensor, dict]:
@@ -264,6 +285,10 @@ def make_call(run: Run, cfg: Config, model: torch.nn.Module, x: torch.Tensor) ->
                                                     target=TARGET_CLASS, **kw)
             elif run.method == "gradcam":
                 out = ca.LayerGradCam(model, getattr(model, LAYER)).attribute(x, target=TARGET_CLASS)
+            elif run.method == "deeplift":
+                out = ca.DeepLift(model).attribute(x, baselines=0.0, target=TARGET_CLASS)
+            elif run.method == "deeplift_shap":
+                out = ca.DeepLiftShap(model).attribute(x, baselines=shap_baselines(cfg, x), target=TARGET_CLASS)
             else:
                 raise ValueError(f"no Captum run for {run.method}")
             return out.detach(), {}
@@ -285,7 +310,30 @@ def make_call(run: Run, cfg: Config, model: torch.nn.Module, x: torch.Tensor) ->
             return torch.from_numpy(out), {}
 
         return call
+    if run.impl == "zennit":
+        from zennit.attribution import Gradient
+        from zennit.composites import EpsilonPlus
+        from zennit.torchvision import ResNetCanonizer
+
+        def call() -> tuple[torch.Tensor, dict]:
+            # relevance seeded with the logit, as mechlens starts it (Zennit's default seed is 1)
+            onehot = torch.nn.functional.one_hot(torch.tensor(TARGET_CLASS), 1000).to(x)
+            with Gradient(model, EpsilonPlus(canonizers=[ResNetCanonizer()])) as attributor:
+                _, relevance = attributor(x.clone(), lambda out: out * onehot)
+            return relevance.detach(), {}
+
+        return call
     raise ValueError(f"unknown implementation {run.impl!r}")
+
+
+def shap_baselines(cfg: Config, x: torch.Tensor) -> torch.Tensor:
+    """DeepLiftShap's reference set, the same on both sides: other SyntheticShapes images."""
+    from mechlens.data import SyntheticShapes
+
+    images = SyntheticShapes(num_samples=SHAP_BASELINES, image_size=cfg.size, seed=1).to_tensors()[0]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return ((images - mean) / std).to(x)
 
 
 def _status_kib(field_name: str) -> int | None:
@@ -324,7 +372,7 @@ def measure(run: Run, cfg: Config, map_path: str | None, warm_call: bool = False
     warnings.simplefilter("ignore")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    model, x = build(cfg)
+    model, x = build(cfg, run.method)
     call = make_call(run, cfg, model, x)
     # warm-up: one forward/backward of the batch (thread pool, allocator, autograd, kernels)
     xx = x.detach().clone().requires_grad_(True)
@@ -368,6 +416,8 @@ def _preimport() -> None:
     """Import what the children use (no torch computation happens in the parent before forking)."""
     import captum.attr  # noqa: F401
     import pytorch_grad_cam  # noqa: F401
+    import zennit.attribution  # noqa: F401
+    import zennit.torchvision  # noqa: F401
     import pytorch_grad_cam.utils.image  # noqa: F401
     import torchvision  # noqa: F401
 
@@ -443,6 +493,11 @@ def check_agreement(method: str, peer: str, ours: torch.Tensor, theirs: torch.Te
             raise AssertionError(f"{method}: mechlens vs {peer} scaled maps differ by {diff:.2e}")
         return {"shape": list(ours.shape), "max_abs_diff": diff}
     rel = _rel(ours, theirs)
+    if method == "lrp" and rel > 1e-3:
+        # Zennit keeps each merged BatchNorm dividing by sqrt(1 + eps): 1e-4-level differences
+        raise AssertionError(f"lrp: mechlens vs {peer} maps differ by {rel:.2e} of the peer's max")
+    if method == "lrp":
+        return {"shape": list(ours.shape), "max_rel_diff": rel}
     if method in ("saliency", "integrated_gradients"):
         # Our inference copy (folded BatchNorm, channels-last) rounds differently, and a ReLU
         # pre-activation within rounding of zero flips the gradient of single pixels: judge the
