@@ -6,6 +6,9 @@
 * :func:`pointing_game` / :func:`localization_iou` against masks or boxes
   (:func:`boxes_to_masks`).
 * :func:`attribution_stability`: maps under small shifts and noise.
+* :mod:`mechlens.evaluation.metrics`: ROAD (noisy linear imputation), infidelity,
+  max-sensitivity, random-logit, faithfulness correlation, sparseness, complexity, relevance
+  mass / rank accuracy (parity with Quantus and captum.metrics).
 * :mod:`mechlens.evaluation.plots`: overlays, method comparisons, the randomization cascade.
 """
 from mechlens.evaluation.faithfulness import (
@@ -18,6 +21,20 @@ from mechlens.evaluation.faithfulness import (
     perturbation_curve,
     pointing_game,
     random_maps,
+)
+from mechlens.evaluation.metrics import (
+    MetricResult,
+    RoadResult,
+    complexity,
+    faithfulness_correlation,
+    infidelity,
+    max_sensitivity,
+    noisy_linear_imputation,
+    random_logit,
+    relevance_mass_accuracy,
+    relevance_rank_accuracy,
+    road,
+    sparseness,
 )
 from mechlens.evaluation.plots import (
     display_image,
@@ -37,6 +54,9 @@ from mechlens.evaluation.similarity import normalize_maps, spearman, ssim
 from mechlens.evaluation.stability import StabilityResult, attribution_stability, shift_images
 
 __all__ = [
+    "MetricResult", "RoadResult", "complexity", "faithfulness_correlation", "infidelity", "max_sensitivity",
+    "noisy_linear_imputation", "random_logit", "relevance_mass_accuracy", "relevance_rank_accuracy", "road",
+    "sparseness",
     "PerturbationCurve", "PointingResult", "RandomizationResult", "StabilityResult",
     "attribution_stability", "boxes_to_masks", "deletion_curve", "display_image", "insertion_curve",
     "localization_iou", "normalize_maps", "perturbation_curve", "plot_curves", "plot_methods",
