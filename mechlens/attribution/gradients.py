@@ -368,7 +368,8 @@ def _completeness(attributions: torch.Tensor, f_x: torch.Tensor, f_base: torch.T
 
 
 @register_method("multi_baseline_ig", kind="input", family="gradient", multiplies_batch=True,
-                 aliases=("multi_baseline_integrated_gradients",))
+                 aliases=("multi_baseline_integrated_gradients",),
+                 randomization="passes (rho 0.02-0.10 with blur baselines, 2 trained models)")
 def multi_baseline_ig(
     model: Any,
     inputs: torch.Tensor,
@@ -430,7 +431,8 @@ def multi_baseline_ig(
     )
 
 
-@register_method("expected_gradients", kind="input", family="gradient", multiplies_batch=True, aliases=("eg",))
+@register_method("expected_gradients", kind="input", family="gradient", multiplies_batch=True, aliases=("eg",),
+                 randomization="passes (rho -0.01-0.01, 2 trained models)")
 def expected_gradients(
     model: Any,
     inputs: torch.Tensor,

@@ -473,7 +473,7 @@ def _result(name: str, amap: torch.Tensor, target: Target, values: torch.Tensor,
 
 
 @register_method("deeplift", kind="input", family=_FAMILY, aliases=("deep_lift",),
-                 randomization="not measured")
+                 randomization="passes (rho -0.02-0.05, 2 trained models)")
 def deeplift(
     model: Any,
     inputs: torch.Tensor,
@@ -533,7 +533,8 @@ def deeplift(
 
 
 @register_method("deeplift_shap", kind="input", family=_FAMILY, multiplies_batch=True,
-                 aliases=("deepliftshap", "deep_shap", "deepshap"), randomization="not measured")
+                 aliases=("deepliftshap", "deep_shap", "deepshap"),
+                 randomization="passes (rho 0.02-0.10, 2 trained models)")
 def deeplift_shap(
     model: Any,
     inputs: torch.Tensor,
@@ -925,7 +926,7 @@ def _number(value: Any, what: str, *, positive: bool = False) -> float:
 
 
 @register_method("lrp", kind="input", family=_FAMILY, aliases=("layerwise_relevance_propagation",),
-                 randomization="not measured")
+                 randomization="epsilon_plus: passes (rho <= -0.02, 2 trained models)")
 def lrp(
     model: Any,
     inputs: torch.Tensor,
