@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("captum")
 pytest.importorskip("pytorch_grad_cam")
+pytest.importorskip("zennit")
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPARISONS = {
@@ -20,6 +21,11 @@ COMPARISONS = {
     "occlusion": ["captum"],
     "gradcam": ["captum", "pytorch_grad_cam"],
     "scorecam": ["pytorch_grad_cam"],
+    **{cam: ["pytorch_grad_cam"] for cam in ("hirescam", "xgradcam", "eigencam", "ablationcam", "fullgrad")},
+    "deeplift": ["captum"],
+    "deeplift_shap": ["captum"],
+    "lrp": ["zennit"],
+    "rise": [],
 }
 
 
@@ -55,6 +61,22 @@ def test_attribution_benchmark_quick_prints_its_json_line() -> None:
         assert any(key.startswith(f"{method}:{impl}:rows") for key in runs), (method, impl, sorted(runs))
     for key in ("time", "memory", "cpu_time"):
         assert isinstance(figures["targets"][key], bool)
+    assert figures["rise_seconds_per_image"] > 0  # no peer: its cost per image is the figure
+
+
+def test_metrics_benchmark_quick_prints_its_json_line() -> None:
+    pytest.importorskip("quantus")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "metrics_vs_quantus.py"), "--quick"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["benchmark"] == "metrics_vs_quantus"
+    metrics, ratios = line["figures"]["metrics"], line["ratios"]
+    for name in ("road_morf_1channel", "infidelity_equal_work", "max_sensitivity", "random_logit",
+                 "faithfulness_correlation", "sparseness", "complexity", "relevance_mass_accuracy",
+                 "relevance_rank_accuracy"):
+        assert metrics[name]["mechlens_ms"] > 0 and metrics[name]["quantus_ms"] > 0 and ratios[name] > 0, name
+    assert metrics["road_rgb_both_orders"]["mechlens_ms"] > 0
 
 
 # ---------------------------------------------------------------------------- fixes the benchmark led to
