@@ -33,6 +33,7 @@ from mechlens.attribution.cam import (
 from mechlens.attribution.execution import inference_copy
 from mechlens.features import Channel
 from mechlens.models import small_cnn
+from tests.mechlens._parity import TARGETS, parity_images, rel_error
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -42,17 +43,9 @@ from pytorch_grad_cam.utils.image import scale_cam_image  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction  # noqa: E402
 
-TARGETS = [1, 4, 2]
 TOL = 1e-5
 
 
-def _rel(ours, theirs) -> float:
-    a = torch.as_tensor(np.asarray(ours), dtype=torch.float64)
-    b = torch.as_tensor(np.asarray(theirs), dtype=torch.float64)
-    assert a.shape == b.shape
-    scale = b.abs().max().item()
-    assert scale > 0, "the reference map is all zeros: the comparison would be vacuous"
-    return (a - b).abs().max().item() / scale
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +71,7 @@ def model() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    return torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return parity_images()
 
 
 def _theirs(cls, model, layers, images, targets, **kwargs):
@@ -115,7 +108,7 @@ def test_cams_match_pytorch_grad_cam(model, images, ours, name) -> None:
     result = ours(model, images, torch.tensor(TARGETS), layer="stage2")
     assert result.map.shape == (3, 4, 4) and result.kind == "layer"
     assert get_method(ours.__name__).family == "cam" and get_method(ours.__name__).needs_layer
-    assert _rel(result.map, raw[0]) < TOL
+    assert rel_error(result.map, raw[0]) < TOL
     assert np.abs(_scaled(result.map, (32, 32)) - final).max() < TOL
 
 
@@ -123,7 +116,7 @@ def test_methods_differ_from_gradcam(model, images) -> None:
     """The parity above is not Grad-CAM four times over."""
     base = gradcam(model, images, torch.tensor(TARGETS), layer="stage2").map
     for fn in (hirescam, xgradcam, eigencam, eigen_gradcam):
-        assert _rel(fn(model, images, torch.tensor(TARGETS), layer="stage2").map, base) > 0.05, fn.__name__
+        assert rel_error(fn(model, images, torch.tensor(TARGETS), layer="stage2").map, base) > 0.05, fn.__name__
 
 
 def test_eigen_sign_conventions(model, images) -> None:
@@ -135,9 +128,9 @@ def test_eigen_sign_conventions(model, images) -> None:
         model(images)
     acts = cap["stage2"]
     theirs = get_2d_projection_with_sign_correction(acts.numpy())
-    assert _rel(principal_projection(acts, sign="max"), theirs) < TOL
+    assert rel_error(principal_projection(acts, sign="max"), theirs) < TOL
     ours = eigencam(model, images, 1, layer="stage2", sign="max").map
-    assert _rel(ours, np.maximum(theirs, 0)) < TOL
+    assert rel_error(ours, np.maximum(theirs, 0)) < TOL
     # the target does not change EigenCAM's map, only the reported values
     other = eigencam(model, images, 3, layer="stage2", sign="max")
     assert torch.equal(other.map, ours)
@@ -167,7 +160,7 @@ def test_gradient_cams_explain_any_feature(model, images, ours, weigh) -> None:
     (grad,) = torch.autograd.grad(value.sum(), store["a"])
     expected = weigh(store["a"].detach(), grad).clamp(min=0)
     result = ours(model, images, feature, layer="stage2")
-    assert _rel(result.map, expected) < TOL
+    assert rel_error(result.map, expected) < TOL
     assert torch.allclose(result.values, value.detach(), atol=1e-6)
 
 
@@ -180,7 +173,7 @@ def test_ablationcam_matches_pytorch_grad_cam(model, images, layer, their_batch)
     module = model.get_submodule(layer)
     raw, final = _theirs(pgc.AblationCAM, model, [module], images, TARGETS, batch_size=their_batch)
     result = ablationcam(model, images, torch.tensor(TARGETS), layer=layer, internal_batch_size=7)
-    assert _rel(result.map, raw[0]) < TOL
+    assert rel_error(result.map, raw[0]) < TOL
     assert np.abs(_scaled(result.map, (32, 32)) - final).max() < TOL
     values = result.extras["ablation_value"]
     assert (values == 0).all() if layer == "stage2" else (values < -9e6).all()
@@ -224,7 +217,7 @@ def test_ablationcam_is_batched_at_the_layer(model, images) -> None:
     # one first pass of the batch, then per forward one row up to the layer and `size` rows after it
     assert counted == {"forwards": 1 + expected_forwards, "stem": batch + expected_forwards, "head": batch + sum(run)}
     assert counts["stem"] == counts["head"] == batch + sum(live)  # the fallback runs every copy through the stem
-    assert _rel(whole.map, result.map) < TOL
+    assert rel_error(whole.map, result.map) < TOL
 
 
 def test_ablationcam_of_any_feature_matches_brute_force(model, images) -> None:
@@ -256,7 +249,7 @@ def test_ablationcam_of_any_feature_matches_brute_force(model, images) -> None:
         x = images[b:b + 1]
         drops = torch.tensor([value(x, b) - value(x, b, k) for k in range(acts.shape[1])])
         expected.append((drops[:, None, None] * acts[b]).sum(0).clamp(min=0))
-    assert _rel(result.map, torch.stack(expected)) < 1e-4  # one forward per channel vs batched: rounding of drops
+    assert rel_error(result.map, torch.stack(expected)) < 1e-4  # one forward per channel vs batched: rounding of drops
     assert result.extras["channel_weights"][1].abs().max() > 0
 
 
@@ -308,7 +301,7 @@ def test_fullgrad_matches_pytorch_grad_cam(model, images) -> None:
     result = fullgrad(model, images, torch.tensor(TARGETS))
     assert result.extras["bias_layers"] == ["stem.conv", "stem.bn", "stage1.0.bn", "stage2.0.bn", "stage3.0.bn"]
     assert result.map.shape == (3, 32, 32) and result.kind == "layer"
-    assert _rel(result.map, raw[0]) < TOL
+    assert rel_error(result.map, raw[0]) < TOL
     assert np.abs(scale_cam_image(result.map.numpy()) - final).max() < TOL
     # the bias terms matter: without them it is |x * grad| alone (3 scaled channels, sum <= 3)
     assert result.map.amax() > 3.5
@@ -364,7 +357,7 @@ def test_vit_patch_token_cams_match_pytorch_grad_cam(vit, ours, name) -> None:
                      reshape_transform=_tokens_to_grid, **extra)
     result = ours(vit, images, torch.tensor([2, 3]), layer="blocks.2.norm1")
     assert result.map.shape == (2, 4, 4)
-    assert _rel(result.map, raw[0]) < TOL
+    assert rel_error(result.map, raw[0]) < TOL
 
 
 def test_vit_fullgrad_matches_pytorch_grad_cam(vit) -> None:
@@ -379,7 +372,7 @@ def test_vit_fullgrad_matches_pytorch_grad_cam(vit) -> None:
         cam.activations_and_grads.release()
     result = fullgrad(vit, images, 2)
     assert result.extras["bias_layers"] == ["patch_embed.proj"]
-    assert _rel(result.map, raw[0][:, 0]) < TOL
+    assert rel_error(result.map, raw[0][:, 0]) < TOL
 
 
 # ---------------------------------------------------------------------------- errors

@@ -22,29 +22,20 @@ from mechlens.attribution.baselines import gaussian_blur
 from mechlens.attribution.gradients import baseline_set, expected_gradients, multi_baseline_ig
 from mechlens.attribution.layer_attribution import layer_conductance, layer_integrated_gradients
 from mechlens.features import Channel
-from mechlens.models import small_cnn
 from mechlens.models.layers import LayerNotFoundError
+from tests.mechlens._parity import TARGETS, parity_cnn, parity_images, rel_error
 
 captum_attr = pytest.importorskip("captum.attr")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TARGETS = [1, 4, 2]
 
 
-def _rel(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    a, b = ours.detach().double(), theirs.detach().double()
-    assert a.shape == b.shape
-    scale = b.abs().max().item()
-    assert scale > 0, "the reference is all zeros: the comparison would be vacuous"
-    return (a - b).abs().max().item() / scale
 
 
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
-    net = small_cnn(num_classes=5, width=8, depth=3, blocks_per_stage=1, seed=0).eval()
-    torch.nn.init.normal_(net.head.weight, std=1.0, generator=torch.Generator().manual_seed(3))  # non-trivial logits
-    return net
+    return parity_cnn()
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +51,7 @@ def reference_model(model) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    return torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return parity_images()
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +70,7 @@ def test_multi_baseline_ig_is_captum_ig_averaged_over_the_baselines(model, image
     target = torch.tensor(TARGETS)
     theirs = _captum_ig_mean(model, images, [refs[m:m + 1] for m in range(4)], 24)
     ours = multi_baseline_ig(model, images, target, baselines=refs, n_steps=24, internal_batch_size=50)
-    assert _rel(ours.map, theirs) < 1e-5
+    assert rel_error(ours.map, theirs) < 1e-5
     # completeness against the mean over baselines of f(x) - f(b), computed here independently
     with torch.no_grad():
         f_x = model(images)[range(3), target]
@@ -97,10 +88,10 @@ def test_named_baseline_distributions_match_captum_on_the_same_baselines(model, 
     theirs = _captum_ig_mean(model, images, [gaussian_blur(images, s) for s in sigmas], 16)
     ours = multi_baseline_ig(model, images, target, baselines="blur", blur_sigmas=sigmas, n_steps=16, internal_batch_size=40)
     assert ours.extras["n_baselines"] == 3 and ours.extras["baseline"] == "blur"
-    assert _rel(ours.map, theirs) < 1e-5
+    assert rel_error(ours.map, theirs) < 1e-5
     mean = [0.2, 0.5, 0.7]
     theirs = _captum_ig_mean(model, images, [torch.tensor(mean).view(1, 3, 1, 1).expand(1, 3, 32, 32)], 16)
-    assert _rel(multi_baseline_ig(model, images, target, baselines="mean", mean=mean, n_steps=16).map, theirs) < 1e-5
+    assert rel_error(multi_baseline_ig(model, images, target, baselines="mean", mean=mean, n_steps=16).map, theirs) < 1e-5
 
 
 def test_noise_distributions_are_seeded_and_stay_in_range(model, images) -> None:
@@ -133,7 +124,7 @@ def test_expected_gradients_is_captums_gradient_shap_without_noise_on_the_same_d
         np.random.set_state(state)
     ours = expected_gradients(model, images, target, baselines=refs, n_samples=n, internal_batch_size=5,
                               baseline_index=torch.tensor(index).view(batch, n), alphas=torch.tensor(alphas).view(batch, n))
-    assert _rel(ours.map, theirs) < 1e-5
+    assert rel_error(ours.map, theirs) < 1e-5
     with torch.no_grad():  # baseline_values: the mean of f over each sample's drawn baselines
         f_refs = model(refs)[:, target]  # [M, B]
     drawn = f_refs.T.gather(1, torch.tensor(index).view(batch, n)).mean(dim=1)
@@ -209,7 +200,7 @@ def test_layer_methods_match_captum(model, reference_model, images, layer, integ
         theirs = theirs * 12 / 11
     full = ours.extras["layer_attributions"]
     assert full.shape == theirs.shape and full.dim() == 4
-    assert _rel(full, theirs) < 1e-5
+    assert rel_error(full, theirs) < 1e-5
     assert ours.kind == "layer" and ours.map.shape == (3, *full.shape[2:])
     assert torch.allclose(ours.map, full.sum(dim=1))
     assert ours.heatmap().shape == (3, 32, 32)
@@ -218,7 +209,7 @@ def test_layer_methods_match_captum(model, reference_model, images, layer, integ
         images, baselines=baseline, target=target, n_steps=12, method=integration)
     ours = layer_conductance(model, images, target, layer=layer, baseline=baseline, n_steps=12,
                              integration=integration, internal_batch_size=7)  # chunks end mid-node
-    assert _rel(ours.extras["layer_attributions"], theirs) < 1e-5
+    assert rel_error(ours.extras["layer_attributions"], theirs) < 1e-5
     whole = layer_conductance(model, images, target, layer=layer, baseline=baseline, n_steps=12, integration=integration)
     assert torch.allclose(whole.map, ours.map, rtol=1e-5, atol=1e-6 * float(ours.map.abs().max()))
 
@@ -285,7 +276,7 @@ def test_layer_integrated_gradients_on_vit_tokens_matches_captum() -> None:
     ours = layer_integrated_gradients(vit, x, 2, layer="blocks.1", n_steps=12)
     full = ours.extras["layer_attributions"]  # [B, 1 + 16, D]: CLS first
     assert full.shape == theirs.shape == (2, 17, 192)
-    assert _rel(full, theirs) < 1e-5
+    assert rel_error(full, theirs) < 1e-5
     # map: the patch tokens' sums on the 4x4 grid (row-major); the CLS token's share apart
     assert ours.map.shape == (2, 4, 4)
     assert torch.allclose(ours.map.flatten(1), full[:, 1:].sum(dim=2), atol=1e-7)

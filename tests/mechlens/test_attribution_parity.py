@@ -26,22 +26,15 @@ from mechlens.attribution import (
     vit_cam_layer,
 )
 from mechlens.models import small_cnn
+from tests.mechlens._parity import TARGETS, parity_images, rel_error
 
 captum_attr = pytest.importorskip("captum.attr")
 pgc = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam.utils.image import scale_cam_image  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
-TARGETS = [1, 4, 2]
 
 
-def _rel(ours: torch.Tensor | np.ndarray, theirs: torch.Tensor | np.ndarray) -> float:
-    a = torch.as_tensor(np.asarray(ours), dtype=torch.float64)
-    b = torch.as_tensor(np.asarray(theirs), dtype=torch.float64)
-    assert a.shape == b.shape
-    scale = b.abs().max().item()
-    assert scale > 0, "the reference map is all zeros: the comparison would be vacuous"
-    return (a - b).abs().max().item() / scale
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +52,14 @@ def model() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    return torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return parity_images()
 
 
 def test_saliency_matches_captum(model, images) -> None:
     target = torch.tensor(TARGETS)
     for absolute in (True, False):
         theirs = captum_attr.Saliency(model).attribute(images.clone(), target=target, abs=absolute)
-        assert _rel(saliency(model, images, target, abs=absolute).map, theirs) < 1e-6
+        assert rel_error(saliency(model, images, target, abs=absolute).map, theirs) < 1e-6
 
 
 @pytest.mark.parametrize("integration", ["gausslegendre", "riemann_trapezoid", "riemann_left"])
@@ -82,7 +75,7 @@ def test_integrated_gradients_matches_captum(model, images, integration) -> None
         # Captum's trapezoid weights are 1/n (they sum to (n-1)/n); ours are 1/(n-1) and sum to 1
         theirs = theirs * 24 / 23
         delta = (theirs.sum(dim=(1, 2, 3)) - (ours.values - ours.extras["baseline_values"]).to(theirs.dtype))
-    assert _rel(ours.map, theirs) < 1e-5
+    assert rel_error(ours.map, theirs) < 1e-5
     # same convergence delta (sum of attributions minus f(x) - f(baseline))
     assert torch.allclose(ours.extras["convergence_delta"], delta.float(), atol=1e-4 * ours.values.abs().max().item())
 
@@ -118,7 +111,7 @@ def test_gradient_shap_matches_captum_with_the_same_draws(model, images) -> None
     ours = gradient_shap(model, images, target, baselines=refs, n_samples=n,
                          baseline_index=torch.tensor(index).view(batch, n), alphas=torch.tensor(alphas).view(batch, n),
                          internal_batch_size=5)
-    assert _rel(ours.map, theirs) < 1e-5
+    assert rel_error(ours.map, theirs) < 1e-5
 
 
 def test_gradient_shap_own_draws_are_seeded(model, images) -> None:
@@ -136,7 +129,7 @@ def test_occlusion_matches_captum(model, images, window, strides) -> None:
                                                      strides=strides, baselines=0.0,
                                                      perturbations_per_eval=16)
     ours = occlusion(model, images, target, window=window, strides=strides, baseline=0.0, internal_batch_size=32)
-    assert _rel(ours.map, theirs) < 1e-5
+    assert rel_error(ours.map, theirs) < 1e-5
 
 
 def test_guided_backprop_matches_captum(model, images) -> None:
@@ -145,9 +138,9 @@ def test_guided_backprop_matches_captum(model, images) -> None:
         warnings.simplefilter("ignore")  # Captum warns about setting requires_grad on the input
         theirs = captum_attr.GuidedBackprop(model).attribute(images.clone(), target=target)
     ours = guided_backprop(model, images, target)
-    assert _rel(ours.map, theirs) < 1e-6
+    assert rel_error(ours.map, theirs) < 1e-6
     # and it is not the plain gradient (the test would be vacuous otherwise)
-    assert _rel(saliency(model, images, target, abs=False).map, theirs) > 0.1
+    assert rel_error(saliency(model, images, target, abs=False).map, theirs) > 0.1
 
 
 def _pytorch_grad_cam(cls, model, layer_module, images, targets, reshape_transform=None):
@@ -177,7 +170,7 @@ def test_cams_match_pytorch_grad_cam(model, images, ours, theirs_name, capsys) -
     raw, final = _pytorch_grad_cam(theirs_cls, model, model.stage2, images, TARGETS)
     result = ours(model, images, torch.tensor(TARGETS), layer="stage2")
     assert result.map.shape == (3, 4, 4) and result.kind == "layer"
-    assert _rel(result.map, raw) < 1e-5
+    assert rel_error(result.map, raw) < 1e-5
     scaled = scale_cam_image(scale_cam_image(result.map.numpy(), images.shape[-2:][::-1]))
     assert np.abs(scaled - final).max() < 1e-5
 
@@ -212,4 +205,4 @@ def test_vit_patch_token_gradcam_matches_pytorch_grad_cam() -> None:
     raw, _ = _pytorch_grad_cam(pgc.GradCAM, vit, vit.blocks[-1].norm1, images, [2, 2], reshape_transform=reshape)
     ours = gradcam(vit, images, 2, layer=layer)
     assert ours.map.shape == (2, 4, 4)
-    assert _rel(ours.map, raw) < 1e-5
+    assert rel_error(ours.map, raw) < 1e-5

@@ -30,32 +30,23 @@ from mechlens.attribution.perturbation import (
     rise_masks,
     shapley_value_sampling,
 )
-from mechlens.models import small_cnn
+from tests.mechlens._parity import TARGETS, parity_cnn, parity_images, rel_error
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 captum_attr = pytest.importorskip("captum.attr")
 
-TARGETS = [1, 4, 2]
 
 
-def _rel(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    a, b = ours.detach().double(), theirs.detach().double()
-    assert a.shape == b.shape
-    scale = b.abs().max().item()
-    assert scale > 0, "the reference map is all zeros: the comparison would be vacuous"
-    return (a - b).abs().max().item() / scale
 
 
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
-    net = small_cnn(num_classes=5, width=8, depth=3, blocks_per_stage=1, seed=0).eval()
-    torch.nn.init.normal_(net.head.weight, std=1.0, generator=torch.Generator().manual_seed(3))  # non-trivial logits
-    return net
+    return parity_cnn()
 
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    return torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return parity_images()
 
 
 def _patches(size: int, image: int = 32) -> torch.Tensor:
@@ -95,10 +86,10 @@ def test_feature_ablation_matches_captum(model, images, case) -> None:
     theirs = captum_attr.FeatureAblation(model).attribute(images, target=target, feature_mask=mask,
                                                           baselines=baseline, perturbations_per_eval=1)
     ours = feature_ablation(model, images, target, feature_mask=mask, baseline=baseline, internal_batch_size=20)
-    assert _rel(ours.map, theirs) < 1e-5
+    assert rel_error(ours.map, theirs) < 1e-5
     with exact_execution():
         exact = feature_ablation(model, images, target, feature_mask=mask, baseline=baseline, internal_batch_size=20)
-    assert _rel(exact.map, theirs) < 1e-6
+    assert rel_error(exact.map, theirs) < 1e-6
     # groups differ in effect (not a constant map) and a group a sample lacks is credited nothing
     assert exact.map.flatten(1).std(dim=1).min() > 0
     if case == "per_sample":
@@ -119,7 +110,7 @@ def test_feature_ablation_counts_its_forwards_and_takes_patch_sizes(model, image
     assert torch.equal(patch.map, feature_ablation(model, images, 1, feature_mask=_patches(8)).map)
     # non-overlapping 8 x 8 windows are the same ablations as 8 x 8 patches
     windows = occlusion(model, images, 1, window=8, local=False)
-    assert _rel(patch.map, windows.map) < 1e-5
+    assert rel_error(patch.map, windows.map) < 1e-5
 
 
 # ---------------------------------------------------------------------------- Shapley value sampling
@@ -137,9 +128,9 @@ def test_shapley_value_sampling_matches_captum_with_the_same_permutations(model,
                                                                    baselines=baseline, n_samples=6)
     ours = shapley_value_sampling(model, images, target, feature_mask=mask, baseline=baseline, n_samples=6,
                                   seed=7, internal_batch_size=13)
-    assert _rel(ours.map, theirs) < 1e-5
+    assert rel_error(ours.map, theirs) < 1e-5
     other = shapley_value_sampling(model, images, target, feature_mask=mask, baseline=baseline, n_samples=6, seed=8)
-    assert _rel(other.map, theirs) > 1e-2  # the permutations matter: the parity is not vacuous
+    assert rel_error(other.map, theirs) > 1e-2  # the permutations matter: the parity is not vacuous
     assert ours.extras["completeness_error"].max() < 1e-5  # telescoping sums to f(x) - f(baseline)
 
 
@@ -219,7 +210,7 @@ def test_rise_matches_a_reference_written_from_the_paper(model, images, baseline
     base = make_baseline(images, baseline)
     for b, target in enumerate(TARGETS):
         reference = _reference_rise(model, images[b : b + 1], target, masks, 0.4, base[b : b + 1])
-        assert _rel(result.map[b, 0], reference) < 1e-5
+        assert rel_error(result.map[b, 0], reference) < 1e-5
         assert torch.equal(result.map[b, 0], result.map[b, 2])  # one value for all channels
     assert abs(result.extras["mask_mean"] - float(masks.double().mean())) < 1e-9
     assert abs(result.extras["mask_mean"] - 0.4) < 0.02  # E[M] = p
@@ -247,10 +238,10 @@ def test_rise_is_seeded_shares_masks_across_the_batch_and_counts_forwards(model,
     a = rise(model, images, TARGETS, seed=5, **kwargs)
     assert torch.equal(a.map, rise(model, images, TARGETS, seed=5, **kwargs).map)
     assert torch.equal(a.map, rise(model, images, TARGETS, generator=torch.Generator().manual_seed(5), **kwargs).map)
-    assert _rel(rise(model, images, TARGETS, seed=6, **kwargs).map, a.map) > 1e-3
+    assert rel_error(rise(model, images, TARGETS, seed=6, **kwargs).map, a.map) > 1e-3
     # the chunking does not change the masks; one image alone sees the same masks as in the batch
-    assert _rel(rise(model, images, TARGETS, seed=5, internal_batch_size=7, **kwargs).map, a.map) < 1e-5
-    assert _rel(rise(model, images[1:2], TARGETS[1], seed=5, **kwargs).map[0], a.map[1]) < 1e-5
+    assert rel_error(rise(model, images, TARGETS, seed=5, internal_batch_size=7, **kwargs).map, a.map) < 1e-5
+    assert rel_error(rise(model, images[1:2], TARGETS[1], seed=5, **kwargs).map[0], a.map[1]) < 1e-5
     counter = RowCounter(model)
     try:
         counted = rise(model, images, TARGETS, seed=5, internal_batch_size=30, **kwargs)

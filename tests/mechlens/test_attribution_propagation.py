@@ -32,6 +32,7 @@ from mechlens.attribution.propagation import (
 )
 from mechlens.models import small_cnn
 from mechlens.models.loading import LoadedModel, Preprocessing
+from tests.mechlens._parity import parity_cnn, parity_images, rel_error
 
 captum_attr = pytest.importorskip("captum.attr")
 zennit_attribution = pytest.importorskip("zennit.attribution")
@@ -49,12 +50,6 @@ pytestmark = [
 TARGETS = torch.tensor([1, 4, 2])
 
 
-def _rel(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    a, b = ours.detach().double(), theirs.detach().double()
-    assert a.shape == b.shape
-    scale = b.abs().max().item()
-    assert scale > 0, "the reference map is all zeros: the comparison would be vacuous"
-    return (a - b).abs().max().item() / scale
 
 
 def _randomize_batchnorm(net: nn.Module, seed: int) -> nn.Module:
@@ -80,14 +75,12 @@ def _eps0(net: nn.Module) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def model() -> nn.Module:
-    net = small_cnn(num_classes=5, width=8, depth=3, blocks_per_stage=1, seed=0).eval()
-    torch.nn.init.normal_(net.head.weight, std=1.0, generator=torch.Generator().manual_seed(3))  # non-trivial logits
-    return _randomize_batchnorm(net, 4)
+    return _randomize_batchnorm(parity_cnn(), 4)
 
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    return torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return parity_images()
 
 
 def _zennit(net: nn.Module, composite, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -107,9 +100,9 @@ def test_deeplift_matches_captum(model, images, baseline) -> None:
                                                           return_convergence_delta=True)
     with exact_execution():
         exact = deeplift(model, images, TARGETS, baseline=base if baseline == "scaled" else baseline)
-    assert _rel(exact.map, theirs) < 1e-6
+    assert rel_error(exact.map, theirs) < 1e-6
     folded = deeplift(model, images, TARGETS, baseline=base, internal_batch_size=2)
-    assert _rel(folded.map, theirs) < 1e-5  # BatchNorm folded: the same function up to rounding
+    assert rel_error(folded.map, theirs) < 1e-5  # BatchNorm folded: the same function up to rounding
     # both satisfy summation-to-delta to float rounding: the deltas are rounding noise of the same size
     scale = exact.values.abs().max().item()
     assert exact.extras["convergence_delta"].abs().max().item() < 1e-5 * scale
@@ -140,7 +133,7 @@ def test_deeplift_matches_captum_on_every_captum_nonlinearity_and_max_pooling(im
     theirs, delta = captum_attr.DeepLift(net).attribute(images, baselines=base, target=2, return_convergence_delta=True)
     with exact_execution():
         ours = deeplift(net, images, 2, baseline=base)
-    assert _rel(ours.map, theirs) < 1e-5
+    assert rel_error(ours.map, theirs) < 1e-5
     gap = (ours.values - ours.extras["baseline_values"]).abs()
     assert gap.min().item() > 1e-3  # a map worth comparing
     assert float((ours.extras["convergence_delta"].abs() / gap).max()) < 1e-4
@@ -174,7 +167,7 @@ def test_deeplift_shap_matches_captum(model, images) -> None:
     theirs = captum_attr.DeepLiftShap(model).attribute(images, baselines=refs, target=TARGETS)
     with exact_execution():
         ours = deeplift_shap(model, images, TARGETS, baselines=refs, internal_batch_size=5)  # chunks cut across samples
-    assert _rel(ours.map, theirs) < 1e-6
+    assert rel_error(ours.map, theirs) < 1e-6
     with torch.no_grad():
         expected = model(refs)[:, TARGETS].mean(dim=0)
     torch.testing.assert_close(ours.extras["baseline_values"], expected, rtol=1e-5, atol=1e-6)
@@ -188,7 +181,7 @@ def test_deeplift_explains_any_feature_and_matches_captum_on_a_channel(model, im
     # Captum on the truncated network that outputs the channel means (the same function)
     truncated = nn.Sequential(model.stem, model.stage1, model.stage2, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
     theirs = captum_attr.DeepLift(truncated).attribute(images, baselines=make_baseline(images, "blur"), target=3)
-    assert _rel(ours.map, theirs) < 1e-5
+    assert rel_error(ours.map, theirs) < 1e-5
     # a feature per sample, on different layers
     mixed = deeplift(model, images, ["channel:stage2:3", 4, "channel:stage1:0"], baseline="blur")
     torch.testing.assert_close(mixed.map[0], ours.map[0], rtol=1e-4, atol=1e-7)
@@ -298,15 +291,15 @@ ZENNIT_COMPOSITES = {
 def test_lrp_composites_match_zennit(model, images, name) -> None:
     make = ZENNIT_COMPOSITES[name]
     tight = _eps0(model)  # Zennit's merged BatchNorm then is the identity too (see the module docstring)
-    assert _rel(lrp(tight, images, TARGETS, composite=name).map,
+    assert rel_error(lrp(tight, images, TARGETS, composite=name).map,
                 _zennit(tight, make([SequentialMergeBatchNorm()]), images, TARGETS)) < 1e-6
     ours = lrp(model, images, TARGETS, composite=name, internal_batch_size=2)
-    assert _rel(ours.map, _zennit(model, make([SequentialMergeBatchNorm()]), images, TARGETS)) < 3e-4
+    assert rel_error(ours.map, _zennit(model, make([SequentialMergeBatchNorm()]), images, TARGETS)) < 3e-4
     assert len(ours.extras["canonized"]) == 4  # every ConvBlock's BatchNorm merged into its conv
     # without canonization a BatchNorm passes relevance on unchanged, in both
     plain = lrp(model, images, TARGETS, composite=name, canonize=False)
-    assert _rel(plain.map, _zennit(model, make(None), images, TARGETS)) < 1e-6
-    assert _rel(plain.map, ours.map) > 1e-3  # and canonizing matters on this model
+    assert rel_error(plain.map, _zennit(model, make(None), images, TARGETS)) < 1e-6
+    assert rel_error(plain.map, ours.map) > 1e-3  # and canonizing matters on this model
 
 
 def _layer_map(rule, first=None):
@@ -333,7 +326,7 @@ def test_lrp_rules_match_zennit(model, images, composite, first_rule, theirs) ->
     tight = _eps0(model)
     signed = images * 2 - 1
     ours = lrp(tight, signed, TARGETS, composite=composite, first_rule=first_rule, low=-1.0, high=1.0)
-    assert _rel(ours.map, _zennit(tight, theirs(), signed, TARGETS)) < 1e-6
+    assert rel_error(ours.map, _zennit(tight, theirs(), signed, TARGETS)) < 1e-6
 
 
 def test_lrp_resnet_matches_zennit_resnet_canonizer(images) -> None:
@@ -347,10 +340,10 @@ def test_lrp_resnet_matches_zennit_resnet_canonizer(images) -> None:
     x, target = images[:2], torch.tensor([1, 3])
     for name in ("epsilon_plus", "epsilon_gamma_box"):
         ours = lrp(net, x, target, composite=name)
-        assert _rel(ours.map, _zennit(net, ZENNIT_COMPOSITES[name]([ResNetCanonizer()]), x, target)) < 2e-5
+        assert rel_error(ours.map, _zennit(net, ZENNIT_COMPOSITES[name]([ResNetCanonizer()]), x, target)) < 2e-5
     # without the Sum rule the residual relevance is counted twice: it is not the same map
     plain = lrp(net, x, target, composite="epsilon_plus", check_functional=False)
-    assert _rel(plain.map, ours.map if name == "epsilon_plus" else lrp(net, x, target).map) > 1e-2
+    assert rel_error(plain.map, ours.map if name == "epsilon_plus" else lrp(net, x, target).map) > 1e-2
 
 
 def test_lrp_explains_features_from_where_they_are_read(model, images) -> None:
@@ -360,7 +353,7 @@ def test_lrp_explains_features_from_where_they_are_read(model, images) -> None:
     ours = lrp(tight, images, "channel:stage2:3", composite="epsilon_plus")
     truncated = nn.Sequential(tight.stem, tight.stage1, tight.stage2, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
     theirs = _zennit(truncated, zc.EpsilonPlus(canonizers=[SequentialMergeBatchNorm()]), images, torch.tensor([3] * 3))
-    assert _rel(ours.map, theirs) < 1e-5
+    assert rel_error(ours.map, theirs) < 1e-5
     torch.testing.assert_close(ours.extras["relevance_seed"], ours.values, rtol=1e-5, atol=1e-7)  # sum(a/hw) = mean
     mixed = lrp(tight, images, ["channel:stage2:3", 4, 2], composite="epsilon_plus")
     torch.testing.assert_close(mixed.map[0], ours.map[0], rtol=1e-5, atol=1e-7)
