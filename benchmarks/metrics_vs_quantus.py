@@ -14,8 +14,8 @@ made equal and named in the row:
 * infidelity: Quantus's default repeats its deterministic patch schedule 10 times
   (``n_perturb_samples=10``); the equal-work row uses 1;
 * max-sensitivity: 10 samples, radius 0.02, the saliency of the model;
-* random-logit: the saliency of a random other class, SSIM; the explanation call is the same
-  function on both sides and bounds the ratio from below;
+* random-logit: both sides get the target's maps and explain one random other class each (SSIM);
+  that explanation call is the same function on both sides and bounds the ratio from below;
 * faithfulness correlation: 100 runs of 224 elements; sparseness, complexity, relevance mass and
   rank accuracy: the maps (and a box mask) only.
 
@@ -93,6 +93,7 @@ def main() -> None:
     patches = torch.stack(steps, 1)
     q = lambda cls, **kw: cls(disable_warnings=True, **kw)  # noqa: E731
     sal = explain_map(model, x, y)
+    heat = saliency(model, x, y).heatmap()  # random-logit: the target's maps, given to both sides
     percentages = list(range(1, 100, 2)) if not args.quick else [10, 50]
     cases: dict[str, tuple[Callable[[], object] | None, Callable[[], object]]] = {
         "road_rgb_both_orders": (None, lambda: m.road(model, x, y, maps)),
@@ -113,7 +114,7 @@ def main() -> None:
         "random_logit": (
             lambda: q(quantus.RandomLogit, num_classes=5)(model=model, x_batch=xn, y_batch=yn,
                                                           a_batch=explain_heat(model, x, y), explain_func=explain_heat),
-            lambda: m.random_logit(model, x, y, "saliency")),
+            lambda: m.random_logit(model, x, y, "saliency", saliency=heat)),
         "faithfulness_correlation": (
             lambda: q(quantus.FaithfulnessCorrelation, return_aggregate=False,
                       subset_size=min(224, size * size // 2))(model=model, x_batch=xn, y_batch=yn, a_batch=an),
