@@ -25,6 +25,7 @@ _COMMAND_MODULES: tuple[str, ...] = (
     "mechlens.cli.intervene",
     "mechlens.cli.circuit",
     "mechlens.cli.audit",
+    "mechlens.cli.evaluate",
     "mechlens.cli.run",
 )
 

@@ -9,6 +9,11 @@
 * :mod:`mechlens.evaluation.metrics`: ROAD (noisy linear imputation), infidelity,
   max-sensitivity, random-logit, faithfulness correlation, sparseness, complexity, relevance
   mass / rank accuracy (parity with Quantus and captum.metrics).
+* :func:`roar`: remove and retrain (Hooker et al.) with a random ranking as control, cached.
+* :func:`manipulation_check`: fine-tune a copy so a method's maps move while predictions stay
+  (Heo et al. 2019), and measure how far every method's maps moved.
+* :func:`evaluate_methods` (``mechlens evaluate``): every check for many methods on one model,
+  a table and a verdict per method.
 * :mod:`mechlens.evaluation.plots`: overlays, method comparisons, the randomization cascade.
 """
 from mechlens.evaluation.faithfulness import (
@@ -36,6 +41,16 @@ from mechlens.evaluation.metrics import (
     road,
     sparseness,
 )
+from mechlens.evaluation.manipulation import (
+    ATTACKABLE,
+    REGIONS,
+    ManipulatedModel,
+    ManipulationResult,
+    attacked_map,
+    manipulate_model,
+    manipulation_check,
+    region_mask,
+)
 from mechlens.evaluation.plots import (
     display_image,
     plot_curves,
@@ -50,10 +65,15 @@ from mechlens.evaluation.randomization import (
     randomization_layers,
     randomize_module_,
 )
+from mechlens.evaluation.report import CHECKS, VERDICTS, Check, CheckContext, MethodReport, evaluate_methods, map_agreement
+from mechlens.evaluation.roar import RetrainRecipe, RoarResult, pixel_ranks, remove_top_pixels, roar
 from mechlens.evaluation.similarity import normalize_maps, spearman, ssim
 from mechlens.evaluation.stability import StabilityResult, attribution_stability, shift_images
 
 __all__ = [
+    "ATTACKABLE", "CHECKS", "Check", "CheckContext", "ManipulatedModel", "ManipulationResult", "MethodReport", "REGIONS",
+    "RetrainRecipe", "RoarResult", "VERDICTS", "attacked_map", "evaluate_methods", "manipulate_model",
+    "manipulation_check", "map_agreement", "pixel_ranks", "region_mask", "remove_top_pixels", "roar",
     "MetricResult", "RoadResult", "complexity", "faithfulness_correlation", "infidelity", "max_sensitivity",
     "noisy_linear_imputation", "random_logit", "relevance_mass_accuracy", "relevance_rank_accuracy", "road",
     "sparseness",

@@ -38,7 +38,7 @@ from mechlens.cli import options
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MODEL_COMMANDS = {"layers", "attribute", "capture", "tcav", "atlas", "visualize", "dream", "sae eval", "intervene",
-                  "circuit", "audit"}
+                  "circuit", "audit", "evaluate"}
 QUICK = {"store info", "layers", "sae export", "sae import", "sae compare"}
 NO_BAR: set[str] = set()  # every long command draws a bar on a terminal
 MODEL_GROUP = ("--model", "--weights", "--pretrained", "--num-classes")
@@ -68,7 +68,7 @@ def _reference(option: options.Option) -> argparse.Action:
 
 def test_the_walk_sees_every_command():
     assert set(COMMANDS) == {"store info", "store verify", "layers", "attribute", "sae train", "sae eval", "sae stats",
-                             "sae compare", "sae export", "sae import", "capture", "tcav", "atlas", "visualize", "dream", "intervene", "circuit", "audit", "run", "demo"}
+                             "sae compare", "sae export", "sae import", "capture", "tcav", "atlas", "visualize", "dream", "intervene", "circuit", "audit", "evaluate", "run", "demo"}
 
 
 # ----------------------------------------------------------------------------- rule 1
@@ -107,6 +107,7 @@ def _command_argv(command: str, tmp: Path) -> list[str]:
         "intervene": ["intervene", *model, "--data", "digits", "--ablate", "channel:stage1:0", "--out", str(tmp)],
         "audit": ["audit", *model, "--sae", str(tmp), "--store", str(tmp), "--out", str(tmp)],
         "circuit": ["circuit", *model, "--data", "digits", "--sae", str(tmp), str(tmp), "--target", "class:0", "--out", str(tmp)],
+        "evaluate": ["evaluate", *model, "--data", "digits", "--methods", "saliency", "--out", str(tmp)],
     }[command]
 
 

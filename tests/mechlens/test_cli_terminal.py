@@ -87,6 +87,8 @@ COMMANDS = {
                 "--target", "class:0", "--nodes-per-layer", "2", "--out", "{out}"],
     "audit": ["audit", *MODEL, "--sae", "sae-stage2", "--store", "store", "--images-per-class", "3", "--verify", "2",
               "--out", "{out}"],
+    "evaluate": ["evaluate", *MODEL, "--data", "synthetic:shapes?n=8&size=64", "--methods", "saliency,gradcam",
+                 "--images", "4", "--out", "{out}"],
     "run": ["run", "sae_sweep", "--quick", "--set", "model_cache=\"{model_cache}\"", "--out", "{out}"],
 }
 

@@ -1,0 +1,156 @@
+"""``mechlens evaluate``: which attribution methods to trust on this model.
+
+    mechlens evaluate --model runs/shapes --data 'synthetic:shapes?n=64&split=test' \\
+        --methods saliency,gradcam,occlusion --images 16 --out runs/evaluate
+
+runs the randomization check, deletion / insertion against a random map, the pointing game and
+IoU (when the data knows where the objects are: synthetic shapes do), the stability under small
+shifts and the agreement between methods, for every method on the first ``--images`` images of
+``--data``; prints the table and a verdict per method (trust / use with care / do not trust) with
+the advice, and writes ``report.csv``, ``report.json`` and ``report.png`` to ``--out``
+(:func:`mechlens.evaluation.report.evaluate_methods`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from mechlens.cli import options
+
+__all__ = ["register", "run"]
+
+DEFAULT_METHODS = "saliency,integrated_gradients,gradcam,occlusion"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``evaluate`` sub-command."""
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="which attribution methods to trust on this model: sanity checks and faithfulness, a verdict per method",
+        description=(
+            "Run the model-parameter randomization check, deletion / insertion against a random map, the pointing "
+            "game and IoU (when the data has object masks), stability under 2-pixel shifts and the agreement between "
+            "methods for every --methods on the first --images images of --data; print the table and a verdict per "
+            "method, and write report.csv, report.json and report.png to --out."
+        ),
+    )
+    options.add_model_options(parser)
+    options.add_data_options(parser, required=True)
+    parser.add_argument("--methods", "--method", dest="methods", nargs="+", default=[DEFAULT_METHODS], metavar="M",
+                        help=f"methods, comma- or space-separated (see mechlens.attribution.list_methods(); "
+                             f"default: {DEFAULT_METHODS})")
+    parser.add_argument("--images", type=int, default=16, metavar="N", help="images of --data to evaluate on (default 16)")
+    parser.add_argument("--target", default=None, metavar="FEATURE",
+                        help="feature spec: class:3, channel:LAYER:17, ... (default: each image's predicted class)")
+    parser.add_argument("--layer", default=None, metavar="LAYER",
+                        help="layer for CAM methods (default: the last spatial stage)")
+    parser.add_argument("--checks", default=None, metavar="C,C",
+                        help="checks to run, comma-separated (default: all of randomization, deletion, insertion, "
+                             "localization, stability)")
+    parser.add_argument("--masks", default="auto", metavar="auto|object|none|FILE.npy",
+                        help="ground truth for the pointing game: the dataset's object masks (auto: when it has them), "
+                             "none, or an [N, H, W] boolean .npy file (default auto)")
+    parser.add_argument("--steps", type=int, default=None, help="integration steps (IG)")
+    parser.add_argument("--samples", type=int, default=None, help="noise / perturbation samples (SmoothGrad, LIME, ...)")
+    parser.add_argument("--internal-batch-size", type=int, default=None,
+                        help="rows per forward pass for methods that multiply the batch")
+    parser.add_argument("--deletion-steps", type=int, default=16, help="points of the deletion / insertion curves")
+    options.SEED.add(parser)
+    options.add_run_options(parser, device="cpu", out={"required": True})
+    parser.set_defaults(handler=run)
+
+
+def parse_methods(values: list[str]) -> list[str]:
+    """``["saliency,gradcam", "occlusion"]`` -> the registered names, in order; an unknown name is
+    a one-line error listing the closest ones."""
+    from mechlens.attribution import get_method
+
+    names = [part.strip() for value in values for part in value.split(",") if part.strip()]
+    if not names:
+        raise ValueError("--methods names no method; e.g. --methods saliency,gradcam,occlusion")
+    resolved = [get_method(name).name for name in names]
+    return list(dict.fromkeys(resolved))
+
+
+def _method_kwargs(methods: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    import inspect
+
+    from mechlens.attribution import get_method
+
+    out = {}
+    for name in methods:
+        info = get_method(name)
+        params = inspect.signature(info.fn).parameters
+        wanted = {"n_steps": args.steps, "n_samples": args.samples, "internal_batch_size": args.internal_batch_size}
+        chosen = {k: v for k, v in wanted.items() if v is not None and (k in params or info.family == "smoothing")}
+        if info.family == "smoothing":
+            chosen.pop("n_steps", None)
+        if chosen:
+            out[name] = chosen
+    return out
+
+
+def _masks(args: argparse.Namespace, dataset: Any, count: int, size: tuple[int, int]) -> Any:
+    import numpy as np
+    import torch
+
+    choice = args.masks
+    if choice == "none":
+        return None
+    if choice in ("auto", "object"):
+        if callable(getattr(dataset, "object_masks", None)):
+            masks = dataset.object_masks(list(range(count)))
+            return masks if tuple(masks.shape[-2:]) == tuple(size) else None
+        if choice == "object":
+            raise ValueError(f"--masks object: the dataset {type(dataset).__name__} has no object masks; "
+                             "give an [N, H, W] .npy file or --masks none")
+        return None
+    path = Path(choice)
+    if not path.is_file():
+        raise ValueError(f"--masks {choice!r} is neither auto, object, none nor an existing .npy file")
+    masks = torch.from_numpy(np.load(path)).bool()
+    if masks.dim() != 3 or masks.shape[0] < count or tuple(masks.shape[-2:]) != tuple(size):
+        raise ValueError(f"--masks {choice} holds {tuple(masks.shape)}; expected at least [{count}, {size[0]}, {size[1]}]")
+    return masks[:count]
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Handler of ``mechlens evaluate``; returns the exit code."""
+    import torch
+
+    from mechlens.data import build_dataset
+    from mechlens.evaluation.report import CHECKS, evaluate_methods
+
+    stdout = out or sys.stdout
+    methods = parse_methods(args.methods)  # unknown names fail before any work
+    checks = None
+    if args.checks is not None:
+        checks = [c.strip() for c in args.checks.split(",") if c.strip()]
+        unknown = [c for c in checks if c not in CHECKS]
+        if unknown:
+            import difflib
+
+            close = [m for c in unknown for m in difflib.get_close_matches(c, list(CHECKS), n=2)]
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"unknown check(s) {', '.join(unknown)}.{hint} Available: {', '.join(CHECKS)}")
+    if args.images < 1:
+        raise ValueError("--images must be at least 1")
+    device = options.resolved_device(args)
+    loaded = options.load_model_from_args(args, device=device)
+    dataset = build_dataset(args.data, image_size=loaded.preprocessing.image_size, **options.dataset_options(args))
+    count = min(args.images, len(dataset))
+    images = torch.stack([torch.as_tensor(dataset[i][0]).float() for i in range(count)]).to(device)
+    masks = _masks(args, dataset, count, tuple(images.shape[-2:]))
+    report = evaluate_methods(loaded, images, args.target, methods, masks=masks, layer=args.layer, checks=checks,
+                              method_kwargs=_method_kwargs(methods, args), deletion_steps=args.deletion_steps,
+                              seed=args.seed, progress=options.wants_progress(args))
+    files = report.save(args.out)
+    if args.json:
+        options.print_json({"out": str(args.out), "summary": report.summary, "verdicts": report.verdicts,
+                            "rows": report.table(), "files": [str(f) for f in files]}, stdout)
+    else:
+        print(report.text(), file=stdout)
+        print(f"\nwrote {', '.join(f.name for f in files)} to {args.out}", file=stdout)
+    return 0
