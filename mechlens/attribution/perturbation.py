@@ -604,7 +604,7 @@ def rise_masks(
 
 
 @register_method("rise", kind="input", family="perturbation", multiplies_batch=True,
-                 randomization="passes (rho 0.32-0.33, 2 trained models)")
+                 randomization="passes (rho 0.23-0.33, 3 trained models)")
 def rise(
     model: Any,
     inputs: torch.Tensor,

@@ -473,7 +473,7 @@ def _result(name: str, amap: torch.Tensor, target: Target, values: torch.Tensor,
 
 
 @register_method("deeplift", kind="input", family=_FAMILY, aliases=("deep_lift",),
-                 randomization="passes (rho -0.02-0.05, 2 trained models)")
+                 randomization="passes (rho -0.02-0.26, 3 trained models)")
 def deeplift(
     model: Any,
     inputs: torch.Tensor,
@@ -926,7 +926,7 @@ def _number(value: Any, what: str, *, positive: bool = False) -> float:
 
 
 @register_method("lrp", kind="input", family=_FAMILY, aliases=("layerwise_relevance_propagation",),
-                 randomization="epsilon_plus: passes (rho <= -0.02, 2 trained models)")
+                 randomization="epsilon_plus: passes (rho -0.05-0.29, 3 trained models)")
 def lrp(
     model: Any,
     inputs: torch.Tensor,
