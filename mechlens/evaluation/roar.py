@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+
+from activation_store.jsonutil import dumps as json_dumps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -99,7 +101,7 @@ class RetrainRecipe:
                 "(e.g. small_cnn(..., seed=0) or load_model(spec, seed=0)) so every retrain starts from the same model"
             )
         hyper = {k: v for k, v in dataclasses.asdict(self).items() if k != "make_model"}
-        return _hash(first, json.dumps(hyper, sort_keys=True))
+        return _hash(first, json_dumps(hyper, sort_keys=True))
 
 
 # ---------------------------------------------------------------------------- pixel removal
@@ -309,7 +311,7 @@ def roar(
         unmodified = retrain("unmodified", _hash("unmodified", data_key, retrain_key), None, 0.0)
         for info in infos:
             extra = kwargs_of.get(info.name, {})
-            maps_key = _hash(info.name, json.dumps(extra, sort_keys=True, default=repr), explained, data_key, target,
+            maps_key = _hash(info.name, json_dumps(extra, sort_keys=True, default=repr), explained, data_key, target,
                              str(absolute))
             bar.set_postfix_str(f"{info.name} maps", refresh=False)
             heat = _cached_maps(cache, f"{info.name}-{maps_key}", lambda: _maps(
@@ -408,7 +410,7 @@ def _cached_maps(cache: Path | None, key: str, compute: Callable[[], tuple[torch
 def _write_json(path: Path, value: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
+    tmp.write_text(json_dumps(value))
     tmp.replace(path)
 
 
@@ -424,7 +426,7 @@ def _model_key(model: Any) -> str:
     if not isinstance(net, nn.Module):
         raise TypeError(f"model must be an nn.Module or a LoadedModel, got {type(model).__name__}")
     preprocessing = getattr(model, "preprocessing", None)
-    norm = json.dumps(preprocessing.to_dict(), sort_keys=True, default=repr) if preprocessing is not None and net is not model else ""
+    norm = json_dumps(preprocessing.to_dict(), sort_keys=True, default=repr) if preprocessing is not None and net is not model else ""
     return _hash(model_fingerprint(net), norm)
 
 
