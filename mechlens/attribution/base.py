@@ -369,13 +369,9 @@ class Attribution:
         return fig
 
     def _repr_png_(self) -> bytes:
-        import warnings
+        from mechlens.attribution.display import quiet_png
 
-        from mechlens.attribution.display import DegenerateMapWarning, png_bytes
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DegenerateMapWarning)  # the panel title says it
-            return png_bytes(self.plot())
+        return quiet_png(self.plot)  # the panel title says a map is degenerate
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready statistics of the raw map and scalar extras (what the CLI writes)."""

@@ -108,6 +108,16 @@ def png_bytes(fig: Any, dpi: int = 90) -> bytes:
     return buffer.getvalue()
 
 
+def quiet_png(plot: Any) -> bytes:
+    """``png_bytes(plot())`` without :class:`DegenerateMapWarning`: a notebook's rich display of a
+    figure of many maps, where the figure itself already marks a degenerate map."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateMapWarning)
+        return png_bytes(plot())
+
+
 def draw_map(ax: Any, fig: Any, heat: np.ndarray, image: np.ndarray | None = None, *, sign: str = "auto",
              outlier_percent: float = 2.0, alpha: float = 0.5, cmap: str | None = None, colorbar: bool = True,
              title: str | None = None) -> str:

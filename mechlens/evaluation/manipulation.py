@@ -337,13 +337,9 @@ class ManipulationResult:
         return fig
 
     def _repr_png_(self) -> bytes:
-        import warnings
+        from mechlens.attribution.display import quiet_png
 
-        from mechlens.attribution.display import DegenerateMapWarning, png_bytes
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DegenerateMapWarning)
-            return png_bytes(self.plot())
+        return quiet_png(self.plot)
 
 
 def manipulation_check(

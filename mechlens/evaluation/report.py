@@ -352,13 +352,9 @@ class MethodReport:
         return fig
 
     def _repr_png_(self) -> bytes:
-        import warnings
+        from mechlens.attribution.display import quiet_png
 
-        from mechlens.attribution.display import DegenerateMapWarning, png_bytes
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DegenerateMapWarning)
-            return png_bytes(self.plot())
+        return quiet_png(self.plot)
 
     def save(self, directory: Any) -> list[Path]:
         """Write ``report.csv``, ``report.json`` and ``report.png`` to ``directory``; returns the paths."""
