@@ -279,38 +279,49 @@ def read_store_manifest(root: Path) -> StoreManifest:
     if not path.is_file():
         raise NotAStoreError(f"{root} is not an activation store (no {STORE_FILE}); "
                              f"create one with a writer or a capture job")
+    return parse_store_manifest(path.read_bytes(), str(path))
+
+
+def parse_store_manifest(text: str | bytes, where: str) -> StoreManifest:
+    """Parse the bytes of a ``store.json`` read from ``where`` (a path or URL, named in errors)."""
     try:
-        manifest = StoreManifest.from_json(json.loads(path.read_text()))
+        manifest = StoreManifest.from_json(json.loads(text))
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise StoreError(f"{path} is damaged and cannot be parsed: {_one_line(error)}") from error
+        raise StoreError(f"{where} is damaged and cannot be parsed: {_one_line(error)}") from error
     try:
         for name in manifest.layers:
             check_name(name, "layer")
     except InvalidNameError as error:
-        raise _bad_name(path, error) from error
+        raise _bad_name(where, error) from error
     return manifest
 
 
 def read_shard_manifest(path: Path) -> ShardManifest:
     """Load one shard manifest (its shard, segment file and layer names validated)."""
     path = Path(path)
+    return parse_shard_manifest(path.read_bytes(), str(path), path.parent.name)
+
+
+def parse_shard_manifest(text: str | bytes, where: str, directory: str) -> ShardManifest:
+    """Parse the bytes of a shard manifest read from ``where`` (a path or URL, named in errors) in the
+    shard directory named ``directory``; every shard, segment file and layer name is validated."""
     try:
-        manifest = ShardManifest.from_json(json.loads(path.read_text()))
+        manifest = ShardManifest.from_json(json.loads(text))
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise StoreError(f"shard manifest {path} is damaged and cannot be parsed: {_one_line(error)}") from error
+        raise StoreError(f"shard manifest {where} is damaged and cannot be parsed: {_one_line(error)}") from error
     try:
-        check_name(path.parent.name, "shard directory")
+        check_name(directory, "shard directory")
         check_name(manifest.shard, "shard")
         for segment in manifest.segments:
             check_name(segment.file, "segment file")
             for layer in segment.layers:
                 check_name(layer, "layer")
     except InvalidNameError as error:
-        raise _bad_name(path, error) from error
+        raise _bad_name(where, error) from error
     return manifest
 
 
-def _bad_name(path: Path, error: InvalidNameError) -> StoreError:
+def _bad_name(path: Path | str, error: InvalidNameError) -> StoreError:
     return StoreError(f"{path} is damaged or was edited by hand: {error}; such a name could make the store read or "
                       f"write outside its folder, so the store is refused (fix the name in that file, or rebuild the store)")
 

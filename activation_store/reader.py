@@ -20,12 +20,12 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import xxhash
 
-from activation_store import backends
+from activation_store import backends, remote
 from activation_store.dtypes import disk_dtype, from_disk, read_dtype
 from activation_store.errors import CorruptChunkError, StoreError
 from activation_store.manifest import (
-    SHARD_MANIFEST, SHARDS_DIR, LayerSpec, ShardManifest, StoreManifest, read_shard_manifest, read_store_manifest,
-    safe_join,
+    SHARD_MANIFEST, SHARDS_DIR, LayerSpec, ShardManifest, StoreManifest, check_name, read_shard_manifest,
+    read_store_manifest, safe_join,
 )
 from activation_store.stats import RunningMoments
 
@@ -193,15 +193,30 @@ class ActivationStore:
     arrays from :meth:`LayerView.read_chunk` / :meth:`LayerView.iter_chunks` are read-only
     (``np.array(chunk)`` for a private copy); rows and batches are always fresh arrays.
     Call :meth:`refresh` to see rows committed after opening.
+
+    ``path`` may be an fsspec URL (``s3://bucket/store``, ``gs://...``; ``storage_options`` are
+    passed to fsspec, e.g. ``{"endpoint_url": "http://127.0.0.1:9000"}``): such a store is read
+    through fsspec, every chunk still verified, and is read-only (writing is local / NFS only).
+    ``root`` is then the URL string; statistics are not cached there.
     """
 
     def __repr__(self) -> str:
         layers = ", ".join(f"{name}: {self[name].num_rows:,} x {self[name].dim}" for name in self.layers)
         return f"ActivationStore({str(self.root)!r}, {layers or 'empty'})"
 
-    def __init__(self, path: str | os.PathLike, *, verify_reads: bool = True, memory_map: bool = True):
-        self.root = Path(path)
-        self.manifest: StoreManifest = read_store_manifest(self.root)
+    def __init__(self, path: str | os.PathLike, *, verify_reads: bool = True, memory_map: bool = True,
+                 storage_options: Mapping[str, Any] | None = None):
+        self._remote: remote.RemoteLocation | None = None
+        if remote.is_url(path):
+            self._remote = remote.RemoteLocation(str(path), storage_options)
+            self.root: Path | str = self._remote.url
+            self.manifest: StoreManifest = self._remote.read_store_manifest()
+        else:
+            if storage_options:
+                raise ValueError(f"storage_options apply to fsspec URLs (s3://..., gs://...) only; {str(path)!r} "
+                                 f"is a local path: drop storage_options, or pass the store's URL")
+            self.root = remote.local_path(path)
+            self.manifest = read_store_manifest(self.root)
         self.verify_reads = verify_reads
         self.memory_map = memory_map
         # Keyed by the segment's identity (shard, file), never by its position in a snapshot: a
@@ -211,12 +226,26 @@ class ActivationStore:
         self._lock = threading.Lock()
         self.refresh()
 
+    @property
+    def is_remote(self) -> bool:
+        """True when the store is read through fsspec from a URL."""
+        return self._remote is not None
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """The fsspec options of a store opened by URL (empty for a local store)."""
+        return dict(self._remote.storage_options) if self._remote is not None else {}
+
     # ------------------------------------------------------------------ snapshot
     def refresh(self) -> None:
         """Re-read the shard manifests: pick up rows committed since the last snapshot."""
-        shards_dir = self.root / SHARDS_DIR
-        shard_dirs = sorted(p for p in shards_dir.iterdir() if (p / SHARD_MANIFEST).is_file()) if shards_dir.is_dir() else []
-        self.shards: dict[str, ShardManifest] = {p.name: read_shard_manifest(p / SHARD_MANIFEST) for p in shard_dirs}
+        if self._remote is not None:
+            self.shards: dict[str, ShardManifest] = self._remote.read_shard_manifests()
+        else:
+            shards_dir = self.root / SHARDS_DIR
+            shard_dirs = sorted(p for p in shards_dir.iterdir() if (p / SHARD_MANIFEST).is_file()) \
+                if shards_dir.is_dir() else []
+            self.shards = {p.name: read_shard_manifest(p / SHARD_MANIFEST) for p in shard_dirs}
         self._shard_names = list(self.shards)
         self._segments: list[tuple[str, int, str]] = []  # (shard, segment id, file)
         tables: dict[str, dict[str, list]] = {name: {k: [] for k in ("shard", "segment", "chunk", "rows", "checksum")}
@@ -277,8 +306,10 @@ class ActivationStore:
                                     nonfinite, dict(spec.meta)))
         shards = tuple(ShardInfo(name, len(m.segments), {layer: m.rows(layer) for layer in self.layers}, m.cursor)
                        for name, m in self.shards.items())
-        # allocated blocks, not apparent sizes: partial chunks are sparse files
-        size = sum(_allocated_bytes(f.stat()) for f in self.root.rglob("*") if f.is_file())
+        if self._remote is not None:
+            size = self._remote.size_bytes()
+        else:  # allocated blocks, not apparent sizes: partial chunks are sparse files
+            size = sum(_allocated_bytes(f.stat()) for f in self.root.rglob("*") if f.is_file())
         return StoreInfo(str(self.root), self.manifest.model, self.manifest.backend, self.manifest.compression,
                          tuple(layers), shards, size)
 
@@ -308,20 +339,29 @@ class ActivationStore:
 
         Moments are computed per chunk, merged per shard, then across shards with a
         numerically stable merge; non-finite rows are left out and counted. The result
-        is cached in ``stats/<layer>.json`` keyed by the committed chunks it covers.
+        is cached in ``stats/<layer>.json`` keyed by the committed chunks it covers (a store read
+        by URL uses a cache uploaded with it, but never writes one).
         """
         view = self.layer(layer)
         table = self._tables[layer]
         fingerprint = hashlib.sha256(np.stack([table.rows, table.checksum]).tobytes()).hexdigest() if len(table.rows) else "empty"
-        # the layer name was validated with the manifest; the resolved path is checked too (a symlinked
-        # stats/ must not lead the cache write outside the store)
-        cache = safe_join(self.root / "stats", layer, "layer", suffix=".json", within=self.root)
-        if use_cache and cache.is_file():
+        cache = None
+        if self._remote is not None:
+            text = self._remote.read_optional("stats", check_name(layer, "layer") + ".json") if use_cache else None
+        else:
+            # the layer name was validated with the manifest; the resolved path is checked too (a symlinked
+            # stats/ must not lead the cache write outside the store)
+            cache = safe_join(self.root / "stats", layer, "layer", suffix=".json", within=self.root)
             try:
-                cached = json.loads(cache.read_text())
+                text = cache.read_bytes() if use_cache and cache.is_file() else None
+            except OSError:
+                text = None
+        if text is not None:
+            try:
+                cached = json.loads(text)
                 if cached.get("fingerprint") == fingerprint:
                     return LayerStatistics.from_json(cached["statistics"])
-            except (OSError, ValueError, KeyError):
+            except (ValueError, KeyError, TypeError, AttributeError):
                 pass
         per_shard = {s: RunningMoments.empty(view.dim) for s in range(len(table.shard_names))}
         nonfinite = 0
@@ -339,6 +379,8 @@ class ActivationStore:
         for moments in per_shard.values():
             total = total.merge(moments)
         result = LayerStatistics(layer, total.count, total.mean, total.variance, total.mean_squared_norm, nonfinite)
+        if cache is None:
+            return result
         try:
             cache.parent.mkdir(exist_ok=True)
             tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}-{threading.get_ident()}")
@@ -357,9 +399,13 @@ class ActivationStore:
             key = (shard, file)
             reader = self._readers.get(key)
             if reader is None:
-                path = self.root / SHARDS_DIR / shard / file
-                reader = backends.open_segment(self.manifest.backend, path, self.manifest.layers,
-                                               {k: int(v.chunk_rows) for k, v in self.manifest.layers.items()})
+                chunk_rows = {k: int(v.chunk_rows) for k, v in self.manifest.layers.items()}
+                if self._remote is not None:
+                    reader = self._remote.open_segment(self.manifest.backend, shard, file, self.manifest.layers,
+                                                       chunk_rows)
+                else:
+                    reader = backends.open_segment(self.manifest.backend, self.root / SHARDS_DIR / shard / file,
+                                                   self.manifest.layers, chunk_rows)
                 self._readers[key] = reader
             return reader
 
@@ -554,12 +600,9 @@ class LayerView:
         """
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
         rng = np.random.default_rng([seed, epoch])
-        selected = np.arange(self.num_chunks) if chunks is None else self._chunk_positions(chunks)
-        order = selected[rng.permutation(len(selected))] if shuffle else selected
-        order = order[rank::world_size]
+        order = self.chunk_order(shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                                 chunks=chunks, rng=rng)
         reads = self._read_ahead(order, prefetch, with_index=True)
         window = max(1, int(shuffle_buffer_chunks))
         carry_data = np.empty((0, self.dim), disk_dtype(self.spec.dtype))
@@ -582,6 +625,17 @@ class LayerView:
             carry_data, carry_index = data[full:], index[full:]
         if len(carry_data) and not drop_last:
             yield self._emit(carry_data, carry_index, with_index, raw)
+
+    def chunk_order(self, *, shuffle: bool = True, seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1,
+                    chunks: Sequence[int] | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The chunk positions :meth:`iter_batches` reads for ``rank``, in its order (``rng``: the
+        generator it goes on to shuffle rows with, seeded ``[seed, epoch]``)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        rng = rng if rng is not None else np.random.default_rng([seed, epoch])
+        selected = np.arange(self.num_chunks) if chunks is None else self._chunk_positions(chunks)
+        order = selected[rng.permutation(len(selected))] if shuffle else selected
+        return order[rank::world_size]
 
     def _chunk_positions(self, chunks: Sequence[int]) -> np.ndarray:
         positions = np.unique(np.asarray(chunks, dtype=np.int64).reshape(-1))
@@ -608,8 +662,16 @@ class LayerView:
         Use with ``DataLoader(ds, batch_size=None, num_workers=N)``. Keywords are those of
         :meth:`iter_batches`; ``rank`` / ``world_size`` are combined with the worker split.
         """
+        import inspect
+
         from activation_store.torch_adapter import StoreBatches
 
+        if self.store.storage_options:
+            if "storage_options" not in inspect.signature(StoreBatches).parameters:
+                raise StoreError("torch_dataset() cannot hand storage_options to DataLoader workers yet: give the "
+                                 "endpoint and credentials by environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) "
+                                 "and open the store without storage_options, or use view.iter_batches(...)")
+            kwargs["storage_options"] = self.store.storage_options
         return StoreBatches(self.store.root, self.name, batch_size, verify_reads=self.store.verify_reads, **kwargs)
 
     def statistics(self, **kwargs) -> LayerStatistics:

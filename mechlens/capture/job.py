@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from activation_store import LayerSpec, Rows, StoreWriter
 from activation_store.errors import IncompatibleStoreError
+from mechlens._distributed import DistContext, distributed_context
 from mechlens.capture.config import SPATIAL_MODES, CaptureConfig, check_keys
 from mechlens.engine import HookSet, LayerNotFiredError, StopAfter, eval_mode
 from mechlens.data.adapters import UnreadableImageError, build_dataset, check_nonempty
@@ -133,33 +134,6 @@ def random_positions(sample_ids: np.ndarray, num_positions: int, k: int, seed: i
     chosen = np.argpartition(z, k - 1, axis=1)[:, :k] if k < num_positions else np.broadcast_to(
         np.arange(num_positions), z.shape)
     return np.sort(chosen, axis=1).astype(np.int64)
-
-
-@dataclass(frozen=True)
-class _Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    initialized_here: bool
-
-
-def distributed_context(rank: int | None = None, world_size: int | None = None) -> _Dist:
-    """Rank and world size from the arguments or torchrun's environment (``RANK``,
-    ``WORLD_SIZE``, ``LOCAL_RANK``); joins the process group when there are several ranks."""
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    world = int(world_size) if world_size is not None else env_world
-    this = int(rank) if rank is not None else int(os.environ.get("RANK", "0"))
-    if world < 1 or not 0 <= this < world:
-        raise ValueError(f"rank {this} is not in a world of size {world}")
-    initialized_here = False
-    if world > 1 and env_world == world and "MASTER_ADDR" in os.environ:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend=backend)
-            initialized_here = True
-    return _Dist(this, world, int(os.environ.get("LOCAL_RANK", this)), initialized_here)
 
 
 def _rank_block(n: int, rank: int, world: int) -> range:
@@ -586,7 +560,7 @@ def capture_to_store(
     return result
 
 
-def _check_cursor(cursor: Any, total: int, dist: _Dist, out: Any) -> int:
+def _check_cursor(cursor: Any, total: int, dist: DistContext, out: Any) -> int:
     if cursor is None:
         return 0
     if not isinstance(cursor, dict) or "images_done" not in cursor:
@@ -653,7 +627,7 @@ class _StopAtBatchBoundary:
 
 def _run_batches(loader: DataLoader, forward: Callable, writer: StoreWriter, result: CaptureResult,
                  layouts: dict[str, str], spatial: str, k: int, seed: int, dtype: str, buffers: _HostBuffers,
-                 on_cuda: bool, done: int, total: int, dist: _Dist, progress: bool, nonfinite: str = "error") -> None:
+                 on_cuda: bool, done: int, total: int, dist: DistContext, progress: bool, nonfinite: str = "error") -> None:
     from tqdm.auto import tqdm
 
     stored = _STORE_DTYPES[dtype]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import os
 import types
 import typing
 from pathlib import Path
@@ -295,6 +296,8 @@ def _train(args: argparse.Namespace) -> int:
                         checkpoint_every=args.checkpoint_every)
     result = train_sae(args.store, args.layer, configs, train, out=args.out, checkpoint_dir=args.checkpoint_dir,
                        resume=args.resume, progress=options.wants_progress(args), log_path=args.log)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank holds the same result: rank 0 reports it
+        return 0
     if args.json:
         saes = [{"path": str(path), **metrics, "peak_lr": sae.config.lr}
                 for path, sae, metrics in zip(result.paths, result.saes, result.metrics)]

@@ -112,31 +112,58 @@ class StoreSource:
 
     Each epoch yields ``rows // batch_size`` full batches (``drop_last``). Memory: about
     ``shuffle_buffer_chunks + 1`` chunks. Batches carry their row ids, so a bad row is named.
+    ``rank`` / ``world_size``: this data-parallel rank's part (its chunks of each epoch's order).
     """
 
     def __init__(self, view: Any, batch_size: int, *, seed: int = 0, shuffle_buffer_chunks: int = 8,
-                 chunks: Any = None):
+                 chunks: Any = None, rank: int = 0, world_size: int = 1):
         self.view = view
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.shuffle_buffer_chunks = int(shuffle_buffer_chunks)
         self.chunks = None if chunks is None else [int(c) for c in chunks]  # None: every chunk
+        self.rank, self.world_size = int(rank), int(world_size)
         self.num_rows = view.chunk_rows(self.chunks)
-        if self.num_rows < self.batch_size:
+        if self.num_rows < self.batch_size * self.world_size:
             raise ValueError(f"layer {view.name!r} has {self.num_rows} committed rows"
                              + (" in the chunks used for training" if chunks is not None else "")
-                             + f", fewer than one batch of {self.batch_size}; lower the batch size or capture more")
+                             + f", fewer than one batch of {self.batch_size * self.world_size}; lower the batch size or "
+                             "capture more")
+        num_chunks = view.num_chunks if self.chunks is None else len(set(self.chunks))
+        if num_chunks < self.world_size:
+            raise ValueError(f"layer {view.name!r} has {num_chunks} chunks, fewer than the {self.world_size} ranks that "
+                             "split them; use fewer ranks or write the store with smaller chunks")
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.num_rows // self.batch_size
+        """Batches of this rank in epoch 0 (with several ranks the split, so the count, changes per epoch)."""
+        return self.epoch_batches(0)
+
+    def epoch_batches(self, epoch: int) -> int:
+        if self.world_size == 1:
+            return self.num_rows // self.batch_size
+        order = self.view.chunk_order(seed=self.seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
+                                      chunks=self.chunks)
+        return self.view.chunk_rows(order) // self.batch_size
+
+    def _checked_epoch_batches(self, epoch: int) -> int:
+        count = self.epoch_batches(epoch)
+        if count == 0:  # else the stream would spin through empty epochs forever
+            raise ValueError(f"rank {self.rank} of {self.world_size} gets fewer than {self.batch_size} rows of layer "
+                             f"{self.view.name!r} in epoch {epoch}; use fewer ranks, a smaller batch, or smaller chunks")
+        return count
 
     def iterate(self, start: int = 0) -> Iterator[Any]:
-        epoch, skip = divmod(int(start), self.batches_per_epoch)
+        epoch, skip = 0, int(start)
+        while skip >= (count := self._checked_epoch_batches(epoch)):
+            skip -= count
+            epoch += 1
         while True:
+            self._checked_epoch_batches(epoch)
             batches = self.view.iter_batches(self.batch_size, shuffle=True, seed=self.seed, epoch=epoch,
                                              shuffle_buffer_chunks=self.shuffle_buffer_chunks, drop_last=True,
-                                             with_index=True, chunks=self.chunks)
+                                             with_index=True, chunks=self.chunks, rank=self.rank,
+                                             world_size=self.world_size)
             for position, batch in enumerate(batches):
                 if position >= skip:
                     yield batch

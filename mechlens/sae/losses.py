@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from mechlens._distributed import batch_mean_variance
+
 __all__ = [
     "auxk_loss",
     "fvu",
@@ -55,7 +57,7 @@ def auxk_loss(residual: torch.Tensor, pre_dead: torch.Tensor, W_dead: torch.Tens
     recon = torch.zeros_like(pre_dead).scatter_(-1, indices, torch.relu(values) if relu else values) @ W_dead
     loss = (recon - residual).pow(2).sum(dim=-1).mean()
     if normalize:
-        variance = (residual - residual.mean(dim=0, keepdim=True)).pow(2).sum(dim=-1).mean()
+        variance = batch_mean_variance(residual)  # over the global batch under data-parallel training
         loss = loss / variance.clamp_min(torch.finfo(variance.dtype).tiny)
     return loss
 

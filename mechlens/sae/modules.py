@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import nn
 
+from mechlens._distributed import batch_group
 from activation_store.jsonutil import dumps as json_dumps
 from mechlens.sae.config import (
     BatchTopKConfig,
@@ -349,14 +350,23 @@ def read_config(path: str | os.PathLike) -> tuple[SAEConfig, dict[str, Any]]:
     return SAEConfig.from_json(record["config"]), dict(record.get("metadata", {}))
 
 
-def batch_topk(flat: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``flat.topk(count, sorted=False)`` (the same set of entries), faster on CPU when ``count`` is
-    a small part of ``flat``: a strided sample gives a threshold a little below the ``count``-th
-    largest value, and the exact top-``count`` is taken among the entries above it. When fewer than
-    ``count`` entries pass (a sample that misled), the full ``topk`` runs instead. On CUDA it is
-    ``topk`` (the candidate count would cost a host sync)."""
+def batch_topk(flat: torch.Tensor, k: int, rows: int, *, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k * rows`` largest entries of ``flat`` (``rows`` rows' activations, flattened):
+    ``(values, indices)``, the same set as ``flat.topk(k * rows, sorted=False)``.
+
+    Under data-parallel training (a :func:`~mechlens._distributed.batch_group` is set) the
+    selection is that of the *global* batch: the ``k * global_rows`` largest over every rank, so
+    each rank keeps what one process would keep of the concatenated batch (entries at 0 may differ:
+    they reconstruct nothing and have no gradient). ``fast``: on CPU, when the count is a small part
+    of ``flat``, a strided sample gives a threshold a little below the count-th largest value and
+    the exact top is taken among the entries above it (the full ``topk`` runs when the sample
+    misled); on CUDA it is ``topk`` (the candidate count would cost a host sync)."""
+    group = batch_group()
+    if group is not None:
+        return _global_batch_topk(flat, k * group.rows, group)
+    count = min(k * rows, flat.numel())
     stride = 17  # coprime with the usual widths, so the sample visits every latent
-    if flat.device.type != "cpu" or count * 16 > flat.numel():
+    if not fast or flat.device.type != "cpu" or count * 16 > flat.numel():
         return flat.topk(count, sorted=False)
     sample = flat[::stride]
     take = min(sample.numel(), int(1.5 * count / stride) + 16)
@@ -366,6 +376,19 @@ def batch_topk(flat: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tens
         return flat.topk(count, sorted=False)
     values, position = flat[candidates].topk(count, sorted=False)
     return values, candidates[position]
+
+
+def _global_batch_topk(flat: torch.Tensor, count: int, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    # Each rank's part of the global top-count is among its own top-count: gather those (padded
+    # to one size), find the global count-th largest value, keep the local entries at or above it.
+    with torch.no_grad():
+        local = flat.detach().topk(min(count, flat.numel()), sorted=False).values
+        padded = local.new_full((count,), float("-inf"))
+        padded[:local.numel()] = local
+        pool = torch.cat(group.dist.all_gather(padded))
+        threshold = pool.topk(min(count, pool.numel()), sorted=False).values.min()
+    indices = ((flat >= threshold) & (flat > 0)).nonzero().squeeze(1)
+    return flat[indices], indices
 
 
 def sparse_decode(sae: "SAE", indices: torch.Tensor, values: torch.Tensor, *,
@@ -480,7 +503,7 @@ class BatchTopKSAE(TopKSAE):
         if not self.training:
             return acts * (pre > self.threshold)
         flat = acts.flatten()
-        values, indices = flat.topk(min(self.config.k * pre.shape[0], flat.numel()), sorted=False)
+        values, indices = batch_topk(flat, self.config.k, pre.shape[0], fast=False)
         return torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre)
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
@@ -489,7 +512,7 @@ class BatchTopKSAE(TopKSAE):
         self._check_rows(x)
         pre = self.pre_activations(x)
         flat = torch.relu(pre).flatten()
-        values, indices = batch_topk(flat, min(self.config.k * pre.shape[0], flat.numel()))
+        values, indices = batch_topk(flat, self.config.k, pre.shape[0])
         chosen, kept = indices, values.detach()
 
         def make_z() -> torch.Tensor:
@@ -540,6 +563,9 @@ class BatchTopKSAE(TopKSAE):
         else:
             z = out.z.detach()
             smallest = torch.where(z > 0, z, torch.full_like(z, float("inf"))).min()
+        group = batch_group()
+        if group is not None:  # data-parallel ranks: the smallest kept activation of the global batch
+            smallest = group.dist.all_reduce_min(smallest.detach().clone())
         smallest = torch.where(torch.isfinite(smallest), smallest, self.threshold)
         m = self.config.threshold_momentum
         # the first update takes the value as it is (no bias towards the initial 0)

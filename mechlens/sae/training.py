@@ -32,6 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from activation_store.jsonutil import dumps as json_dumps
+from mechlens._distributed import SINGLE_PROCESS, BatchGroup, DistContext, distributed_context, use_batch_group
 from mechlens.sae.config import SAEConfig, TrainConfig, lr_rule
 from mechlens.sae.lr import LRSearch, default_rates, save_search, validation_split
 from mechlens.sae.data import (
@@ -44,6 +45,7 @@ from mechlens.sae.data import (
     geometric_median,
     resolve_device,
 )
+from mechlens._distributed import batch_mean_variance
 from mechlens.sae.losses import squared_error
 from mechlens.sae.modules import SAE, SAECheckpointError, build_sae, fold_normalization, sae_class
 from mechlens.sae.terms import LossContext, LossTerm, sparsity_warmup
@@ -136,6 +138,18 @@ class TrainResult:
 
 
 @dataclass
+class _Step:
+    """One SAE's forward and backward of a step, waiting for its update."""
+
+    out: Any
+    loss: torch.Tensor
+    recon: torch.Tensor
+    values: list[torch.Tensor]
+    counts: torch.Tensor
+    rows: int  # this rank's rows
+
+
+@dataclass
 class _Member:
     sae: SAE
     optimizer: torch.optim.Optimizer
@@ -155,9 +169,17 @@ class _Member:
 
 # ---------------------------------------------------------------------------- trainer
 class SAETrainer:
-    """Train one or several SAEs on the same stream of rows (they must share ``d_in``)."""
+    """Train one or several SAEs on the same stream of rows (they must share ``d_in``).
 
-    def __init__(self, configs: SAEConfig | Sequence[SAEConfig], train: TrainConfig | None = None):
+    ``dist``: data-parallel ranks (:func:`mechlens._distributed.distributed_context`, e.g. under
+    ``torchrun``). Each rank feeds its own part of every global batch; a step then equals one
+    process's step on the concatenated batch (rank order): gradients, dead-latent counts and
+    metrics are summed over the ranks, BatchTopK selects over the global batch and AuxK normalises
+    by its variance. Every rank holds the same SAEs; only rank 0 writes checkpoints and logs.
+    """
+
+    def __init__(self, configs: SAEConfig | Sequence[SAEConfig], train: TrainConfig | None = None, *,
+                 dist: DistContext | None = None):
         configs = [configs] if isinstance(configs, SAEConfig) else list(configs)
         if not configs:
             raise ValueError("SAETrainer needs at least one SAE config")
@@ -173,6 +195,12 @@ class SAETrainer:
         self.normalizer: Normalizer | None = None
         self.members: list[_Member] = []
         self.log: list[dict[str, Any]] = []
+        self.dist = dist or SINGLE_PROCESS
+        if self.dist.world_size > 1:
+            archetypal = [c.name for c in configs if c.arch == "archetypal"]
+            if archetypal:
+                raise ValueError(f"{archetypal[0]}: an archetypal SAE takes its archetypes from the first batch one "
+                                 "process sees; train it in one process (without torchrun)")
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -235,56 +263,108 @@ class SAETrainer:
         return columns
 
     # ------------------------------------------------------------------ one step
-    def train_step(self, x: torch.Tensor) -> None:
-        """One optimizer step of every SAE on raw rows ``x`` ``[N, d_in]`` (on the trainer's device)."""
+    def train_step(self, x: torch.Tensor, *, global_rows: int | None = None) -> None:
+        """One optimizer step of every SAE on raw rows ``x`` ``[N, d_in]`` (on the trainer's device).
+        Under data parallelism ``x`` is this rank's part of the global batch of ``global_rows`` rows
+        (summed over the ranks when not given)."""
         cfg = self.train
         x = self.normalizer.apply(x.to(self.device, torch.float32))
         factor = lr_factor(self.step, cfg)
         batch = x.shape[0]
-        with torch.no_grad():
-            variance = (x - x.mean(dim=0, keepdim=True)).pow(2).sum()
-        for member in self.members:
-            sae = member.sae
-            config = sae.config
-            for group in member.optimizer.param_groups:
-                group["lr"] = member_lr(config, cfg) * factor
-            out = sae(x)
-            recon = squared_error(x, out.x_hat)
-            loss = recon
-            context = LossContext(x, out, self.step, cfg, member.dead_index)
-            values = []
-            for term in member.terms:
-                value = term.compute(sae, context)
-                if value is None:  # the term is off for this step
-                    values.append(recon.new_zeros(()))
-                    continue
-                loss = loss + term.coefficient(config, self.step, cfg) * value
-                values.append(value.detach())
-            member.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.normalize_decoder:
-                sae.remove_parallel_decoder_grad()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-            member.optimizer.step()
-            if config.normalize_decoder:
-                sae.normalize_decoder_rows()
-            sae.after_step(out)
-            with torch.no_grad():
-                if out.active is not None:  # a sparse forward lists its firing latents
-                    fired = (out.active_values > 0).to(x.dtype)
-                    counts = torch.bincount(out.active, weights=fired, minlength=sae.width)
+        parallel = self.dist.active
+        if parallel:
+            rows = int(global_rows) if global_rows is not None else int(
+                self.dist.all_reduce_sum(torch.tensor([batch], dtype=torch.long, device=self.device)).item())
+            group = BatchGroup(self.dist, rows)
+        else:
+            rows, group = batch, None
+        with use_batch_group(group):
+            variance = batch_mean_variance(x) * rows  # the global batch's sum of squared deviations
+            pending = []
+            for member in self.members:
+                step = self._forward_backward(member, x, factor, batch / rows)
+                if parallel:
+                    pending.append(step)  # their gradients and counts are summed over the ranks at once
                 else:
-                    counts = (out.z > 0).sum(dim=0)
-                member.rows_since_fired = torch.where(counts > 0, torch.zeros_like(member.rows_since_fired),
-                                                      member.rows_since_fired + batch)
-                member.sums += torch.stack([loss.detach(), recon.detach(), counts.sum() / batch, recon.detach() * batch,
-                                            variance, *values]).double()
-                member.steps_in_window += 1
+                    self._apply(member, step, rows, variance)
+            if parallel:
+                self._all_reduce(pending)
+                for member, step in zip(self.members, pending):
+                    self._apply(member, step, rows, variance)
         self.step += 1
-        self.rows_seen += batch
+        self.rows_seen += rows
         if self.step % DEAD_CHECK_EVERY == 0:
             self._refresh_dead_flags()
+
+    def _forward_backward(self, member: "_Member", x: torch.Tensor, factor: float, share: float) -> "_Step":
+        # ``share``: this rank's rows / the global batch's, so the summed gradients are the global mean's
+        cfg = self.train
+        sae = member.sae
+        config = sae.config
+        for group in member.optimizer.param_groups:
+            group["lr"] = member_lr(config, cfg) * factor
+        out = sae(x)
+        recon = squared_error(x, out.x_hat)
+        loss = recon
+        context = LossContext(x, out, self.step, cfg, member.dead_index)
+        values = []
+        for term in member.terms:
+            value = term.compute(sae, context)
+            if value is None:  # the term is off for this step
+                values.append(recon.new_zeros(()))
+                continue
+            loss = loss + term.coefficient(config, self.step, cfg) * value
+            values.append(value.detach())
+        member.optimizer.zero_grad(set_to_none=True)
+        (loss * share if share != 1 else loss).backward()
+        with torch.no_grad():
+            if out.active is not None:  # a sparse forward lists its firing latents
+                fired = (out.active_values > 0).to(x.dtype)
+                counts = torch.bincount(out.active, weights=fired, minlength=sae.width)
+            else:
+                counts = (out.z > 0).sum(dim=0)
+        return _Step(out, loss.detach(), recon.detach(), values, counts, x.shape[0])
+
+    def _all_reduce(self, pending: list["_Step"]) -> None:
+        # one collective per step for every SAE's gradients and firing counts
+        pieces = []
+        for member, step in zip(self.members, pending):
+            for param in member.sae.parameters():
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                pieces.append(param.grad.reshape(-1))
+            pieces.append(step.counts.to(pieces[-1].dtype))
+        flat = self.dist.all_reduce_sum(torch.cat(pieces))
+        offset = 0
+        for member, step in zip(self.members, pending):
+            for param in member.sae.parameters():
+                n = param.numel()
+                param.grad.copy_(flat[offset:offset + n].view_as(param.grad))
+                offset += n
+            n = step.counts.numel()
+            step.counts = flat[offset:offset + n].round().to(step.counts.dtype)
+            offset += n
+
+    def _apply(self, member: "_Member", step: "_Step", rows: int, variance: torch.Tensor) -> None:
+        cfg = self.train
+        sae = member.sae
+        config = sae.config
+        if config.normalize_decoder:
+            sae.remove_parallel_decoder_grad()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        member.optimizer.step()
+        if config.normalize_decoder:
+            sae.normalize_decoder_rows()
+        sae.after_step(step.out)
+        with torch.no_grad():
+            counts = step.counts
+            member.rows_since_fired = torch.where(counts > 0, torch.zeros_like(member.rows_since_fired),
+                                                  member.rows_since_fired + rows)
+            # the loss terms are this rank's means; collect_metrics averages them over the ranks
+            member.sums += torch.stack([step.loss, step.recon, counts.sum() / rows, step.recon * step.rows,
+                                        variance, *step.values]).double()
+            member.steps_in_window += 1
 
     def _refresh_dead_flags(self) -> None:
         # One host sync every DEAD_CHECK_EVERY steps lists the dead latents that terms such as AuxK
@@ -305,7 +385,18 @@ class SAETrainer:
         """Average the metrics accumulated since the last call (one host sync) and reset them."""
         if not self.members:
             return []
-        flat = torch.cat([m.sums for m in self.members]).cpu().numpy()
+        flat = torch.cat([m.sums for m in self.members])
+        if self.dist.active:
+            # summed over the ranks: the squared errors add up; every other entry is a per-rank mean
+            # (equal batch parts) or a global value, so the sum is divided by the world size
+            flat = self.dist.all_reduce_sum(flat.clone())
+            divide = torch.full_like(flat, float(self.dist.world_size))
+            offset = 0
+            for member in self.members:
+                divide[offset + 3] = 1.0
+                offset += len(member.sums)
+            flat = flat / divide
+        flat = flat.cpu().numpy()
         dead = torch.stack([(m.rows_since_fired >= self.train.dead_window).double().mean()
                             for m in self.members]).cpu().numpy()
         rows = []
@@ -350,31 +441,33 @@ class SAETrainer:
         prefetch = Prefetcher(source.iterate(self.step), self.device, depth=cfg.prefetch, first_batch=self.step,
                               rows_before=self.rows_seen)
         stream = iter(prefetch)
-        writer = _MetricsLog(log_path, self.log_columns()) if log_path is not None else None
+        main = self.dist.is_main
+        writer = _MetricsLog(log_path, self.log_columns()) if log_path is not None and main else None
         try:
             if not self.initialised:
                 peeked: list[RowBatch] = []
                 needs_rows = normalizer is None and cfg.normalize or (b_dec is None and cfg.b_dec_init != "zeros") \
                     or self.d_in is None
-                while needs_rows and sum(len(b.data) for b in peeked) < cfg.init_rows:
+                wanted = math.ceil(cfg.init_rows / self.dist.world_size)  # each rank's part of the init rows
+                while needs_rows and sum(len(b.data) for b in peeked) < wanted:
                     item = next(stream, None)
                     if item is None:
                         break
                     peeked.append(item)
-                if needs_rows and not peeked:
-                    raise ValueError("the data stream is empty: nothing to train on")
-                rows = torch.cat([b.data for b in peeked])[:cfg.init_rows] if peeked else None
+                rows = self._init_rows(peeked) if needs_rows else None
                 self.initialise(normalizer=normalizer, init_rows=rows, b_dec=b_dec)
                 stream = itertools.chain(peeked, stream)
-            bar = _progress_bar(cfg.steps, self.step, progress)
+            bar = _progress_bar(cfg.steps, self.step, progress and main)
             started = time.perf_counter() - self.elapsed
             try:
                 while self.step < stop:
                     batch = next(stream, None)
-                    if batch is None:
-                        warnings.warn(f"the data ended after {self.step} of {cfg.steps} steps", stacklevel=2)
+                    global_rows = self._global_rows(batch)
+                    if global_rows is None:
+                        warnings.warn(f"the data ended after {self.step} of {cfg.steps} steps"
+                                      + (" on one of the ranks" if self.dist.active else ""), stacklevel=2)
                         break
-                    self.train_step(batch.data)
+                    self.train_step(batch.data, global_rows=global_rows)
                     self.elapsed = time.perf_counter() - started  # host time; synchronised at each log
                     bar.update(1)
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
@@ -400,6 +493,26 @@ class SAETrainer:
             last[row["sae"]] = row
         return TrainResult(self.export(), list(self.configs), self.step, self.rows_seen, self.elapsed,
                            [last.get(i, {}) for i in range(len(self.members))], list(self.log))
+
+    def _init_rows(self, peeked: list[RowBatch]) -> torch.Tensor:
+        """The first ``init_rows`` rows (normalisation, ``b_dec``): under data parallelism, every
+        rank's peeked batches interleaved in the order of the concatenated global batches."""
+        parts = [[b.data.to("cpu") for b in peeked]]
+        if self.dist.active:
+            parts = self.dist.all_gather_object(parts[0])
+        ordered = [part[j] for j in range(max(map(len, parts))) for part in parts if j < len(part)]
+        if not ordered:
+            raise ValueError("the data stream is empty: nothing to train on")
+        return torch.cat(ordered)[:self.train.init_rows]
+
+    def _global_rows(self, batch: RowBatch | None) -> int | None:
+        """The global batch's size, or None when the data ended (on any rank: all stop together)."""
+        if not self.dist.active:
+            return None if batch is None else len(batch.data)
+        state = torch.tensor([0 if batch is None else 1, 0 if batch is None else len(batch.data)], dtype=torch.long,
+                             device=self.device)
+        self.dist.all_reduce_sum(state)
+        return int(state[1]) if int(state[0]) == self.dist.world_size else None
 
     def _log(self, rows: list[dict[str, float]], writer: "_MetricsLog | None", bar: Any) -> None:
         self.log.extend(rows)
@@ -427,6 +540,16 @@ class SAETrainer:
         from safetensors.torch import save_file
 
         directory = Path(directory)
+        if not self.dist.is_main:  # every rank holds the same state: rank 0 writes it
+            self.dist.barrier()
+            return directory
+        try:
+            self._write_checkpoint(directory, save_file)
+        finally:
+            self.dist.barrier()
+        return directory
+
+    def _write_checkpoint(self, directory: Path, save_file: Any) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         groups = []
@@ -462,13 +585,14 @@ class SAETrainer:
         for old in directory.glob("state-step*.safetensors"):
             if old.name != name:
                 old.unlink(missing_ok=True)
-        return directory
 
     @classmethod
     def from_checkpoint(cls, directory: str | os.PathLike, *, device: str | torch.device | None = None,
-                        expect: Sequence[SAEConfig] | None = None, train: TrainConfig | None = None) -> "SAETrainer":
+                        expect: Sequence[SAEConfig] | None = None, train: TrainConfig | None = None,
+                        dist: DistContext | None = None) -> "SAETrainer":
         """Rebuild a trainer from :meth:`save_checkpoint`. ``expect``: the configs this run asks for;
         a checkpoint of other SAEs (another width, k, architecture) is an error naming both.
+        ``dist``: the ranks that continue the run (any number: the state is the same on every rank).
         ``train`` may change only ``device``, ``log_every``, ``checkpoint_every`` and ``prefetch``."""
         from safetensors.torch import load_file
 
@@ -496,7 +620,7 @@ class SAETrainer:
             saved_train = saved_train.replace(**{k: getattr(train, k) for k in allowed})
         if device is not None:
             saved_train = saved_train.replace(device=str(device))
-        trainer = cls(configs, saved_train)
+        trainer = cls(configs, saved_train, dist=dist)
         try:  # a name from the checkpoint file: it must not lead outside the checkpoint directory
             state_file = safe_join(directory, record["state_file"], "checkpoint state file")
         except ValueError as error:
@@ -609,7 +733,7 @@ class ManyEpochsWarning(UserWarning):
 def train_sae(store: Any, layer: str, configs: SAEConfig | Sequence[SAEConfig], train: TrainConfig | None = None, *,
               out: str | os.PathLike | None = None, checkpoint_dir: str | os.PathLike | None = None,
               resume: bool = False, progress: bool = True, log_path: str | os.PathLike | None = None,
-              until_step: int | None = None) -> TrainResult:
+              until_step: int | None = None, rank: int | None = None, world_size: int | None = None) -> TrainResult:
     """Train SAE(s) on the rows of ``layer`` in ``store`` (a path or an open ``ActivationStore``).
 
     ``d_in``, ``layer``, ``pooling`` and ``layout`` of the configs are filled in from the store.
@@ -617,7 +741,27 @@ def train_sae(store: Any, layer: str, configs: SAEConfig | Sequence[SAEConfig], 
     shuffled (never the whole layer in memory). ``out``: one SAE is saved in ``out``, a sweep in
     ``out/<config.name>``. ``resume=True`` continues from ``checkpoint_dir`` when it holds a
     checkpoint (the same SAE settings are required).
+
+    Under ``torchrun`` (or with ``rank`` / ``world_size`` in a process group the caller joined) the
+    ranks train data-parallel: each streams its own, seeded part of the store's chunks, and
+    ``TrainConfig.batch_size`` is the global batch (each rank reads ``batch_size / world_size``
+    rows a step), so the schedule and the learning-rate rule mean the same at any world size.
+    Checkpoints (on a filesystem every rank sees) are written once and resume at any world size:
+    the step, schedule, Adam moments and dead-latent counters continue exactly, and each rank skips
+    its share of the rows already trained on (with another world size the chunks are split
+    differently, so the rows that follow are not the very rows the old ranks would have read).
     """
+    dist = distributed_context(rank, world_size)
+    try:
+        return _train_sae(store, layer, configs, train, out=out, checkpoint_dir=checkpoint_dir, resume=resume,
+                          progress=progress, log_path=log_path, until_step=until_step, dist=dist)
+    finally:
+        dist.close()
+
+
+def _train_sae(store: Any, layer: str, configs: SAEConfig | Sequence[SAEConfig], train: TrainConfig | None, *,
+               out: str | os.PathLike | None, checkpoint_dir: str | os.PathLike | None, resume: bool, progress: bool,
+               log_path: str | os.PathLike | None, until_step: int | None, dist: DistContext) -> TrainResult:
     from activation_store import ActivationStore
 
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
@@ -632,7 +776,17 @@ def train_sae(store: Any, layer: str, configs: SAEConfig | Sequence[SAEConfig], 
                              f"{store.root} has width {view.dim}; leave d_in unset to take it from the store")
         filled.append(config.replace(d_in=view.dim, **context))
     configs = filled
-    source = StoreSource(view, train.batch_size, seed=train.seed, shuffle_buffer_chunks=train.shuffle_buffer_chunks)
+    if dist.world_size > 1:
+        if train.batch_size % dist.world_size:
+            raise ValueError(f"batch_size {train.batch_size} (the global batch) does not split evenly over "
+                             f"{dist.world_size} ranks; pass a multiple of the world size")
+        if train.lr == "auto" and any(c.lr is None for c in configs):
+            raise ValueError('lr="auto" runs its range test in one process: run find_learning_rate (or `mechlens sae '
+                             'train --lr auto --steps 0`) without torchrun first, then pass the rate it chose')
+        if train.device in (None, "cuda") and dist.device().type == "cuda":  # one GPU per rank: its local rank's
+            train = train.replace(device=str(dist.device()))
+    source = StoreSource(view, train.batch_size // dist.world_size, seed=train.seed,
+                         shuffle_buffer_chunks=train.shuffle_buffer_chunks, rank=dist.rank, world_size=dist.world_size)
     epochs = train.steps * train.batch_size / view.num_rows
     if epochs > MANY_EPOCHS:
         warnings.warn(f"training {train.steps:,} steps of {train.batch_size:,} rows on the {view.num_rows:,} rows of "
@@ -645,15 +799,21 @@ def train_sae(store: Any, layer: str, configs: SAEConfig | Sequence[SAEConfig], 
         raise SAECheckpointError(f"{checkpoint_dir} already holds a trainer checkpoint; pass resume=True (--resume) to "
                                  "continue that run, or choose another checkpoint directory to start a new one")
     if resume and has_checkpoint:
-        trainer = SAETrainer.from_checkpoint(checkpoint_dir, expect=configs, train=train)
+        trainer = SAETrainer.from_checkpoint(checkpoint_dir, expect=configs, train=train, dist=dist)
     search = None
     if trainer is None and train.lr == "auto" and any(c.lr is None for c in configs):
         search = find_learning_rate(store, layer, [c for c in configs if c.lr is None], train, progress=progress)
         configs = [c if c.lr is not None else c.replace(lr=search.best[c.name]) for c in configs]
     normalizer = b_dec = None
     if trainer is None:
-        trainer = SAETrainer(configs, train)
-        stats = store.statistics(layer) if (train.normalize or train.b_dec_init == "mean") else None
+        trainer = SAETrainer(configs, train, dist=dist)
+        stats = None
+        if train.normalize or train.b_dec_init == "mean":
+            if not dist.is_main:  # rank 0 makes the one cached pass; the others read its cache
+                dist.barrier()
+            stats = store.statistics(layer)
+            if dist.is_main:
+                dist.barrier()
         if train.normalize:
             normalizer = Normalizer.from_statistics(stats, center=train.center)
         else:
@@ -663,7 +823,7 @@ def train_sae(store: Any, layer: str, configs: SAEConfig | Sequence[SAEConfig], 
     result = trainer.fit(source, until_step=until_step, progress=progress, log_path=log_path,
                          checkpoint_dir=checkpoint_dir, normalizer=normalizer, b_dec=b_dec)
     result.lr_search = search
-    if out is not None and trainer.step >= train.steps:
+    if out is not None and trainer.step >= train.steps and dist.is_main:
         result.paths = save_saes(result, out, store=str(store.root.resolve()), train=trainer.train)
         if search is not None:
             save_search(search, out)
