@@ -662,15 +662,9 @@ class LayerView:
         Use with ``DataLoader(ds, batch_size=None, num_workers=N)``. Keywords are those of
         :meth:`iter_batches`; ``rank`` / ``world_size`` are combined with the worker split.
         """
-        import inspect
-
         from activation_store.torch_adapter import StoreBatches
 
         if self.store.storage_options:
-            if "storage_options" not in inspect.signature(StoreBatches).parameters:
-                raise StoreError("torch_dataset() cannot hand storage_options to DataLoader workers yet: give the "
-                                 "endpoint and credentials by environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) "
-                                 "and open the store without storage_options, or use view.iter_batches(...)")
             kwargs["storage_options"] = self.store.storage_options
         return StoreBatches(self.store.root, self.name, batch_size, verify_reads=self.store.verify_reads, **kwargs)
 

@@ -15,9 +15,10 @@ class StoreBatches(IterableDataset):
     """
 
     def __init__(self, root: str | os.PathLike, layer: str, batch_size: int, *, verify_reads: bool = True,
-                 rank: int = 0, world_size: int = 1, **kwargs: Any):
+                 rank: int = 0, world_size: int = 1, storage_options: dict[str, Any] | None = None, **kwargs: Any):
         super().__init__()
         self.root, self.layer, self.batch_size = str(root), layer, batch_size
+        self.storage_options = storage_options  # an fsspec URL's (each worker opens the store itself)
         self.verify_reads, self.rank, self.world_size, self.kwargs = verify_reads, rank, world_size, kwargs
         self.epoch = int(kwargs.pop("epoch", 0))
 
@@ -30,7 +31,8 @@ class StoreBatches(IterableDataset):
 
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        view = ActivationStore(self.root, verify_reads=self.verify_reads).layer(self.layer)
+        view = ActivationStore(self.root, verify_reads=self.verify_reads,
+                               storage_options=self.storage_options).layer(self.layer)
         bf16 = view.spec.dtype == "bfloat16"
         for item in view.iter_batches(self.batch_size, rank=self.rank * workers + worker,
                                       world_size=self.world_size * workers, raw=bf16, epoch=self.epoch, **self.kwargs):

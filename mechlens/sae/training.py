@@ -824,7 +824,8 @@ def _train_sae(store: Any, layer: str, configs: SAEConfig | Sequence[SAEConfig],
                          checkpoint_dir=checkpoint_dir, normalizer=normalizer, b_dec=b_dec)
     result.lr_search = search
     if out is not None and trainer.step >= train.steps and dist.is_main:
-        result.paths = save_saes(result, out, store=str(store.root.resolve()), train=trainer.train)
+        where = str(store.root.resolve()) if isinstance(store.root, Path) else str(store.root)  # a path or a URL
+        result.paths = save_saes(result, out, store=where, train=trainer.train)
         if search is not None:
             save_search(search, out)
     return result

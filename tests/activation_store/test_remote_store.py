@@ -207,17 +207,11 @@ def test_credentials_and_endpoint_from_the_environment(stores, endpoint, monkeyp
 
 
 def test_torch_dataset_of_a_store_with_storage_options(stores, options):
-    import inspect
-
-    from activation_store.torch_adapter import StoreBatches
+    from torch.utils.data import DataLoader
 
     view = ActivationStore(stores["zarr"][1], storage_options=options)["head"]
-    if "storage_options" not in inspect.signature(StoreBatches).parameters:
-        with pytest.raises(StoreError, match="cannot hand storage_options to DataLoader workers"):
-            view.torch_dataset(16)
-        return
-    batches = list(view.torch_dataset(16, shuffle=False))
-    assert sum(len(b) for b in batches) == view.num_rows
+    batches = list(DataLoader(view.torch_dataset(16, shuffle=False), batch_size=None, num_workers=2))
+    assert sum(len(b) for b in batches) == view.num_rows  # each worker reopened the URL with the options
 
 
 def _flip_byte(data: bytes, at: int) -> bytes:
@@ -313,3 +307,17 @@ def test_store_writer_refuses_a_url(tmp_path, monkeypatch):
     with pytest.raises(StoreError, match="writing a store is local or NFS only"):
         StoreWriter("s3://bucket/acts", model="m", layers={"a": LayerSpec(4)}).close()
     assert not list(tmp_path.iterdir())
+
+
+def test_an_sae_trains_from_the_url_as_from_the_local_store(stores, options, tmp_path):
+    torch = pytest.importorskip("torch")
+    from mechlens.sae import TopKConfig, TrainConfig, train_sae
+
+    local, url = stores["zarr"]
+    train = TrainConfig(steps=6, batch_size=32, lr=3e-3, device="cpu", init_rows=64)
+    from_url = train_sae(ActivationStore(url, storage_options=options), "blocks.1", TopKConfig(width=24, k=3), train,
+                         progress=False, out=tmp_path / "sae")
+    from_disk = train_sae(local, "blocks.1", TopKConfig(width=24, k=3), train, progress=False)
+    for name, value in from_disk.sae.state_dict().items():
+        assert torch.equal(from_url.sae.state_dict()[name], value), name  # the same rows in the same order
+    assert url in (tmp_path / "sae" / "config.json").read_text()  # the SAE records where it was trained
