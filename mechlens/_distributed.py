@@ -104,6 +104,8 @@ def distributed_context(rank: int | None = None, world_size: int | None = None) 
 
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":  # else every rank's object collectives and default tensors land on cuda:0
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", this)) % torch.cuda.device_count())
             dist.init_process_group(backend=backend)
             initialized_here = True
     if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -90,6 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "checkpoint is an error, never silently overwritten)")
     train.add_argument("--log", default=None, help="metrics log: .csv, or JSON lines for any other suffix")
     train.add_argument("--log-every", type=int, default=50)
+    train.add_argument("--autocast", choices=("bf16",), default=None,
+                       help="forward and losses in bfloat16 under torch.autocast (GPU); weights and Adam stay float32")
     options.add_run_options(train, device="auto", out={"required": True})
     _add_arch_options(train)
     train.set_defaults(handler=_train)
@@ -292,7 +294,7 @@ def _train(args: argparse.Namespace) -> int:
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, lr_warmup_fraction=args.lr_warmup_fraction,
                         dead_window=args.dead_window, b_dec_init=args.b_dec_init, center=args.center,
                         normalize=not args.no_normalize, seed=args.seed, device=options.requested_device(args),
-                        log_every=args.log_every,
+                        log_every=args.log_every, autocast=args.autocast,
                         checkpoint_every=args.checkpoint_every)
     result = train_sae(args.store, args.layer, configs, train, out=args.out, checkpoint_dir=args.checkpoint_dir,
                        resume=args.resume, progress=options.wants_progress(args), log_path=args.log)
@@ -398,10 +400,15 @@ def _print_eval_table(report: list[dict[str, Any]], model: str | None) -> None:
 def _stats(args: argparse.Namespace) -> int:
     from mechlens.sae import SAE, feature_statistics
 
-    sae = SAE.load(args.sae, device=options.resolved_device(args))
+    device = options.resolved_device(args)
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: each rank its own GPU
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % _cuda_count()}"
+    sae = SAE.load(args.sae, device=device)
     stats = feature_statistics(sae, args.store, args.layer, top_k=args.top_k, distinct_samples=not args.all_rows,
                                batch_size=args.batch_size, max_rows=args.rows, progress=options.wants_progress(args))
     out = stats.save(args.out or args.sae)
+    if stats.rank != 0:  # every rank holds the same statistics; rank 0 wrote and reports them
+        return 0
     dead = float((stats.frequency == 0).mean())
     if args.json:
         options.print_json({"out": str(out), "latents": sae.width, "rows": stats.rows, "layer": stats.layer,
@@ -412,6 +419,12 @@ def _stats(args: argparse.Namespace) -> int:
     print(f"  never fire: {100 * dead:.1f}%  median frequency {float(_median(stats.frequency)):.4g}  "
           f"top-{stats.top_k} exemplars per latent ({'distinct images' if stats.distinct_samples else 'any rows'})")
     return 0
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return max(1, torch.cuda.device_count())
 
 
 def _median(values: Any) -> float:
