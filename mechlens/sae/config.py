@@ -298,6 +298,9 @@ class JumpReLUConfig(SAEConfig):
         return f"jumprelu-w{self.width}-l0{self.l0_coeff:g}"
 
 
+AUTOCASTS = (None, "bf16")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run (shared by every SAE of a sweep trained in the same pass).
@@ -310,7 +313,9 @@ class TrainConfig:
     Schedule: the learning rate warms up linearly over the first ``lr_warmup_fraction`` of the
     steps, stays at ``lr`` and decays linearly to zero over the last ``lr_decay_fraction``; the sparsity
     coefficient (ReLU / JumpReLU) ramps up linearly over the first ``sparsity_warmup_fraction``.
-    Gradients are clipped to norm ``grad_clip`` (0 disables).
+    Gradients are clipped to norm ``grad_clip`` (0 disables). ``autocast="bf16"`` runs the forward
+    and the loss terms under ``torch.autocast`` in bfloat16 (the reconstruction error is summed in
+    float32); the weights, gradients and Adam moments stay float32 (the GPU box's mixed precision).
 
     Data: ``normalize`` scales activations by one scalar so that E||x||^2 = d (after removing
     the mean when ``center``), estimated from the store's statistics (or from the first
@@ -339,9 +344,12 @@ class TrainConfig:
     checkpoint_every: int = 1000  # with a checkpoint_dir; 0: only at the end (a kill then loses the run)
     shuffle_buffer_chunks: int = 8
     prefetch: int = 2
+    autocast: str | None = None  # "bf16": forward and loss terms in bfloat16 (torch.autocast); weights, Adam in float32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adam_betas", tuple(float(b) for b in self.adam_betas))
+        if self.autocast not in AUTOCASTS:
+            raise ValueError(f"autocast must be one of {AUTOCASTS}, got {self.autocast!r}")
         for name in ("steps", "batch_size", "init_rows", "dead_window", "log_every", "shuffle_buffer_chunks"):
             value = getattr(self, name)
             if int(value) != value or value < 1:

@@ -398,7 +398,9 @@ def sparse_decode(sae: "SAE", indices: torch.Tensor, values: torch.Tensor, *,
     Differentiable in ``values`` and ``W_dec``; reads only the active decoder rows."""
     if sae.rescales_by_decoder_norm:  # decode with unit rows: divide each value by its row's norm
         values = values / sae.W_dec.norm(dim=1).clamp_min(1e-12)[indices]
-    decoded = nn.functional.embedding_bag(indices, sae.W_dec, offsets, mode="sum", per_sample_weights=values)
+    # embedding_bag is not autocast-aware: under bf16 autocast the values arrive in bfloat16
+    decoded = nn.functional.embedding_bag(indices, sae.W_dec, offsets, mode="sum",
+                                          per_sample_weights=values.to(sae.W_dec.dtype))
     return decoded + sae.b_dec
 
 

@@ -302,19 +302,21 @@ class SAETrainer:
         sae = member.sae
         config = sae.config
         for group in member.optimizer.param_groups:
-            group["lr"] = member_lr(config, cfg) * factor
-        out = sae(x)
-        recon = squared_error(x, out.x_hat)
-        loss = recon
-        context = LossContext(x, out, self.step, cfg, member.dead_index)
-        values = []
-        for term in member.terms:
-            value = term.compute(sae, context)
-            if value is None:  # the term is off for this step
-                values.append(recon.new_zeros(()))
-                continue
-            loss = loss + term.coefficient(config, self.step, cfg) * value
-            values.append(value.detach())
+            group["lr"] = member_lr(config, cfg) * factor * group.get("lr_scale", 1.0)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+            out = sae(x)
+            recon = squared_error(x, out.x_hat.float())
+            loss = recon
+            context = LossContext(x, out, self.step, cfg, member.dead_index)
+            values = []
+            for term in member.terms:
+                value = term.compute(sae, context)
+                if value is None:  # the term is off for this step
+                    values.append(recon.new_zeros(()))
+                    continue
+                value = value.float()
+                loss = loss + term.coefficient(config, self.step, cfg) * value
+                values.append(value.detach())
         member.optimizer.zero_grad(set_to_none=True)
         (loss * share if share != 1 else loss).backward()
         with torch.no_grad():

@@ -300,3 +300,33 @@ def test_rescale_by_decoder_norm_refuses_a_unit_norm_constraint_and_archetypes()
         BatchTopKConfig(width=32, k=4, rescale_acts_by_decoder_norm=True)
     with pytest.raises(ValueError, match="archetypes"):
         ArchetypalConfig(width=32, k=4, rescale_acts_by_decoder_norm=True)
+
+
+# ---------------------------------------------------------------------------- bf16 autocast
+def test_bf16_autocast_trains_every_architecture_in_bfloat16_to_the_float32_fvu():
+    from mechlens.sae import BatchTopKConfig, GatedConfig, JumpReLUConfig, planted_dictionary
+    from mechlens.sae.architectures import MatryoshkaConfig
+
+    planted = planted_dictionary(n_atoms=96, d=32, active=4, seed=0)
+    rows, _ = planted.sample(30_000, seed=1)
+    configs = [TopKConfig(width=96, k=4, d_in=32), BatchTopKConfig(width=96, k=4, d_in=32),
+               JumpReLUConfig(width=96, d_in=32), MatryoshkaConfig(width=96, k=4, d_in=32), GatedConfig(width=96, d_in=32)]
+    fvu, dtypes = {}, set()
+    for autocast in (None, "bf16"):
+        train = TrainConfig(steps=400, batch_size=256, lr=4e-3, device="cpu", autocast=autocast, log_every=100)
+        trainer = SAETrainer(configs, train)
+        trainer.initialise(init_rows=rows[:2048])
+        hooks = [m.sae.register_forward_hook(lambda module, args, out: dtypes.add((autocast, out.pre.dtype)))
+                 for m in trainer.members]
+        result = trainer.fit(TensorSource(rows, 256), progress=False)
+        for hook in hooks:
+            hook.remove()
+        assert all(p.dtype == torch.float32 for sae in result.saes for p in sae.parameters())  # Adam stays float32
+        fvu[autocast] = [m["fvu"] for m in result.metrics]
+    assert dtypes == {(None, torch.float32), ("bf16", torch.bfloat16)}  # the forward really ran in bfloat16
+    # bf16 / float32 FVU over 5 architectures x seeds 0-2 measured 0.983-1.027; 8% leaves room for
+    # other CPUs, while a loss summed in bfloat16 or a broken sparse decode is far off
+    for got, want in zip(fvu["bf16"], fvu[None]):
+        assert got == pytest.approx(want, rel=0.08)
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        TrainConfig(autocast="fp8")
