@@ -5,17 +5,21 @@ position, label), both chunked by the layer's ``chunk_rows``.
 * ``zarr`` (default): a zarr v3 group ``seg-NNNNNN.zarr`` with a sub-group per layer.
   Uncompressed arrays use a direct path: a zarr v3 chunk with the sole ``bytes`` codec *is*
   the C-order little-endian chunk, so whole chunks are written and read with one system
-  call each, straight from / into the caller's buffer. zarr-python's own path costs an
-  event-loop round trip and several copies per chunk (~0.4x memmap speed when reading,
-  measured here). Compressed arrays go through zarr-python. Array metadata is always
+  call each, straight from / into the caller's buffer, and each chunk is its own file, so
+  several threads write chunks at once. zarr-python's own path costs an event-loop round
+  trip and several copies per chunk (~0.4x memmap speed when reading, measured here).
+  Compressed arrays go through zarr-python, one chunk at a time. Array metadata is always
   written by zarr-python, so every segment is a plain zarr v3 array for any other tool.
 * ``hdf5``: one file ``seg-NNNNNN.h5`` with a group per layer (h5py). A segment is closed
   before it is committed, so a writer killed mid-segment never damages a committed file.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import mmap
 import os
+import sys
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol
@@ -37,6 +41,10 @@ class ChunkReadError(Exception):
 
 
 class SegmentWriter(Protocol):
+    #: True when ``write_chunk`` may run for different chunks on several threads at once;
+    #: the store writer serialises calls otherwise (a missing attribute counts as False).
+    thread_safe: bool
+
     def write_chunk(self, layer: str, chunk: int, data: np.ndarray, index: np.ndarray, rows: int) -> None:
         """Write chunk ``chunk`` of ``layer``; ``data``/``index`` hold ``rows`` valid rows (full buffers)."""
 
@@ -123,6 +131,59 @@ def open_segment(backend: str, path: Path, layers: Mapping[str, LayerSpec], chun
     return get_backend(backend).open(path, layers, chunk_rows)
 
 
+def _load_fallocate():
+    """Linux ``fallocate(2)`` from the C library, or None elsewhere.
+
+    Python only has ``os.posix_fallocate``, which glibc emulates on filesystems without
+    fallocate by writing a byte into every block: slower than no preallocation at all.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    function.restype = ctypes.c_int
+    return function
+
+
+_FALLOCATE = _load_fallocate()
+_NO_FALLOCATE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+
+
+def _preallocate(fd: int, size: int, path: Path) -> None:
+    """Allocate ``size`` bytes of ``fd`` up front, where the filesystem can.
+
+    On ext4, writing into preallocated blocks costs ~30% less CPU than delayed allocation at
+    every page (measured here), and a full disk fails here, before any byte is copied.
+    """
+    if _FALLOCATE is None or not size or _FALLOCATE(fd, 0, 0, size) == 0:
+        return
+    code = ctypes.get_errno()
+    if code not in _NO_FALLOCATE:  # unsupported: write without the hint; anything else is real
+        raise OSError(code, os.strerror(code), str(path))
+
+
+def _write_chunk_file(path: Path, view: memoryview, size: int) -> None:
+    """Create ``path`` holding ``view`` extended with zeros to ``size`` bytes.
+
+    The zeros are a sparse hole left by ftruncate: they read back as zeros and take no disk
+    blocks. ``os.write`` may write less than asked (signals, some filesystems), hence the loop.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        _preallocate(fd, len(view), path)
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:])
+        if len(view) < size:
+            os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -180,27 +241,26 @@ class _ZarrSegmentWriter:
             group = self._group.create_group(name)
             rows = chunk_rows[name]
             common = dict(compressors=codec, fill_value=0, config={"write_empty_chunks": True})
-            data = group.create_array("data", shape=(0, spec.dim), chunks=(rows, spec.dim),
-                                      dtype=disk_dtype(spec.dtype), **common)
+            # attributes given at creation: each later attrs.update would rewrite zarr.json
+            data = group.create_array("data", shape=(0, spec.dim), chunks=(rows, spec.dim), dtype=disk_dtype(spec.dtype),
+                                      attributes={"mechlens_dtype": spec.dtype}, **common)
             index = group.create_array("index", shape=(0, len(INDEX_COLUMNS)), chunks=(rows, len(INDEX_COLUMNS)),
-                                       dtype=INDEX_DTYPE, **common)
-            data.attrs.update({"mechlens_dtype": spec.dtype})
-            index.attrs.update({"columns": list(INDEX_COLUMNS)})
-            self._arrays[name] = (data, index, rows, _is_raw_bytes_array(data))
+                                       dtype=INDEX_DTYPE, attributes={"columns": list(INDEX_COLUMNS)}, **common)
+            self._arrays[name] = (data, index, rows, _is_raw_bytes_array(data) and _is_raw_bytes_array(index))
+        # Raw chunks are separate files written with plain system calls; zarr-python's codec
+        # path resizes shared array metadata per chunk, so it takes one chunk at a time.
+        self.thread_safe = all(raw for *_, raw in self._arrays.values())
 
     def write_chunk(self, layer: str, chunk: int, data: np.ndarray, index: np.ndarray, rows: int) -> None:
         data_array, index_array, chunk_rows, raw = self._arrays[layer]
         if raw:
-            # zarr v3 stores edge chunks full-size: the valid rows are written and the file is
-            # extended with truncate(), which leaves a sparse hole that reads back as zeros
-            # and takes no disk blocks (a segment's last chunk is usually partial).
+            # zarr v3 stores edge chunks full-size, padded with the fill value (0): only the
+            # valid rows are written (a segment's last chunk is usually partial).
             for array, buffer in ((data_array, data), (index_array, index)):
                 target = self.path / layer / array.basename / array.metadata.encode_chunk_key((chunk, 0))
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with open(target, "wb") as handle:
-                    handle.write(memoryview(np.ascontiguousarray(buffer[:rows])).cast("B"))
-                    if rows < len(buffer):
-                        handle.truncate(buffer.nbytes)
+                _write_chunk_file(target, memoryview(np.ascontiguousarray(buffer[:rows])).cast("B"),
+                                  buffer.nbytes)
                 self._written.append(target)
         else:
             start = chunk * chunk_rows
@@ -306,6 +366,8 @@ class _ZarrSegmentReader:
 
 # ----------------------------------------------------------------------------- hdf5
 class _Hdf5SegmentWriter:
+    thread_safe = False  # one HDF5 file: chunks are written one at a time
+
     def __init__(self, path: Path, layers: Mapping[str, LayerSpec], chunk_rows: Mapping[str, int],
                  compression: str | None):
         import h5py

@@ -1,13 +1,16 @@
 """Store throughput: zarr and HDF5 backends vs a raw np.memmap baseline, in one run.
 
-Writes N float16 rows of width 512 in batches of 4096 through each, then reads every
-chunk back in a shuffled order (the store maps each chunk file, zero-copy, and verifies its XXH3-64
-checksum while reading, on the default 2 read-ahead threads; the hash touches every byte, so
-the data really is read). Copied reads of zarr (``memory_map=False``: ``readinto`` a private
-buffer), with and without verification, are reported too.
-Data stays in the page cache for all three (no fsync anywhere), so this measures the
-software path, which is what the store controls. Prints MB/s, the ratio to the memmap
-baseline, and one JSON line at the end.
+Writes N float16 rows of width 512 in batches of 4096 through each (the store checksums every
+chunk and counts its non-finite rows on its default write threads; a zarr write on one write
+thread is reported too), then reads every chunk back in a shuffled order (the store maps each
+chunk file, zero-copy, and verifies its XXH3-64 checksum while reading, on the default 2
+read-ahead threads; the hash touches every byte, so the data really is read). Copied reads of
+zarr (``memory_map=False``: ``readinto`` a private buffer), with and without verification,
+are reported too. Data stays in the page cache for all three (no fsync anywhere), so this
+measures the software path, which is what the store controls. An untimed warm-up first
+imports zarr and h5py, so no system pays a one-off import in its timings, and an untimed
+``sync`` before each write means none pays for writing back the dirty pages of the one
+before. Prints MB/s, the ratio to the memmap baseline, and one JSON line at the end.
 
     python benchmarks/store_throughput.py            # ~1.5 GB per system
     python benchmarks/store_throughput.py --quick    # ~64 MB, for the test suite
@@ -15,7 +18,9 @@ baseline, and one JSON line at the end.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -25,6 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from activation_store import ActivationStore, LayerSpec, StoreWriter
+from activation_store.backends import chunk_rows_for
+from activation_store.writer import DEFAULT_CHUNK_BYTES
 
 WIDTH = 512
 BATCH = 4096
@@ -35,10 +42,10 @@ def make_batches(count: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.standard_normal((BATCH, WIDTH), dtype=np.float32).astype(np.float16) for _ in range(count)]
 
 
-def write_store(path: Path, backend: str, pool: list[np.ndarray], batches: int) -> float:
+def write_store(path: Path, backend: str, pool: list[np.ndarray], batches: int, **options) -> float:
     start = time.perf_counter()
     with StoreWriter(path, model="benchmark", layers={"layer": LayerSpec(WIDTH, "float16")}, backend=backend,
-                     commit_every=3600) as writer:
+                     commit_every=3600, **options) as writer:
         for i in range(batches):
             ids = np.arange(i * BATCH, (i + 1) * BATCH)
             writer.write({"layer": pool[i % len(pool)]}, sample_ids=ids)
@@ -90,16 +97,25 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="store-bench-", dir=args.dir))
     times: dict[str, list[float]] = {k: [] for k in ("memmap_write", "memmap_read", "zarr_write", "zarr_read",
                                                      "hdf5_write", "hdf5_read", "zarr_read_copied",
-                                                     "zarr_read_copied_unverified")}
+                                                     "zarr_read_copied_unverified", "zarr_write_1thread")}
     try:
+        for system in ("zarr", "hdf5"):  # untimed warm-up: imports and first calls
+            write_store(scratch / f"warm-{system}", system, pool, 2)
+            read_store(scratch / f"warm-{system}", seed=0)
+            shutil.rmtree(scratch / f"warm-{system}")
+        chunk_rows = chunk_rows_for(LayerSpec(WIDTH, "float16"), DEFAULT_CHUNK_BYTES)
         for repeat in range(repeats):
-            for system in ("memmap", "zarr", "hdf5"):
+            for system in ("memmap", "zarr", "zarr_1thread", "hdf5"):
                 target = scratch / f"{system}-{repeat}"
+                os.sync()  # untimed: no system pays for writing back the dirty pages of the one before
                 if system == "memmap":
                     times["memmap_write"].append(write_memmap(target.with_suffix(".npy"), pool, batches))
-                    chunk_rows = ActivationStore(scratch / "zarr-0").manifest.layers["layer"].chunk_rows if repeat else 8192
                     seconds, got = read_memmap(target.with_suffix(".npy"), chunk_rows, seed=repeat)
                     target.with_suffix(".npy").unlink()
+                elif system == "zarr_1thread":
+                    times["zarr_write_1thread"].append(write_store(target, "zarr", pool, batches, write_threads=1))
+                    shutil.rmtree(target)
+                    continue
                 else:
                     times[f"{system}_write"].append(write_store(target, system, pool, batches))
                     if system == "zarr":
@@ -108,19 +124,20 @@ def main() -> None:
                             assert got == nbytes
                             times[name].append(seconds)
                     seconds, got = read_store(target, seed=repeat)
-                    if repeat or system != "zarr":
-                        shutil.rmtree(target)
+                    shutil.rmtree(target)
                 assert got == nbytes, f"{system} read {got} bytes, expected {nbytes}"
                 times[f"{system}_read"].append(seconds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     mbps = {name: nbytes / 1e6 / statistics.median(values) for name, values in times.items()}
     figures = {f"{name}_MBps": round(value, 1) for name, value in mbps.items()}
-    figures.update({"bytes_per_system": nbytes, "rows": batches * BATCH, "width": WIDTH, "repeats": repeats})
+    figures.update({"bytes_per_system": nbytes, "rows": batches * BATCH, "width": WIDTH, "repeats": repeats,
+                    "zarr_write_threads": inspect.signature(StoreWriter).parameters["write_threads"].default})
     ratios = {f"{system}_{op}_vs_memmap": round(mbps[f"{system}_{op}"] / mbps[f"memmap_{op}"], 3)
               for system in ("zarr", "hdf5") for op in ("write", "read")}
     for name in ("zarr_read_copied", "zarr_read_copied_unverified"):
         ratios[f"{name}_vs_memmap"] = round(mbps[name] / mbps["memmap_read"], 3)
+    ratios["zarr_write_1thread_vs_memmap"] = round(mbps["zarr_write_1thread"] / mbps["memmap_write"], 3)
     print(f"{'system':<8} {'write MB/s':>11} {'read MB/s':>10} {'write ratio':>12} {'read ratio':>11}")
     for system in ("memmap", "zarr", "hdf5"):
         w, r = mbps[f"{system}_write"], mbps[f"{system}_read"]
@@ -128,6 +145,8 @@ def main() -> None:
     for name, what in (("zarr_read_copied", "verified"), ("zarr_read_copied_unverified", "unverified")):
         print(f"zarr copied read (memory_map=False), {what}: {mbps[name]:.0f} MB/s "
               f"({ratios[name + '_vs_memmap']:.2f}x memmap)")
+    print(f"zarr write on one write thread: {mbps['zarr_write_1thread']:.0f} MB/s "
+          f"({ratios['zarr_write_1thread_vs_memmap']:.2f}x memmap)")
     print(json.dumps({"benchmark": "store_throughput", "figures": figures, "ratios": ratios}))
 
 

@@ -4,7 +4,7 @@ channels of a layer, CAV directions — one page of panels per feature (:func:`b
 feature circuit drawn with the atlas's images."""
 from mechlens.atlas.build import AtlasResult, build_atlas
 from mechlens.atlas.callbacks import feature_attributor, feature_visualizer
-from mechlens.atlas.compute import ablation_disagrees, linear_ablation_effects, logit_effects
+from mechlens.atlas.compute import ablation_disagrees, class_gradients, linear_ablation_effects, logit_effects
 from mechlens.atlas.features import FeatureSet, channel_features, direction_features, sae_features
 from mechlens.atlas.panels import (
     AtlasContext,
@@ -24,7 +24,7 @@ from mechlens.atlas.panels import (
 __all__ = [
     "AtlasContext", "AtlasResult", "AttributionPanel", "CausalEffectsPanel", "ConceptsPanel", "ExemplarsPanel",
     "FeatureSet", "FeatvisPanel", "HistogramPanel", "LogitEffectsPanel", "MapPanel", "Panel", "QuantilesPanel",
-    "SimilarPanel", "ablation_disagrees",
+    "SimilarPanel", "ablation_disagrees", "class_gradients",
     "build_atlas", "channel_features", "direction_features", "feature_attributor", "feature_visualizer",
     "linear_ablation_effects", "logit_effects", "sae_features",
 ]

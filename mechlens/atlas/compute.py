@@ -4,7 +4,7 @@ histograms, the overview map's embedding, overlays and PNGs (shared by
 from __future__ import annotations
 
 import html
-
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -16,7 +16,7 @@ from mechlens.engine import capture, eval_mode, unwrap_with_preprocessing
 from mechlens.features.layout import as_position_rows, infer_layouts
 from mechlens.models.loading import LoadedModel, Preprocessing
 
-__all__ = ["ablation_disagrees", "linear_ablation_effects", "logit_effects"]
+__all__ = ["ablation_disagrees", "class_gradients", "linear_ablation_effects", "logit_effects"]
 
 
 def _device(net: nn.Module) -> torch.device:
@@ -59,15 +59,22 @@ def _per_class(net: nn.Module, layer: str, x: torch.Tensor,
     return torch.stack(out)
 
 
-def logit_effects(model: LoadedModel | nn.Module, layer: str, images: torch.Tensor, directions: torch.Tensor) -> np.ndarray:
-    """``[num_classes, F]``: the first-order change of each class logit (mean over ``images``)
-    when ``directions`` ``[F, C]`` are added at every position of ``layer``."""
+def class_gradients(model: LoadedModel | nn.Module, layer: str, images: torch.Tensor) -> torch.Tensor:
+    """``[num_classes, C]``: the gradient of each class logit (mean over ``images``) with respect to
+    a vector added at every position of ``layer``; :func:`logit_effects` of directions ``D`` is
+    ``class_gradients @ D.T``, so one call serves every feature of an atlas, chunk by chunk."""
     net, preprocessing = unwrap_with_preprocessing(model)
     device = _device(net)
     with eval_mode(net):
         x = _prepare(images, preprocessing, device)
         # broadcast over positions, mean over images
-        gradient = _per_class(net, layer, x, lambda rows, g: g.sum(dim=1).mean(dim=0))  # [classes, C]
+        return _per_class(net, layer, x, lambda rows, g: g.sum(dim=1).mean(dim=0)).detach()
+
+
+def logit_effects(model: LoadedModel | nn.Module, layer: str, images: torch.Tensor, directions: torch.Tensor) -> np.ndarray:
+    """``[num_classes, F]``: the first-order change of each class logit (mean over ``images``)
+    when ``directions`` ``[F, C]`` are added at every position of ``layer``."""
+    gradient = class_gradients(model, layer, images)  # [classes, C]
     return (gradient @ directions.to(gradient).T).detach().cpu().numpy()
 
 
@@ -128,26 +135,40 @@ def ablation_disagrees(linear: np.ndarray, effect: np.ndarray, low: np.ndarray, 
     return opposite | far
 
 
-def _histograms(sae: Any, view: Any, latents: np.ndarray, max_rows: int, bins: int, device: torch.device
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-latent histograms of positive activations over a sample of store rows: counts
-    ``[F, bins]`` and the upper edge per latent ``[F]`` (the bins span ``[0, max]``)."""
-    chosen = torch.as_tensor(latents, device=device)
-    encoded = []
-    seen = 0
+def _sample_rows(view: Any, max_rows: int) -> list[np.ndarray]:
+    """The store rows the histograms are drawn from: a seeded shuffle of at least ``max_rows``
+    (whole batches of up to 4096), the same rows on every rank and every run."""
+    batches, seen = [], 0
     for batch in view.iter_batches(min(4096, max_rows), shuffle=True, seed=0):
-        with torch.no_grad():
-            z = sae.encode(torch.as_tensor(np.asarray(batch, dtype=np.float32), device=device))
-        encoded.append(z[:, chosen].float())
+        batches.append(np.asarray(batch, dtype=np.float32))
         seen += len(batch)
         if seen >= max_rows:
             break
-    z = torch.cat(encoded)  # [N, F]
-    top = z.amax(dim=0).clamp_min(1e-12)
-    scaled = (z / top * bins).long().clamp_(0, bins - 1)
-    counts = torch.zeros(len(latents), bins, device=device)
-    active = (z > 0).float()
-    counts.scatter_add_(1, scaled.T.contiguous(), active.T.contiguous())
+    return batches
+
+
+def _histograms(sae: Any, view: Any, latents: np.ndarray, max_rows: int, bins: int, device: torch.device,
+                rows: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-latent histograms of positive activations over a sample of store rows: counts
+    ``[F, bins]`` and the upper edge per latent ``[F]`` (the bins span ``[0, max]``).
+
+    Two passes over the sampled rows (``rows``, default :func:`_sample_rows`), the maxima then the
+    counts, so memory holds one batch of values, not ``[rows, F]``: a 32k-latent SAE fits."""
+    chosen = torch.as_tensor(np.asarray(latents, dtype=np.int64), device=device)
+    rows = _sample_rows(view, max_rows) if rows is None else rows
+    if len(chosen) == 0 or not rows:
+        return np.zeros((len(chosen), bins)), np.full(len(chosen), 1e-12)
+
+    def values() -> Any:
+        for batch in rows:
+            with torch.no_grad():
+                yield sae.encode(torch.as_tensor(batch, device=device))[:, chosen].float()
+
+    top = torch.stack([z.amax(dim=0) for z in values()]).amax(dim=0).clamp_min(1e-12)
+    counts = torch.zeros(len(chosen), bins, device=device)
+    for z in values():
+        scaled = (z / top * bins).long().clamp_(0, bins - 1)
+        counts.scatter_add_(1, scaled.T.contiguous(), (z > 0).float().T.contiguous())
     return counts.cpu().numpy(), top.cpu().numpy()
 
 
@@ -214,19 +235,25 @@ def _map_svg(coords: np.ndarray, ids: Sequence[int], frequency: np.ndarray, size
             f'style="background:#fff;border:1px solid #ddd">{"".join(dots)}{legend}</svg>')
 
 
+def _embed_method(count: int) -> str:
+    """How :func:`_embed` lays out ``count`` features (t-SNE up to 3000, PCA beyond)."""
+    return "index" if count < 3 else "t-SNE (cosine)" if count <= 3000 else "PCA"
+
+
 def _embed(directions: np.ndarray, seed: int) -> tuple[np.ndarray, str]:
     from sklearn.decomposition import PCA
 
     unit = directions / np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-12)
-    if len(unit) < 3:
-        return np.c_[np.arange(len(unit)), np.zeros(len(unit))].astype(float), "index"
-    if len(unit) <= 3000:
+    method = _embed_method(len(unit))
+    if method == "index":
+        return np.c_[np.arange(len(unit)), np.zeros(len(unit))].astype(float), method
+    if method.startswith("t-SNE"):
         from sklearn.manifold import TSNE
 
         perplexity = float(min(30, max(2, (len(unit) - 1) // 3)))
         coords = TSNE(2, perplexity=perplexity, init="pca", random_state=seed, metric="cosine").fit_transform(unit)
-        return coords, "t-SNE (cosine)"
-    return PCA(2, random_state=seed).fit_transform(unit), "PCA"
+        return coords, method
+    return PCA(2, random_state=seed).fit_transform(unit), method
 
 
 def _overlay(images: np.ndarray, maps: np.ndarray, boxes: list[tuple[int, int, int, int] | None]) -> np.ndarray:
@@ -246,11 +273,20 @@ def _overlay(images: np.ndarray, maps: np.ndarray, boxes: list[tuple[int, int, i
 
 
 def _save_png(array: np.ndarray, path: Path, scale: int = 1) -> None:
+    """Write ``array`` as a PNG at ``path`` atomically (a temp file renamed over it): a killed build
+    never leaves a truncated image that a resumed one would take for finished."""
     from PIL import Image
 
     image = Image.fromarray(array)
     if scale > 1:
         image = image.resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST)
-    image.save(path, compress_level=1)  # speed over size: thousands of small images
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    image.save(tmp, format="PNG", compress_level=1)  # speed over size: thousands of small images
+    os.replace(tmp, path)
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temp file renamed over it)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

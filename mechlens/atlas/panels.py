@@ -1,14 +1,22 @@
-"""Panels of a feature page. Each panel computes its content for *all* published features at
-once (batched over features: one forward per batch of exemplar images, one encode per batch of
-rows, one gradient per class) and renders a block of the page from a small template.
+"""Panels of a feature page. A build computes the pages chunk by chunk (``chunk`` features at a
+time, the chunks shared out between the ranks of a torchrun job); each panel computes its content
+for a whole chunk at once (batched over features: one forward per batch of exemplar images, one
+optimization per batch of visualizations, one attribution per batch of exemplars) and renders a
+block of the page from a small template. What needs every published feature (the overview map,
+the images the quantile bands are drawn from, the class gradients) is computed once per build in
+:meth:`Panel.prepare`.
 
 :func:`mechlens.atlas.build_atlas` assembles the default panels; pass ``panels=`` to choose,
-reorder or add your own: subclass :class:`Panel`, fill ``pages[i]`` (a dict per published
-feature) in :meth:`Panel.compute` and show it with :attr:`Panel.template` (Jinja, autoescaped;
-the feature's dict is ``f``).
+reorder or add your own: subclass :class:`Panel`, fill ``pages[i]`` (a dict per feature of the
+chunk, ``ctx.ids[i]``) in :meth:`Panel.compute` and show it with :attr:`Panel.template` (Jinja,
+autoescaped; the feature's dict is ``f``). Write images with :meth:`AtlasContext.save_image` (the
+build then knows the page's files: a resumed build checks them before it skips the page), and say
+in :meth:`Panel.settings` what changes the panel's output (a resumed build refuses or rebuilds
+pages written with other settings).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,11 +31,13 @@ from mechlens.atlas.compute import (
     _images,
     _overlay,
     _prepare,
+    _sample_rows,
     _save_png,
     ablation_disagrees,
+    class_gradients,
     linear_ablation_effects,
-    logit_effects,
 )
+from mechlens._distributed import SINGLE_PROCESS, DistContext
 from mechlens.engine import capture
 from mechlens.features.layout import as_position_rows, infer_layouts
 
@@ -40,10 +50,27 @@ VisualizeFn = Callable[[Sequence[int]], torch.Tensor]
 AttributeFn = Callable[[int, torch.Tensor], dict]
 
 
+def callable_settings(fn: Any) -> Any:
+    """What a build records of a callback: its ``settings`` attribute (the ready-made callbacks of
+    :mod:`mechlens.atlas.callbacks` carry one), else its qualified name."""
+    settings = getattr(fn, "settings", None)
+    if settings is not None:
+        return settings
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return True
+    return isinstance(value, (list, tuple)) and all(_plain(v) for v in value)
+
+
 @dataclass
 class AtlasContext:
-    """What panels share: the feature set and its statistics, the published feature ``ids``,
-    the model, the store's layer view, the images behind its sample ids and the output folder."""
+    """What panels share: the feature set and its statistics, the feature ``ids`` being computed
+    (a chunk in :meth:`Panel.compute`; every feature this rank computes in :meth:`Panel.prepare`),
+    ``all_ids`` (every published feature, in page order), the model, the store's layer view, the
+    images behind its sample ids, the output folder and the process group (``dist``)."""
 
     features: Any  # a FeatureSet
     ids: np.ndarray
@@ -61,6 +88,14 @@ class AtlasContext:
     seed: int = 0
     progress: bool = True
     shared: dict = field(default_factory=dict)  # what one panel leaves for the next (exemplar images)
+    all_ids: np.ndarray | None = None  # every published feature (default: ids)
+    dist: DistContext = SINGLE_PROCESS
+    assets: dict = field(default_factory=dict)  # feature id -> the files written for its page
+
+    def __post_init__(self) -> None:
+        if self.all_ids is None:
+            self.all_ids = np.asarray(self.ids)
+        self._where: dict[int, int] | None = None
 
     @property
     def layer(self) -> str:
@@ -69,16 +104,29 @@ class AtlasContext:
     def name_of(self, label: int) -> str:
         return self.class_names[label] if 0 <= label < len(self.class_names) else str(label)
 
+    def positions(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Where each of ``ids`` sits in :attr:`all_ids` (the column of a build-wide array)."""
+        if self._where is None or len(self._where) != len(self.all_ids):
+            self._where = {int(i): n for n, i in enumerate(self.all_ids)}
+        return np.asarray([self._where[int(i)] for i in ids], dtype=np.int64)
+
     def images(self, ids: Sequence[int]) -> torch.Tensor:
         return _images(self.dataset, ids)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         return _prepare(images, self.preprocessing, self.device)
 
-    def encoded(self, sample_ids: np.ndarray):
-        """``(ids, images, z [B, P, F], spatial)`` per batch: the published features' values at every
-        position of the layer's map on these samples (one forward per batch)."""
-        columns = torch.as_tensor(self.ids, device=self.device)
+    def save_image(self, feature: int, name: str, array: np.ndarray, scale: int = 1) -> None:
+        """Write ``img/name`` (uint8 ``[H, W, 3]``) atomically and record it as a file of the page of
+        ``feature``."""
+        _save_png(array, self.out / "img" / name, scale=scale)
+        self.assets.setdefault(int(feature), []).append(f"img/{name}")
+
+    def encoded(self, sample_ids: np.ndarray, columns: np.ndarray | None = None):
+        """``(ids, images, z [B, P, F], spatial)`` per batch: the values of the features ``columns``
+        (default :attr:`ids`) at every position of the layer's map on these samples (one forward
+        per batch)."""
+        columns = torch.as_tensor(np.asarray(self.ids if columns is None else columns, dtype=np.int64), device=self.device)
         layout = (self.view.spec.meta or {}).get("layout") or "auto"  # what the capture knew
         with capture(self.net, self.layer) as cap, torch.no_grad():
             for start in range(0, len(sample_ids), self.batch_size):
@@ -104,8 +152,23 @@ class Panel:
     name = "panel"
     template = ""
 
+    def prepare(self, ctx: AtlasContext) -> None:
+        """Once per build, on every rank, before any chunk: what needs every published feature
+        (``ctx.all_ids``) or serves every chunk of this rank (``ctx.ids``; empty when this rank has
+        nothing left to compute). Leave results in ``ctx.shared``. No collectives here: a rank that
+        failed earlier does not come, so what every rank needs is computed by every rank
+        (deterministically). Default: nothing."""
+
     def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """What determines this panel's output (recorded with the atlas; pages written under other
+        settings are not reused). Default: the class, its template and its public attributes of
+        plain types; a panel holding anything else says what it is here."""
+        return {"panel": f"{type(self).__module__}.{type(self).__qualname__}",
+                "template": hashlib.sha256(self.template.encode()).hexdigest()[:16],
+                **{k: v for k, v in sorted(vars(self).items()) if not k.startswith("_") and _plain(v)}}
 
 
 def _exemplar_tile(image: np.ndarray, values: np.ndarray, spatial: tuple[int, ...], peak: float, position: int) -> np.ndarray:
@@ -152,7 +215,6 @@ Top classes: {% for c in f.top_classes %}<span class="pill">{{ c.name }} {{ '%.0
     def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
         from tqdm.auto import tqdm
 
-        
         stats, ids, k = ctx.stats, ctx.ids, min(ctx.exemplars, ctx.stats.top_samples.shape[1])
         samples = stats.top_samples[ids, :k]
         wanted = np.unique(samples[samples >= 0])
@@ -181,16 +243,16 @@ Top classes: {% for c in f.top_classes %}<span class="pill">{{ c.name }} {{ '%.0
                 image = images_u8[sid]
                 position = int(stats.top_positions[feature, j])
                 tile = _exemplar_tile(image, maps[sid][:, column], spatial, float(stats.max[feature]), position)
-                _save_png(tile, ctx.out / "img" / f"{feature}-ex{len(tiles)}.png", scale=max(1, 160 // max(image.shape[1], 1)))
+                ctx.save_image(feature, f"{feature}-ex{len(tiles)}.png", tile, scale=max(1, 160 // max(image.shape[1], 1)))
                 crop = _peak_crop(image, spatial, position)
                 if crop is not None:
-                    _save_png(crop, ctx.out / "img" / f"{feature}-crop{len(tiles)}.png", scale=max(1, 96 // max(crop.shape[1], 1)))
+                    ctx.save_image(feature, f"{feature}-crop{len(tiles)}.png", crop, scale=max(1, 96 // max(crop.shape[1], 1)))
                 tiles.append(tile)
                 label = int(labels.get(sid, -1))
                 rows_out.append({"sample": sid, "value": float(stats.top_values[feature, j]), "label": label,
                                  "label_name": ctx.name_of(label), "position": int(stats.top_positions[feature, j])})
             if tiles:
-                _save_png(np.concatenate(tiles, axis=1), ctx.out / "img" / f"{feature}-exemplars.png")
+                ctx.save_image(feature, f"{feature}-exemplars.png", np.concatenate(tiles, axis=1))
             page["crops"] = len(spatial) == 2 and bool(tiles)
             label_list = [e["label"] for e in rows_out]
             classes, shares = np.unique(label_list, return_counts=True) if label_list else (np.array([]), np.array([]))
@@ -215,36 +277,61 @@ class QuantilesPanel(Panel):
                  per_band: int = 4) -> None:
         self.count, self.bands, self.per_band = images, [(float(a), float(b)) for a, b in bands], per_band
 
-    def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
+    def prepare(self, ctx: AtlasContext) -> None:
+        if not len(ctx.ids):
+            return
+        # one pass over the sampled images for every published feature: the bands of this rank's
+        # features, and what fires together for the similar-features panel (any pair of features)
         rng = np.random.default_rng(ctx.seed)
         chosen = np.sort(rng.choice(len(ctx.dataset), min(self.count, len(ctx.dataset)), replace=False))
-        peaks, where, pictures, spatial = [], [], [], ()
-        for batch_ids, images, z, spatial in ctx.encoded(chosen):
+        peaks, where = [], []
+        for _, _, z, _ in ctx.encoded(chosen, columns=ctx.all_ids):
             value, position = z.max(dim=1)
             peaks.append(value.cpu().numpy())
             where.append(position.cpu().numpy())
-            pictures.append((batch_ids, images, z.cpu().numpy()))
-        value, position = np.concatenate(peaks), np.concatenate(where)  # [N, F]
-        image_of = {int(i): (img.permute(1, 2, 0).cpu().numpy(), zi) for ids_, imgs, zs in pictures
-                    for i, img, zi in zip(ids_, imgs, zs)}
-        for column, (feature, page) in enumerate(zip(ctx.ids, pages)):
+        empty = np.zeros((0, len(ctx.all_ids)))
+        value = np.concatenate(peaks) if peaks else empty
+        position = np.concatenate(where) if where else empty.astype(np.int64)
+        ctx.shared["quantile_pass"] = (chosen, value, position)
+        ctx.shared["peak_values"] = value  # [images, all_ids]: what fires together (SimilarPanel)
+
+    def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
+        if not len(ctx.ids):
+            return
+        if "quantile_pass" not in ctx.shared:
+            self.prepare(ctx)
+        chosen, value, position = ctx.shared["quantile_pass"]
+        columns = ctx.positions(ctx.ids)
+        picks: list[list[np.ndarray]] = []
+        for feature, column in zip(ctx.ids, columns):
             top = max(float(ctx.stats.max[int(feature)]), 1e-12)
             bands = []
-            for index, (low, high) in enumerate(self.bands):
+            for low, high in self.bands:
                 hit = np.flatnonzero((value[:, column] > low * top) & (value[:, column] <= high * top))
-                picked = hit[np.argsort(-value[hit, column], kind="stable")][: self.per_band]
+                bands.append(hit[np.argsort(-value[hit, column], kind="stable")][: self.per_band])
+            picks.append(bands)
+        # the activation maps of the picked images only (one forward per batch of them)
+        wanted = np.unique(np.concatenate([chosen[rows] for bands in picks for rows in bands] or [np.zeros(0, np.int64)]))
+        image_of, spatial = {}, ()
+        for batch_ids, images, z, spatial in ctx.encoded(wanted):
+            for i, img, zi in zip(batch_ids, images, z.cpu().numpy()):
+                image_of[int(i)] = (img.permute(1, 2, 0).cpu().numpy(), zi)
+        for slot, (feature, column, page) in enumerate(zip(ctx.ids, columns, pages)):
+            top = max(float(ctx.stats.max[int(feature)]), 1e-12)
+            bands = []
+            for index, ((low, high), picked) in enumerate(zip(self.bands, picks[slot])):
                 shown = []
                 for n, row in enumerate(picked):
                     sid = int(chosen[row])
                     image, z = image_of[sid]
-                    tile = _exemplar_tile(image, z[:, column], spatial, top, int(position[row, column]))
-                    _save_png(tile, ctx.out / "img" / f"{int(feature)}-q{index}-{n}.png", scale=max(1, 96 // max(image.shape[1], 1)))
+                    tile = _exemplar_tile(image, z[:, slot], spatial, top, int(position[row, column]))
+                    ctx.save_image(int(feature), f"{int(feature)}-q{index}-{n}.png", tile,
+                                   scale=max(1, 96 // max(image.shape[1], 1)))
                     label = int(ctx.dataset[sid][1]) if isinstance(ctx.dataset[sid], (tuple, list)) else -1
                     shown.append({"sample": sid, "value": float(value[row, column]), "label": label,
                                   "label_name": ctx.name_of(label)})
                 bands.append({"index": index, "low": low, "high": high, "images": shown})
             page["quantiles"], page["quantile_images"] = bands, len(chosen)
-        ctx.shared["peak_values"] = value  # [images, F]: what fires together (SimilarPanel)
 
 
 class HistogramPanel(Panel):
@@ -256,10 +343,21 @@ class HistogramPanel(Panel):
     def __init__(self, rows: int = 20000, bins: int = 16) -> None:
         self.rows, self.bins = rows, bins
 
+    def prepare(self, ctx: AtlasContext) -> None:
+        if not len(ctx.ids):
+            return
+        # one sample of store rows, encoded twice for all of this rank's features (not per chunk)
+        counts, tops = _histograms(ctx.features, ctx.view, ctx.ids, self.rows, self.bins, ctx.device,
+                                   rows=_sample_rows(ctx.view, self.rows))
+        ctx.shared["histograms"] = {int(i): (c, float(t)) for i, c, t in zip(ctx.ids, counts, tops)}
+
     def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
-        
-        counts, tops = _histograms(ctx.features, ctx.view, ctx.ids, self.rows, self.bins, ctx.device)
-        for page, count, top in zip(pages, counts, tops):
+        done = ctx.shared.get("histograms", {})
+        if any(int(i) not in done for i in ctx.ids):
+            counts, tops = _histograms(ctx.features, ctx.view, ctx.ids, self.rows, self.bins, ctx.device)
+            done = {int(i): (c, float(t)) for i, c, t in zip(ctx.ids, counts, tops)}
+        for feature, page in zip(ctx.ids, pages):
+            count, top = done[int(feature)]
             page["histogram"], page["histogram_max"] = count.tolist(), float(top)
             page["histogram_svg"] = _histogram_svg(count, float(top))
 
@@ -276,11 +374,18 @@ class LogitEffectsPanel(Panel):
     def __init__(self, images: int = 64) -> None:
         self.count = images
 
+    def prepare(self, ctx: AtlasContext) -> None:
+        if len(ctx.ids):  # one forward and a backward per class serve every chunk
+            ctx.shared["class_gradients"] = class_gradients(ctx.model, ctx.layer, ctx.effect_images(self.count))
+
     def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
-        
-        images = ctx.effect_images(self.count)
+        if not len(ctx.ids):
+            return
+        if "class_gradients" not in ctx.shared:
+            self.prepare(ctx)
+        gradient = ctx.shared["class_gradients"]  # [classes, C]
         directions = ctx.features.directions[torch.as_tensor(ctx.ids, device=ctx.features.device)]
-        effects = logit_effects(ctx.model, ctx.layer, images, directions)  # [classes, F]
+        effects = (gradient @ directions.to(gradient).T).detach().cpu().numpy()  # [classes, F]
         for column, page in enumerate(pages):
             effect = effects[:, column]
             page["logit_up"] = [{"name": ctx.name_of(int(c)), "effect": float(effect[c])}
@@ -389,6 +494,11 @@ class ConceptsPanel(Panel):
     def __init__(self, cavs: Sequence[Any], min_cos: float = 0.3) -> None:
         self.cavs, self.min_cos = list(cavs), float(min_cos)
 
+    def settings(self) -> dict[str, Any]:
+        vectors = [hashlib.sha256(np.asarray(c.vector, dtype=np.float64).tobytes()).hexdigest()[:16] for c in self.cavs]
+        return {**super().settings(), "cavs": [[str(c.concept), str(getattr(c, "layer", "")), v]
+                                              for c, v in zip(self.cavs, vectors)]}
+
     def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
         foreign = [c for c in self.cavs if getattr(c, "layer", ctx.layer) not in (ctx.layer, "")]
         if foreign:
@@ -412,12 +522,22 @@ class MapPanel(Panel):
 
     name = "map"
 
+    def prepare(self, ctx: AtlasContext) -> None:
+        if not len(ctx.ids):
+            return
+        # every published feature's place, on every rank: the embedding is seeded and deterministic,
+        # so the ranks agree without a collective (a panel's prepare must not wait on the others)
+        directions = ctx.features.directions[torch.as_tensor(ctx.all_ids, device=ctx.features.device)]
+        ctx.shared["map"], ctx.shared["map_method"] = _embed(directions.detach().cpu().numpy(), ctx.seed)
+
     def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
-        
-        directions = ctx.features.directions[torch.as_tensor(ctx.ids, device=ctx.features.device)]
-        coords, ctx.shared["map_method"] = _embed(directions.cpu().numpy(), ctx.seed)
-        for page, xy in zip(pages, coords):
-            page["map"] = [float(v) for v in xy]
+        if not len(ctx.ids):
+            return
+        if "map" not in ctx.shared:
+            self.prepare(ctx)
+        coords = ctx.shared["map"]
+        for page, row in zip(pages, ctx.positions(ctx.ids)):
+            page["map"] = [float(v) for v in coords[row]]
 
 
 class SimilarPanel(Panel):
@@ -434,25 +554,38 @@ class SimilarPanel(Panel):
     def __init__(self, count: int = 5) -> None:
         self.count = count
 
-    def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
-        directions = ctx.features.directions[torch.as_tensor(ctx.ids, device=ctx.features.device)].detach().double().cpu()
-        unit = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        cos = (unit @ unit.T).numpy()
-        np.fill_diagonal(cos, -np.inf)
-        fired = ctx.shared.get("peak_values")
-        jaccard = None
+    def prepare(self, ctx: AtlasContext) -> None:
+        if not len(ctx.ids):
+            return
+        directions = ctx.features.directions[torch.as_tensor(ctx.all_ids, device=ctx.features.device)].detach().double().cpu()
+        ctx.shared["unit_directions"] = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        fired = ctx.shared.get("peak_values")  # after QuantilesPanel.prepare
         if fired is not None:
-            active = (np.asarray(fired) > 0).astype(np.float64)  # [images, F]
-            both = active.T @ active
-            count = active.sum(axis=0)
-            jaccard = both / np.maximum(count[:, None] + count[None, :] - both, 1)
-            np.fill_diagonal(jaccard, -1.0)
+            active = (np.asarray(fired) > 0).astype(np.float64)  # [images, all_ids]
+            ctx.shared["coactivity"] = (active, active.sum(axis=0))
+
+    def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
+        # the chunk's rows of the [F, F] tables only: a 32k-feature atlas never holds F x F
+        if not len(ctx.ids):
+            return
+        if "unit_directions" not in ctx.shared:
+            self.prepare(ctx)
+        unit = ctx.shared["unit_directions"]
+        rows = ctx.positions(ctx.ids)
+        cos = (unit[torch.as_tensor(rows)] @ unit.T).numpy()
+        cos[np.arange(len(rows)), rows] = -np.inf
+        jaccard = None
+        if "coactivity" in ctx.shared:
+            active, count = ctx.shared["coactivity"]
+            both = active[:, rows].T @ active
+            jaccard = both / np.maximum(count[rows][:, None] + count[None, :] - both, 1)
+            jaccard[np.arange(len(rows)), rows] = -1.0
         for row, page in enumerate(pages):
             order = np.argsort(-cos[row])[: self.count]
-            page["similar"] = [{"id": int(ctx.ids[j]), "cos": float(cos[row, j])} for j in order if np.isfinite(cos[row, j])]
+            page["similar"] = [{"id": int(ctx.all_ids[j]), "cos": float(cos[row, j])} for j in order if np.isfinite(cos[row, j])]
             if jaccard is not None:
                 near = np.argsort(-jaccard[row], kind="stable")[: self.count]
-                page["coactive"] = [{"id": int(ctx.ids[j]), "jaccard": float(jaccard[row, j])} for j in near if jaccard[row, j] > 0]
+                page["coactive"] = [{"id": int(ctx.all_ids[j]), "jaccard": float(jaccard[row, j])} for j in near if jaccard[row, j] > 0]
 
 
 class FeatvisPanel(Panel):
@@ -467,43 +600,67 @@ class FeatvisPanel(Panel):
     def __init__(self, visualize: VisualizeFn) -> None:
         self.visualize = visualize
 
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "visualize": callable_settings(self.visualize)}
+
     def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
-        
+        if not len(ctx.ids):
+            return
+        # the whole chunk in one call: feature_visualizer optimizes its features a batch at a time
         images = self.visualize([int(i) for i in ctx.ids]).detach().cpu().clamp(0, 1)
         if images.dim() == 4:
             images = images.unsqueeze(1)
+        if len(images) != len(ctx.ids):
+            raise ValueError(f"visualize returned {len(images)} images for {len(ctx.ids)} features: it must return one "
+                             "(or one row of several) per feature id it is given")
         for feature, several, page in zip(ctx.ids, images, pages):
             for k, image in enumerate(several):
                 name = f"{feature}-vis.png" if k == 0 else f"{feature}-vis{k}.png"
-                _save_png((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), ctx.out / "img" / name)
+                ctx.save_image(int(feature), name, (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
             page["has_vis"], page["vis_more"] = True, len(several) - 1
 
 
 class AttributionPanel(Panel):
     """Attribution maps of each feature on its top exemplar: ``attribute(id, images) -> {method: maps}``
-    (after :class:`ExemplarsPanel`)."""
+    (after :class:`ExemplarsPanel`). A callback with a ``batched(ids, images) -> {method: maps [F, H, W]}``
+    attribute (as :func:`~mechlens.atlas.feature_attributor` returns) explains a batch of features,
+    each on its own exemplar, in one call (``batch`` of them at a time, default the atlas's batch size)."""
 
     name = "attribution"
     template = """{% if f.attributions %}<h2>Attribution</h2><div class="cards">{% for a in f.attributions %}<div class="card"><h3>{{ a.method }}</h3>
 <img src="../img/{{ a.file }}" width="160" alt="{{ a.method }} for feature {{ f.id }}"></div>{% endfor %}</div>{% endif %}"""
 
-    def __init__(self, attribute: AttributeFn) -> None:
-        self.attribute = attribute
+    def __init__(self, attribute: AttributeFn, batch: int | None = None) -> None:
+        if batch is not None and int(batch) < 1:
+            raise ValueError(f"batch must be a positive number of features, got {batch}")
+        self.attribute, self.batch = attribute, batch
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "attribute": callable_settings(self.attribute)}
 
     def compute(self, ctx: AtlasContext, pages: list[dict]) -> None:
-        
         images_u8 = ctx.shared.get("images_u8")
         if images_u8 is None:
             raise ValueError("the attribution panel shows maps on the top exemplar: put ExemplarsPanel before it")
-        for feature, page in zip(ctx.ids, pages):
-            if not page.get("exemplars"):
-                continue
-            first = page["exemplars"][0]["sample"]
-            image = images_u8[first]
-            for method, amap in self.attribute(int(feature), ctx.images([first])).items():
-                amap = amap.detach().float().cpu().numpy()[0]
-                amap = np.abs(amap) / max(np.abs(amap).max(), 1e-12)
-                file = f"{feature}-attr-{''.join(ch for ch in method if ch.isalnum())}.png"
-                _save_png(_overlay(image[None], amap[None], [None])[0], ctx.out / "img" / file,
-                          scale=max(1, 160 // max(image.shape[1], 1)))
-                page["attributions"].append({"method": method, "file": file})
+        todo = [(int(feature), page) for feature, page in zip(ctx.ids, pages) if page.get("exemplars")]
+        batched = getattr(self.attribute, "batched", None)
+        step = self.batch or ctx.batch_size
+        for start in range(0, len(todo), step if batched is not None else 1):
+            part = todo[start:start + (step if batched is not None else 1)]
+            firsts = [page["exemplars"][0]["sample"] for _, page in part]
+            images = ctx.images(firsts)
+            if batched is not None:
+                maps = batched([feature for feature, _ in part], images)
+            else:
+                maps = self.attribute(part[0][0], images)
+            for method, amaps in maps.items():
+                amaps = amaps.detach().float().cpu().numpy()
+                if len(amaps) != len(part):
+                    raise ValueError(f"the attribution callback returned {len(amaps)} {method} maps for {len(part)} images")
+                for (feature, page), first, amap in zip(part, firsts, amaps):
+                    amap = np.abs(amap) / max(np.abs(amap).max(), 1e-12)
+                    image = images_u8[first]
+                    file = f"{feature}-attr-{''.join(ch for ch in method if ch.isalnum())}.png"
+                    ctx.save_image(feature, file, _overlay(image[None], amap[None], [None])[0],
+                                   scale=max(1, 160 // max(image.shape[1], 1)))
+                    page["attributions"].append({"method": method, "file": file})

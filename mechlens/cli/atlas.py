@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import TextIO
 
@@ -37,6 +38,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--exemplars", type=int, default=8, help="top exemplars per feature (default 8)")
     parser.add_argument("--visualize", action="store_true", help="add a feature visualization per feature (batched)")
     parser.add_argument("--vis-steps", type=int, default=64, help="optimization steps of --visualize (default 64)")
+    parser.add_argument("--vis-batch", type=int, default=32,
+                        help="features optimized together by --visualize (default 32)")
+    parser.add_argument("--chunk", type=int, default=256,
+                        help="features per chunk: the unit of batching, of the split across torchrun ranks and of "
+                             "resuming (default 256)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="re-render every page (default: a rerun keeps the finished pages of the same settings)")
+    parser.add_argument("--on-change", choices=("rebuild", "refuse"), default="rebuild",
+                        help="pages of an earlier build made with other settings: rebuild them with a warning "
+                             "(default) or refuse")
     parser.add_argument("--attribution", action="store_true", help="add a Grad-CAM overlay on each feature's top exemplar")
     parser.add_argument("--no-causal", action="store_true",
                         help="skip the measured ablation effects per class (one intervened forward per feature)")
@@ -69,17 +80,23 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         from mechlens.sae import SAE
 
         feature_set = SAE.load(args.sae, device=loaded.device) if args.sae else published
-        visualize = feature_visualizer(loaded, feature_set, steps=args.vis_steps) if args.visualize else None
+        visualize = (feature_visualizer(loaded, feature_set, steps=args.vis_steps, batch=args.vis_batch)
+                     if args.visualize else None)
         attribute = feature_attributor(loaded, feature_set) if args.attribution else None
     result = build_atlas(published, args.store, loaded, args.out, dataset=dataset, cavs=[CAV.load(p) for p in args.cav],
                          visualize=visualize, attribute=attribute, max_features=args.max_features, exemplars=args.exemplars,
                          causal=not args.no_causal, causal_images=args.causal_images,
-                         circuit=Circuit.load(args.circuit) if args.circuit else None, progress=options.wants_progress(args))
+                         circuit=Circuit.load(args.circuit) if args.circuit else None, progress=options.wants_progress(args),
+                         chunk=args.chunk, resume=not args.no_resume, on_change=args.on_change)
+    if result.ranks > 1 and int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports the build
+        return 0
     if args.json:
         options.print_json({"out": str(args.out), "index": str(result.index), "features": len(result.features),
+                            "rendered": len(result.rendered), "reused": result.reused, "ranks": result.ranks,
                             "seconds": round(result.seconds, 3)}, out)
     else:
-        print(f"atlas of {len(result.features)} features written in {result.seconds:.1f}s: open {result.index}",
+        print(f"atlas of {len(result.features)} features written in {result.seconds:.1f}s ({len(result.rendered)} pages "
+              f"rendered, {result.reused} kept from an earlier build, {result.ranks} rank(s)): open {result.index}",
               file=out)
     return 0
 

@@ -15,6 +15,7 @@ lists as ``variable`` (whether it is required, its default, its metavar), and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, TextIO
@@ -165,12 +166,14 @@ def requested_device(args: argparse.Namespace) -> str | None:
 
 
 def resolved_device(args: argparse.Namespace) -> str:
-    """``--device`` with ``auto`` resolved: ``cuda`` when available, else ``cpu``."""
-    if args.device != "auto":
-        return args.device
+    """``--device`` with ``auto`` resolved: ``cuda`` when available, else ``cpu``. Under
+    ``torchrun`` a bare ``cuda`` is the rank's own GPU, ``cuda:LOCAL_RANK``."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.device_count():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return device
 
 
 def _stderr_is_terminal() -> bool:

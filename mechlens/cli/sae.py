@@ -400,10 +400,7 @@ def _print_eval_table(report: list[dict[str, Any]], model: str | None) -> None:
 def _stats(args: argparse.Namespace) -> int:
     from mechlens.sae import SAE, feature_statistics
 
-    device = options.resolved_device(args)
-    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: each rank its own GPU
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % _cuda_count()}"
-    sae = SAE.load(args.sae, device=device)
+    sae = SAE.load(args.sae, device=options.resolved_device(args))  # under torchrun: the rank's GPU
     stats = feature_statistics(sae, args.store, args.layer, top_k=args.top_k, distinct_samples=not args.all_rows,
                                batch_size=args.batch_size, max_rows=args.rows, progress=options.wants_progress(args))
     out = stats.save(args.out or args.sae)
@@ -419,12 +416,6 @@ def _stats(args: argparse.Namespace) -> int:
     print(f"  never fire: {100 * dead:.1f}%  median frequency {float(_median(stats.frequency)):.4g}  "
           f"top-{stats.top_k} exemplars per latent ({'distinct images' if stats.distinct_samples else 'any rows'})")
     return 0
-
-
-def _cuda_count() -> int:
-    import torch
-
-    return max(1, torch.cuda.device_count())
 
 
 def _median(values: Any) -> float:
