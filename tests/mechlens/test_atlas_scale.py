@@ -14,22 +14,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.multiprocessing as mp
 
 from mechlens.atlas.build import build_atlas
 from mechlens.atlas.callbacks import feature_attributor, feature_visualizer
 from mechlens.capture import capture_to_store
 from mechlens.models import load_model
 from mechlens.sae import SAE, TopKConfig, build_sae, feature_statistics
+from tests.mechlens._ranks import run_ranks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -112,18 +109,9 @@ def single(inputs):
     return result, log
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _rank(rank: int, world_size: int, port: int, root: str, run: str, fail_after: int) -> None:
+def _rank(rank: int, world_size: int, root: str, run: str, fail_after: int) -> None:
     """One rank as torchrun starts it: the environment names the group, build_atlas joins it.
     With ``fail_after``, rank 1 fails after that many pages (the others carry on, then hear of it)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
     root_path = Path(root)
     log: dict = {}
     written: list[int] = []
@@ -145,17 +133,7 @@ def _rank(rank: int, world_size: int, port: int, root: str, run: str, fail_after
 
 
 def _spawn(root: Path, world_size: int, run: str, fail_after: int = 0) -> list[dict]:
-    context = mp.start_processes(_rank, args=(world_size, _free_port(), str(root), run, fail_after), nprocs=world_size,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world_size} ranks did not finish the atlas within {JOIN_TIMEOUT_S:.0f} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    run_ranks(world_size, _rank, str(root), run, fail_after, join=False, timeout=JOIN_TIMEOUT_S)
     return [json.loads((root / f"{run}-rank{r}.json").read_text()) for r in range(world_size)]
 
 

@@ -4,50 +4,20 @@ another world size, and bad set-ups are refused."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from mechlens.sae.architectures import MatryoshkaConfig
 from mechlens.sae.config import BatchTopKConfig, JumpReLUConfig, TopKConfig, TrainConfig
+from tests.mechlens._ranks import free_port, run_ranks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 D_IN, BATCH, STEPS = 16, 48, 24
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _entry(rank: int, world: int, port: int, target: Callable[..., Any], args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        target(rank, world, *args)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def run_ranks(world: int, target: Callable[..., Any], *args: Any, timeout: float = 240) -> None:
-    """``target(rank, world, *args)`` on ``world`` spawned ranks in one gloo group; a rank's error fails the test."""
-    context = mp.start_processes(_entry, args=(world, free_port(), target, args), nprocs=world, join=False,
-                                 start_method="spawn")
-    while not context.join(timeout=timeout):
-        if not any(p.is_alive() for p in context.processes):
-            break
-    for process in context.processes:
-        if process.is_alive():
-            process.kill()
-            pytest.fail(f"a rank did not finish within {timeout} s")
 
 
 def sweep() -> list[Any]:

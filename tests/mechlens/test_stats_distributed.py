@@ -4,19 +4,16 @@ canonically (value, then row id); save() writes once; bad ranks and mismatched r
 from __future__ import annotations
 
 import json
-import os
-import socket
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from activation_store import ActivationStore, LayerSpec, StoreWriter
 from mechlens.sae.modules import SAE, create_sae
 from mechlens.sae.stats import STATS_JSON, STATS_TENSORS, FeatureStatistics, feature_statistics
+from tests.mechlens._ranks import run_ranks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -68,17 +65,8 @@ def world(tmp_path_factory) -> Path:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank: int, world_size: int, port: int, root: str) -> None:
+def _worker(rank: int, world_size: int, root: str) -> None:
     """One rank, as torchrun starts it: the environment names the group, feature_statistics joins it."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
     root_path = Path(root)
     out = root_path / f"world{world_size}"
     sae = SAE.load(root_path / "sae")
@@ -107,17 +95,7 @@ def _worker(rank: int, world_size: int, port: int, root: str) -> None:
 
 def _spawn(root: Path, world_size: int) -> None:
     (root / f"world{world_size}").mkdir()
-    context = mp.start_processes(_worker, args=(world_size, _free_port(), str(root)), nprocs=world_size,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world_size} ranks did not finish within {JOIN_TIMEOUT_S:.0f} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    run_ranks(world_size, _worker, str(root), join=False, timeout=JOIN_TIMEOUT_S)
 
 
 def _brute_force_top(z: np.ndarray, samples: np.ndarray, k: int, distinct: bool) -> list[np.ndarray]:
