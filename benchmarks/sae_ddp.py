@@ -4,7 +4,8 @@ Writes a store of planted-dictionary rows (a sparse code times random atoms, flo
 each world size spawns that many ranks in one process group (gloo on CPU, NCCL with
 ``--device cuda``: rank r on GPU r) and trains the same SAE sweep for the same number of steps of
 the same global batch. rows/s = global rows trained / the training call's wall-clock on rank 0
-(set-up, the store's statistics pass and the first batches included, as a user waits for them).
+(set-up, the store's statistics pass and the first batches included, as a user waits for them;
+imports are done before the clock starts); the training loop's own rows/s is printed beside it.
 Scaling efficiency at N ranks = rows/s(N) / (N * rows/s(1)); on a shared 2-core machine the
 ranks compete with each other (and with anything else running) for the cores, so the CPU figure
 is a floor, not the GPU box's.
@@ -54,6 +55,7 @@ def _rank(rank: int, world: int, port: int, args: dict[str, Any], out: str) -> N
     from mechlens.sae.config import TopKConfig, TrainConfig
     from mechlens.sae.training import train_sae
 
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # its first use imports torch._dynamo (~3 s): untimed
     try:
         configs = [TopKConfig(width=args["width"], k=k) for k in args["ks"]]
         train = TrainConfig(steps=args["steps"], batch_size=args["batch_size"], log_every=max(1, args["steps"] // 4),

@@ -192,3 +192,17 @@ def test_the_cli_trains_under_torchrun_and_reports_once(store_path, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("trained 1 SAE(s) for 12 steps on 576 rows") == 1  # 12 x the global batch, said once
     assert (tmp_path / "sae" / "config.json").is_file()
+
+
+def test_the_ddp_benchmark_runs_quick_and_ends_with_its_json_line():
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "sae_ddp.py"), "--quick"], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = json.loads(done.stdout.strip().splitlines()[-1])
+    assert line["benchmark"] == "sae_ddp" and set(line["figures"]["rows_per_s"]) == {"1", "2"}
+    assert line["ratios"]["scaling_efficiency_2"] > 0
