@@ -157,6 +157,8 @@ class MatryoshkaConfig(BatchTopKConfig):
     commas separate the SAEs of a sweep)."""
 
     arch: ClassVar[str] = "matryoshka"
+    # BatchTopK's decoder rate was measured on plain BatchTopK only: Matryoshka keeps the SAE's rate
+    decoder_lr_scale: float = option(1.0, "the decoder's learning rate / the SAE's (see the README's recipe)")
     group_sizes: Optional[tuple[int, ...]] = option(
         None, "sizes of the nested latent groups, joined by '+' (e.g. 64+192+768; None: width/8, /8, /4, /2)")
 

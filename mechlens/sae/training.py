@@ -249,8 +249,16 @@ class SAETrainer:
 
     def _member(self, sae: SAE) -> _Member:
         cfg = self.train
-        optimizer = torch.optim.Adam(sae.parameters(), lr=member_lr(sae.config, cfg), betas=cfg.adam_betas,
-                                     eps=cfg.adam_eps)
+        groups: Any = sae.parameters()
+        scale = float(sae.config.decoder_lr_scale)
+        if scale != 1.0:  # the decoder in a group of its own, stepped at ``lr_scale`` x the SAE's rate
+            decoder = [p for name, p in sae.named_parameters() if name == "W_dec"]
+            if not decoder:
+                raise ValueError(f"decoder_lr_scale={scale:g}: the {sae.config.arch} SAE has no learnt decoder W_dec; "
+                                 "leave decoder_lr_scale at 1")
+            groups = [{"params": decoder, "lr_scale": scale},
+                      {"params": [p for name, p in sae.named_parameters() if name != "W_dec"]}]
+        optimizer = torch.optim.Adam(groups, lr=member_lr(sae.config, cfg), betas=cfg.adam_betas, eps=cfg.adam_eps)
         return _Member(sae, optimizer, torch.zeros(sae.width, dtype=torch.long, device=self.device),
                        torch.zeros(_FIXED_SUMS + len(sae.loss_terms), dtype=torch.float64, device=self.device))
 

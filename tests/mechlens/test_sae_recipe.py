@@ -330,3 +330,29 @@ def test_bf16_autocast_trains_every_architecture_in_bfloat16_to_the_float32_fvu(
         assert got == pytest.approx(want, rel=0.08)
     with pytest.raises(ValueError, match="autocast must be one of"):
         TrainConfig(autocast="fp8")
+
+
+# ---------------------------------------------------------------------------- decoder learning rate
+def test_the_decoder_steps_at_its_scale_of_the_rate_and_old_configs_keep_one_rate():
+    from mechlens.sae import BatchTopKConfig, SAEConfig
+    from mechlens.sae.architectures import ArchetypalConfig, MatryoshkaConfig
+
+    assert BatchTopKConfig(width=8, k=2).decoder_lr_scale == 4.0  # the measured default (README)
+    assert TopKConfig(width=8, k=2).decoder_lr_scale == MatryoshkaConfig(width=64, k=2).decoder_lr_scale == 1.0
+    legacy = BatchTopKConfig(width=8, k=2).to_json()
+    del legacy["decoder_lr_scale"]  # a config saved before the option trained its decoder at the SAE's rate
+    assert SAEConfig.from_json(legacy).decoder_lr_scale == 1.0
+    train = TrainConfig(steps=10, batch_size=16, lr=1e-3, device="cpu", lr_warmup_fraction=0.5)
+    trainer = SAETrainer([BatchTopKConfig(width=16, k=2, d_in=4), TopKConfig(width=16, k=2, d_in=4)], train)
+    trainer.initialise(init_rows=torch.randn(64, 4))
+    trainer.train_step(torch.randn(16, 4))
+    batchtopk, topk = (m.optimizer.param_groups for m in trainer.members)
+    factor = lr_factor(0, train)
+    assert [g["lr"] for g in batchtopk] == pytest.approx([4e-3 * factor, 1e-3 * factor])
+    assert batchtopk[0]["params"] == [trainer.members[0].sae.W_dec]
+    assert [g["lr"] for g in topk] == pytest.approx([1e-3 * factor])
+    with pytest.raises(ValueError, match="decoder_lr_scale must be a positive number"):
+        TopKConfig(width=8, k=2, decoder_lr_scale=0)
+    with pytest.raises(ValueError, match="has no learnt decoder"):
+        SAETrainer(ArchetypalConfig(width=16, k=2, d_in=4, decoder_lr_scale=2.0), train).initialise(
+            init_rows=torch.randn(64, 4))
