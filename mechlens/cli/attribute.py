@@ -10,6 +10,10 @@ class), and per method and image the raw map's shape, min / max / mean, and the 
 scalars (IG's completeness error, KernelSHAP's efficiency error, seconds). ``--save-maps`` also
 writes the raw maps to ``maps.safetensors``.
 
+``--layer`` names the layer of the CAMs (default: the last spatial stage); ``multilayer_cam`` fuses
+the CAMs of several, ``--layers stage2 stage3`` (``--cam layercam``: the CAM fused, default
+gradcam). A layer no method takes, or several for a one-layer CAM, is an error.
+
 A NaN / infinite model output (or map) is an error; ``--allow-nonfinite`` writes the results
 anyway, counts the affected images per method (``nonfinite_samples``) and writes ``null`` for
 their non-finite numbers (``summary.json`` is always strict JSON).
@@ -48,8 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--target", default=None, metavar="FEATURE",
                         help="feature spec: class:3, channel:LAYER:17, neuron:LAYER:C:Y,X, sae:PATH:123, cav:PATH "
                              "(default: each image's predicted class)")
-    parser.add_argument("--layer", default=None, metavar="LAYER",
-                        help="layer for CAM methods (default: the last spatial stage)")
+    add_layer_options(parser)
     parser.add_argument("--steps", type=int, default=50, help="integration steps (IG)")
     parser.add_argument("--samples", type=int, default=None, help="noise / perturbation samples (SmoothGrad, GradientSHAP, LIME, KernelSHAP)")
     parser.add_argument("--baseline", default=None, help="baseline for IG / occlusion / LIME / KernelSHAP: zeros, blur, uniform, or a number")
@@ -61,6 +64,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "numbers written as null) instead of stopping with an error")
     options.add_run_options(parser, device="cpu", out={"required": True})
     parser.set_defaults(handler=run)
+
+
+def add_layer_options(parser: argparse.ArgumentParser) -> None:
+    """``--layer/--layers`` (the shared one-or-more form) and ``--cam``, for commands that run CAMs."""
+    options.LAYERS.add(parser, required=False)
+    parser.add_argument("--cam", default=None, metavar="NAME",
+                        help="the CAM that multilayer_cam fuses at each of --layers (default gradcam)")
+
+
+def cam_layers(infos: list[Any], layers: list[str] | None, cam: str | None) -> tuple[str | None, dict[str, Any]]:
+    """``(layer, multilayer)``: the one layer of the one-layer CAMs among ``infos`` (``None``: the
+    default) and the keyword arguments of ``multilayer_cam`` (``layers=``, ``cam=``), from
+    ``--layer/--layers`` and ``--cam``. A layer no method uses, several layers for a one-layer CAM,
+    ``--cam`` without multilayer_cam and multilayer_cam without layers are one-line errors."""
+    from mechlens.attribution import get_method
+
+    names = [info.name for info in infos]
+    multi = "multilayer_cam" in names
+    single = [info.name for info in infos if info.needs_layer]
+    if cam is not None:
+        if not multi:
+            raise ValueError("--cam names the CAM that multilayer_cam fuses; add --method multilayer_cam or drop --cam")
+        info = get_method(cam)
+        if not (info.needs_layer and info.kind == "layer"):
+            raise ValueError(f"--cam {cam}: multilayer_cam fuses layer CAMs (gradcam, layercam, ...); {info.name!r} is not one")
+        cam = info.name
+    if multi and not layers:
+        raise ValueError("multilayer_cam fuses the CAMs of several layers: pass --layers L1 L2 ... "
+                         "(see `mechlens layers MODEL`)")
+    layers = list(layers or [])
+    if layers and not multi and not single:
+        raise ValueError(f"--layers {' '.join(layers)}: none of the methods {', '.join(names)} takes a layer "
+                         "(the CAMs and multilayer_cam do)")
+    if len(layers) > 1 and single:
+        hint = "" if multi else "; several layers are for multilayer_cam"
+        raise ValueError(f"{', '.join(single)} {'takes' if len(single) == 1 else 'take'} one --layer but --layers names {len(layers)} "
+                         f"({' '.join(layers)}){hint}: run them in a separate call with one --layer")
+    multilayer = {"layers": layers, **({"cam": cam} if cam is not None else {})} if multi else {}
+    return (layers[0] if len(layers) == 1 and single else None), multilayer
 
 
 def load_images(paths: list[str], preprocessing: Any) -> Any:
@@ -79,9 +121,12 @@ def load_images(paths: list[str], preprocessing: Any) -> Any:
     return torch.stack(images)
 
 
-def _method_kwargs(info: Any, args: argparse.Namespace, layer: str | None) -> dict[str, Any]:
+def _method_kwargs(info: Any, args: argparse.Namespace, layer: str | None,
+                   multilayer: dict[str, Any] | None = None) -> dict[str, Any]:
     params = inspect.signature(info.fn).parameters
     accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if info.name == "multilayer_cam":  # its other keywords go to the CAM at every layer: pass only its own
+        return dict(multilayer or {})
     wanted: dict[str, Any] = {}
     if info.needs_layer:
         wanted["layer"] = layer
@@ -135,12 +180,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
     stdout = out or sys.stdout
     infos = [get_method(name) for name in args.method]  # unknown names fail before any work
+    layer, multilayer = cam_layers(infos, args.layer, args.cam)
     device = options.resolved_device(args)
     loaded = options.load_model_from_args(args, device=device)
     model, preprocessing = loaded.model, loaded.preprocessing
     inputs = load_images(args.image, preprocessing).to(device)
     target = resolve_target(model, inputs, args.target)
-    layer = args.layer
     if layer is None and any(info.needs_layer for info in infos):
         layer = suggest_cam_layer(model, preprocessing.input_size)
     directory = Path(args.out)
@@ -150,7 +195,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         logits = model(inputs)
     summary: dict[str, Any] = {
         "model": loaded.spec, "weights": args.weights, "target": args.target or "predicted class",
-        "layer": layer, "input_shape": list(inputs.shape),
+        "layer": layer, **({"layers": multilayer["layers"]} if multilayer else {}), "input_shape": list(inputs.shape),
         "images": [
             {"path": str(p), "name": s, "feature": target.names[i],
              "predicted_class": int(logits[i].argmax()) if logits.dim() == 2 else None}
@@ -164,7 +209,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             bar.set_postfix_str(info.name, refresh=False)
             started = time.perf_counter()
             result = attribute(model, inputs, target, method=info.name, allow_nonfinite=args.allow_nonfinite,
-                               **_method_kwargs(info, args, layer))
+                               **_method_kwargs(info, args, layer, multilayer))
             seconds = time.perf_counter() - started
             results[info.name] = result
             entry = result.summary()

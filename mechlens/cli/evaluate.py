@@ -9,6 +9,16 @@ shifts and the agreement between methods, for every method on the first ``--imag
 ``--data``; prints the table and a verdict per method (trust / use with care / do not trust) with
 the advice, and writes ``report.csv``, ``report.json`` and ``report.png`` to ``--out``
 (:func:`mechlens.evaluation.report.evaluate_methods`).
+
+Two expensive checks are opt-in, named in ``--checks``: ``manipulation`` fine-tunes a copy of the
+model so that the maps of ``--attack`` (default gradcam when it is among the methods) move to the
+image border while the predictions stay (``--manipulation-steps``), and measures how far every
+method's maps moved; ``roar`` removes each method's top pixels from the train and test splits of
+``--data`` (synthetic shapes and digits have them), retrains a re-initialised copy of the model
+(``--roar-epochs``) at ``--roar-fractions`` and compares the accuracy drop with a random ranking;
+its maps and runs are cached under ``--cache-dir`` (default ``OUT/roar_cache``), so a rerun resumes.
+
+``--layer`` names the CAMs' layer; ``multilayer_cam`` takes ``--layers L1 L2 ...`` (and ``--cam``).
 """
 from __future__ import annotations
 
@@ -18,6 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mechlens.cli import options
+from mechlens.cli.attribute import add_layer_options, cam_layers
 
 __all__ = ["register", "run"]
 
@@ -44,11 +55,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--images", type=int, default=16, metavar="N", help="images of --data to evaluate on (default 16)")
     parser.add_argument("--target", default=None, metavar="FEATURE",
                         help="feature spec: class:3, channel:LAYER:17, ... (default: each image's predicted class)")
-    parser.add_argument("--layer", default=None, metavar="LAYER",
-                        help="layer for CAM methods (default: the last spatial stage)")
+    add_layer_options(parser)
     parser.add_argument("--checks", default=None, metavar="C,C",
-                        help="checks to run, comma-separated (default: all of randomization, deletion, insertion, "
-                             "localization, stability)")
+                        help="checks to run, comma-separated (default: all but the expensive manipulation and roar, "
+                             "which run only when named here)")
+    parser.add_argument("--attack", default=None, metavar="M,M",
+                        help="methods the manipulation check attacks (default: gradcam when among --methods, else "
+                             "the first attackable one)")
+    parser.add_argument("--manipulation-steps", type=int, default=None, metavar="N",
+                        help="fine-tuning steps of the manipulation check (default 300)")
+    parser.add_argument("--roar-epochs", type=int, default=None, metavar="N",
+                        help="epochs of each ROAR retrain (default 8)")
+    parser.add_argument("--roar-fractions", default=None, metavar="F,F",
+                        help="fractions of pixels ROAR removes (default 0.1,0.3,0.5,0.7,0.9)")
+    parser.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="where ROAR caches its maps and retrains, to resume (default: OUT/roar_cache)")
     parser.add_argument("--masks", default="auto", metavar="auto|object|none|FILE.npy",
                         help="ground truth for the pointing game: the dataset's object masks (auto: when it has them), "
                              "none, or an [N, H, W] boolean .npy file (default auto)")
@@ -74,7 +95,8 @@ def parse_methods(values: list[str]) -> list[str]:
     return list(dict.fromkeys(resolved))
 
 
-def _method_kwargs(methods: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def _method_kwargs(methods: list[str], args: argparse.Namespace,
+                   multilayer: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     import inspect
 
     from mechlens.attribution import get_method
@@ -82,6 +104,9 @@ def _method_kwargs(methods: list[str], args: argparse.Namespace) -> dict[str, di
     out = {}
     for name in methods:
         info = get_method(name)
+        if info.name == "multilayer_cam":  # its other keywords go to the CAM at every layer
+            out[name] = dict(multilayer or {})
+            continue
         params = inspect.signature(info.fn).parameters
         wanted = {"n_steps": args.steps, "n_samples": args.samples, "internal_batch_size": args.internal_batch_size}
         chosen = {k: v for k, v in wanted.items() if v is not None and (k in params or info.family == "smoothing")}
@@ -116,15 +141,72 @@ def _masks(args: argparse.Namespace, dataset: Any, count: int, size: tuple[int, 
     return masks[:count]
 
 
+def _opt_in(args: argparse.Namespace, checks: list[str] | None, methods: list[str]) -> dict[str, Any]:
+    """The keyword arguments of the opt-in checks; their flags without the check are errors."""
+    from mechlens.evaluation.report import default_attack
+
+    chosen = set(checks or ())
+    kwargs: dict[str, Any] = {}
+    manipulation_flags = {"--attack": args.attack, "--manipulation-steps": args.manipulation_steps}
+    roar_flags = {"--roar-epochs": args.roar_epochs, "--roar-fractions": args.roar_fractions,
+                  "--cache-dir": args.cache_dir}
+    for check, flags in (("manipulation", manipulation_flags), ("roar", roar_flags)):
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given and check not in chosen:
+            raise ValueError(f"{', '.join(given)} configure(s) the {check} check, which is not run: add it to --checks")
+    if "manipulation" in chosen:
+        if args.attack is not None:
+            kwargs["manipulation_attack"] = [a.strip() for a in args.attack.split(",") if a.strip()]
+        else:
+            default_attack(methods)  # none attackable: the one-line error, before any work
+        if args.manipulation_steps is not None:
+            if args.manipulation_steps < 1:
+                raise ValueError("--manipulation-steps must be at least 1")
+            kwargs["manipulation_options"] = {"steps": args.manipulation_steps}
+    if "roar" in chosen:
+        kwargs["cache_dir"] = Path(args.cache_dir) if args.cache_dir is not None else Path(args.out) / "roar_cache"
+        if args.roar_fractions is not None:
+            try:
+                kwargs["roar_fractions"] = [float(f) for f in args.roar_fractions.split(",") if f.strip()]
+            except ValueError:
+                raise ValueError(f"--roar-fractions {args.roar_fractions!r}: give numbers in (0, 1), e.g. 0.1,0.5") from None
+        if args.roar_epochs is not None and args.roar_epochs < 1:
+            raise ValueError("--roar-epochs must be at least 1")
+    return kwargs
+
+
+def _roar_source(spec: str) -> tuple[str, str]:
+    """``(head, query)`` of a ``--data`` spec with labelled train/test splits; others are refused."""
+    head, _, query = spec.partition("?")
+    if not (head.startswith("synthetic:") or head == "digits"):
+        raise ValueError(f"--checks roar retrains on the train split of --data and tests on its test split, but "
+                         f"{spec!r} has no labelled train/test splits: use synthetic:shapes or digits (or "
+                         "evaluate_methods(..., roar_data=(train, test)) from Python)")
+    return head, query
+
+
+def _roar_data(args: argparse.Namespace, image_size: Any) -> tuple[Any, Any]:
+    """The train and test splits of ``--data`` (its own ``split=`` dropped)."""
+    from mechlens.data import build_dataset
+
+    head, query = _roar_source(args.data)
+    kept = [part for part in query.split("&") if part and not part.startswith("split=")]
+    spec = head + ("?" + "&".join(kept) if kept else "")
+    return tuple(build_dataset(spec, image_size=image_size, split=split, **options.dataset_options(args))
+                 for split in ("train", "test"))
+
+
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Handler of ``mechlens evaluate``; returns the exit code."""
     import torch
 
+    from mechlens.attribution import get_method
     from mechlens.data import build_dataset
     from mechlens.evaluation.report import CHECKS, evaluate_methods
 
     stdout = out or sys.stdout
     methods = parse_methods(args.methods)  # unknown names fail before any work
+    layer, multilayer = cam_layers([get_method(m) for m in methods], args.layer, args.cam)
     checks = None
     if args.checks is not None:
         checks = [c.strip() for c in args.checks.split(",") if c.strip()]
@@ -137,15 +219,26 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             raise ValueError(f"unknown check(s) {', '.join(unknown)}.{hint} Available: {', '.join(CHECKS)}")
     if args.images < 1:
         raise ValueError("--images must be at least 1")
+    opt_in = _opt_in(args, checks, methods)
+    wants_roar = "roar" in (checks or ())
+    if wants_roar:  # a data source without labelled splits fails before the model loads
+        _roar_source(args.data)
     device = options.resolved_device(args)
     loaded = options.load_model_from_args(args, device=device)
     dataset = build_dataset(args.data, image_size=loaded.preprocessing.image_size, **options.dataset_options(args))
+    if wants_roar:
+        from mechlens.evaluation.roar import RetrainRecipe
+
+        opt_in["roar_data"] = _roar_data(args, loaded.preprocessing.image_size)
+        recipe = {"device": device, **({"epochs": args.roar_epochs} if args.roar_epochs is not None else {})}
+        opt_in["roar_recipe"] = RetrainRecipe.from_model(loaded, model_seed=args.seed, seed=args.seed, **recipe)
     count = min(args.images, len(dataset))
     images = torch.stack([torch.as_tensor(dataset[i][0]).float() for i in range(count)]).to(device)
     masks = _masks(args, dataset, count, tuple(images.shape[-2:]))
-    report = evaluate_methods(loaded, images, args.target, methods, masks=masks, layer=args.layer, checks=checks,
-                              method_kwargs=_method_kwargs(methods, args), deletion_steps=args.deletion_steps,
-                              seed=args.seed, progress=options.wants_progress(args))
+    report = evaluate_methods(loaded, images, args.target, methods, masks=masks, layer=layer, checks=checks,
+                              method_kwargs=_method_kwargs(methods, args, multilayer),
+                              deletion_steps=args.deletion_steps, seed=args.seed,
+                              progress=options.wants_progress(args), **opt_in)
     files = report.save(args.out)
     if args.json:
         options.print_json({"out": str(args.out), "summary": report.summary, "verdicts": report.verdicts,

@@ -65,14 +65,24 @@ from mechlens.evaluation.randomization import (
     randomization_layers,
     randomize_module_,
 )
-from mechlens.evaluation.report import CHECKS, VERDICTS, Check, CheckContext, MethodReport, evaluate_methods, map_agreement
+from mechlens.evaluation.report import (
+    CHECKS,
+    OPTIONAL_CHECKS,
+    VERDICTS,
+    Check,
+    CheckContext,
+    MethodReport,
+    default_attack,
+    evaluate_methods,
+    map_agreement,
+)
 from mechlens.evaluation.roar import RetrainRecipe, RoarResult, pixel_ranks, remove_top_pixels, roar
 from mechlens.evaluation.similarity import normalize_maps, spearman, ssim
 from mechlens.evaluation.stability import StabilityResult, attribution_stability, shift_images
 
 __all__ = [
-    "ATTACKABLE", "CHECKS", "Check", "CheckContext", "ManipulatedModel", "ManipulationResult", "MethodReport", "REGIONS",
-    "RetrainRecipe", "RoarResult", "VERDICTS", "attacked_map", "evaluate_methods", "manipulate_model",
+    "ATTACKABLE", "CHECKS", "OPTIONAL_CHECKS", "Check", "CheckContext", "ManipulatedModel", "ManipulationResult", "MethodReport", "REGIONS",
+    "RetrainRecipe", "RoarResult", "VERDICTS", "attacked_map", "default_attack", "evaluate_methods", "manipulate_model",
     "manipulation_check", "map_agreement", "pixel_ranks", "region_mask", "remove_top_pixels", "roar",
     "MetricResult", "RoadResult", "complexity", "faithfulness_correlation", "infidelity", "max_sensitivity",
     "noisy_linear_imputation", "random_logit", "relevance_mass_accuracy", "relevance_rank_accuracy", "road",

@@ -30,14 +30,28 @@ adding a metric to the report is one line, e.g.
 ``CHECKS["road"] = lambda ctx, m: {"road_auc": float(road(ctx.model, ctx.images, ctx.target, ctx.attribution(m)).auc.mean())}``.
 The verdict reads the columns named above and ignores the others (they are reported).
 
-The heavier evidence is separate: :func:`mechlens.evaluation.roar.roar` (remove the top pixels and
-retrain) and :func:`mechlens.evaluation.manipulation.manipulation_check` (can a fine-tune move the
-maps while keeping the predictions?).
+Two heavier checks are opt-in (:data:`OPTIONAL_CHECKS`: in :data:`CHECKS`, not in the default run;
+ask for them with ``checks=[..., "manipulation", "roar"]``):
+
+* ``manipulation``: :func:`mechlens.evaluation.manipulation.manipulation_check`, run once per
+  report: fine-tune a copy of the model so that the maps of the attacked method(s)
+  (``manipulation_attack``; default ``gradcam`` when it is among the methods, else the first
+  attackable one) move into the image border while the predictions stay, then measure how far
+  *every* method's maps moved (``manipulation_mass_gain``, ``manipulation_spearman``,
+  ``manipulation_moved``, ``manipulation_preserved``: the predictions were kept). Maps that such a
+  fine-tune moves say how the function is computed more than what it uses (Heo et al. 2019);
+* ``roar``: :func:`mechlens.evaluation.roar.roar` on ``roar_data=(train, test)``, retraining with
+  ``roar_recipe`` (default :meth:`RetrainRecipe.from_model`: a re-initialised copy of the model),
+  all methods at once, cached and resumable under ``cache_dir``: ``roar_accuracy`` (mean test
+  accuracy over ``roar_fractions`` after removing each method's top pixels and retraining),
+  ``roar_random_accuracy`` (a random ranking), ``roar_drop`` / ``roar_random_drop`` (from the
+  unmodified data) and ``roar_faithful`` (its drop is larger than the random ranking's).
 
 Verdicts: ``trust`` (passes the randomization check, is faithful, and agrees with another method
-that passes), ``use with care`` (passes, but is not
-faithful or not corroborated: the reasons say which), ``do not trust`` (fails the randomization
-check: its maps show the image more than the model).
+that passes; and, when those checks ran, is not moved by a fine-tune that kept the predictions and
+is faithful under ROAR), ``use with care`` (passes, but is not faithful, not corroborated, moved by
+the manipulation or no better than random under ROAR: the reasons say which), ``do not trust``
+(fails the randomization check: its maps show the image more than the model).
 """
 from __future__ import annotations
 
@@ -60,14 +74,19 @@ from mechlens.evaluation.randomization import randomization_check
 from mechlens.evaluation.similarity import spearman
 from mechlens.evaluation.stability import attribution_stability
 
-__all__ = ["CHECKS", "Check", "CheckContext", "MethodReport", "evaluate_methods", "map_agreement", "VERDICTS"]
+__all__ = ["CHECKS", "OPTIONAL_CHECKS", "Check", "CheckContext", "MethodReport", "default_attack", "evaluate_methods",
+           "map_agreement", "VERDICTS"]
 
 VERDICTS = ("trust", "use with care", "do not trust")
 PASS_BELOW, FAIL_AT = 0.5, 0.6  # the registry's randomization thresholds (mechlens.attribution.base.MethodInfo)
 COLUMNS = ("method", "family", "verdict", "randomization", "randomization_rho", "faithful", "ins_minus_del",
            "ins_minus_del_random", "deletion_auc", "deletion_auc_random", "insertion_auc", "insertion_auc_random",
            "agreement", "agrees_with",
-           "pointing_game", "pointing_chance", "iou", "stability", "registry_randomization", "seconds", "reasons")
+           "pointing_game", "pointing_chance", "iou", "stability",
+           "manipulation_moved", "manipulation_preserved", "manipulation_attacked", "manipulation_mass_gain",
+           "manipulation_spearman", "roar_faithful", "roar_accuracy", "roar_random_accuracy", "roar_drop",
+           "roar_random_drop", "registry_randomization", "seconds", "reasons")
+MANIPULATION_REASON = "maps moved by a fine-tune that kept the predictions (Heo et al. 2019)"
 
 
 # ---------------------------------------------------------------------------- the checks
@@ -75,8 +94,9 @@ COLUMNS = ("method", "family", "verdict", "randomization", "randomization_rho", 
 class CheckContext:
     """What a check sees: the model (as given: ``nn.Module`` or ``LoadedModel``), the images
     (pixels), the target resolved once on the model, the CAM ``layer``, optional ``masks``
-    ``[B, H, W]``, the ``seed``, per-method keyword arguments and a scratch ``cache`` shared by
-    the checks (e.g. the random map's curves)."""
+    ``[B, H, W]``, the ``seed``, per-method keyword arguments, the report's ``methods``, the
+    settings of the opt-in checks (``manipulation_*``, ``roar_*``, ``cache_dir``) and a scratch
+    ``cache`` shared by the checks (e.g. the random map's curves, the one manipulation run)."""
 
     model: Any
     images: torch.Tensor
@@ -88,6 +108,15 @@ class CheckContext:
     deletion_steps: int = 16
     deletion_baseline: Any = "zeros"
     randomization_layers: Sequence[str] | None = None
+    methods: list[str] = field(default_factory=list)
+    manipulation_attack: list[str] | None = None
+    manipulation_options: dict[str, Any] = field(default_factory=dict)
+    roar_data: tuple[Any, Any] | None = None
+    roar_recipe: Any = None
+    roar_fractions: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    cache_dir: Any = None
+    user_target: Any = None
+    progress: bool = False
     cache: dict[str, Any] = field(default_factory=dict)
     details: dict[str, dict[str, Any]] = field(default_factory=dict)
     _attributions: dict[str, Attribution] = field(default_factory=dict)
@@ -188,6 +217,90 @@ def check_relevance_mass(ctx: CheckContext, method: str) -> dict[str, Any]:
     return {"relevance_mass": relevance_mass_accuracy(heat, ctx.masks, absolute=True).mean}
 
 
+def _report_methods(ctx: CheckContext, method: str) -> list[str]:
+    return list(ctx.methods) or [get_method(method).name]
+
+
+def _manipulation(ctx: CheckContext, method: str) -> Any:
+    """The one manipulation run of the report (every method measured on the same fine-tuned copy)."""
+    if "manipulation" not in ctx.cache:
+        from mechlens.evaluation.manipulation import manipulation_check
+
+        methods = _report_methods(ctx, method)
+        attack = ctx.manipulation_attack or default_attack(methods)
+        target = _class_target(ctx)
+        ctx.cache["manipulation"] = manipulation_check(
+            ctx.model, ctx.images, target, methods=methods, attack=attack, layer=ctx.layer,
+            method_kwargs={m: ctx.kwargs(m) for m in methods}, progress=ctx.progress,
+            **({} if "manipulated" in ctx.manipulation_options else {"seed": ctx.seed}), **ctx.manipulation_options)
+        ctx.details.setdefault("(manipulation)", {})["manipulation"] = ctx.cache["manipulation"]
+    return ctx.cache["manipulation"]
+
+
+def _class_target(ctx: CheckContext) -> Any:
+    """The report's target as the manipulation takes it: ``None`` (the predicted class) or class
+    indices (it attacks and keeps class logits, not other features)."""
+    if ctx.user_target is None:
+        return None
+    from mechlens.features.base import ClassLogit
+
+    features = [ctx.target.features[int(i)] for i in ctx.target.index]
+    if not all(isinstance(f, ClassLogit) for f in features):
+        raise ValueError(f"the manipulation check attacks class logits; the report's target "
+                         f"({', '.join(sorted(set(ctx.target.names)))}) is not a class: use target=None or class:N")
+    indices = [f.index for f in features]
+    return indices[0] if len(set(indices)) == 1 else torch.tensor(indices)
+
+
+def check_manipulation(ctx: CheckContext, method: str) -> dict[str, Any]:
+    result = _manipulation(ctx, method)
+    row = result.row(method)
+    return {"manipulation_moved": bool(row["moved"]), "manipulation_preserved": bool(result.preserved),
+            "manipulation_attacked": get_method(method).name in result.attacked,
+            "manipulation_mass_gain": float(row["mass_gain"]), "manipulation_spearman": float(row["spearman"])}
+
+
+def _roar(ctx: CheckContext, method: str) -> Any:
+    """The one ROAR run of the report (all methods and the random control; cached under ``cache_dir``)."""
+    if "roar" not in ctx.cache:
+        from mechlens.evaluation.roar import RetrainRecipe, roar
+
+        if ctx.roar_data is None:
+            raise ValueError("the roar check retrains on labelled images: pass roar_data=(train, test), datasets of "
+                             "(image, label) or (images, labels) tensors")
+        recipe = ctx.roar_recipe if ctx.roar_recipe is not None else RetrainRecipe.from_model(ctx.model,
+                                                                                              model_seed=ctx.seed)
+        methods = _report_methods(ctx, method)
+        train, test = ctx.roar_data
+        ctx.cache["roar"] = roar(ctx.model, train, test, methods, recipe=recipe, fractions=ctx.roar_fractions,
+                                 method_kwargs={m: ctx.kwargs(m) for m in methods if ctx.kwargs(m)},
+                                 cache_dir=ctx.cache_dir, seed=ctx.seed, progress=ctx.progress)
+        ctx.details.setdefault("(roar)", {})["roar"] = ctx.cache["roar"]
+    return ctx.cache["roar"]
+
+
+def check_roar(ctx: CheckContext, method: str) -> dict[str, Any]:
+    result = _roar(ctx, method)
+    name = get_method(method).name
+    accuracy, random_accuracy = result.mean_accuracy(name), result.mean_accuracy("random")
+    unmodified = result.unmodified_accuracy
+    return {"roar_faithful": bool(accuracy < random_accuracy), "roar_accuracy": accuracy,
+            "roar_random_accuracy": random_accuracy, "roar_drop": unmodified - accuracy,
+            "roar_random_drop": unmodified - random_accuracy}
+
+
+def default_attack(methods: Sequence[str]) -> list[str]:
+    """What the manipulation check attacks by default: ``gradcam`` when it is among ``methods``, else
+    the first of them that :data:`mechlens.evaluation.manipulation.ATTACKABLE` lists."""
+    attackable = tuple(_manipulation_module().ATTACKABLE)  # read now: the tuple grows
+    names = [get_method(m).name for m in methods]
+    for name in (["gradcam"] if "gradcam" in names else []) + names:
+        if name in attackable:
+            return [name]
+    raise ValueError(f"none of the methods {names} can be attacked by the manipulation check (it differentiates the "
+                     f"maps of {', '.join(attackable)}); name the method(s) to attack (manipulation_attack= / --attack)")
+
+
 #: The report's checks, in order: name -> ``check(ctx, method) -> {column: value}``.
 CHECKS: dict[str, Check] = {
     "randomization": check_randomization,
@@ -199,7 +312,11 @@ CHECKS: dict[str, Check] = {
     "stability": check_stability,
     "max_sensitivity": check_max_sensitivity,
     "sparseness": check_sparseness,
+    "manipulation": check_manipulation,
+    "roar": check_roar,
 }
+#: Checks of :data:`CHECKS` that run only when asked for by name: they fine-tune or retrain models.
+OPTIONAL_CHECKS: frozenset[str] = frozenset({"manipulation", "roar"})
 
 
 def map_agreement(a: torch.Tensor, b: torch.Tensor, *, grid: int = 8) -> torch.Tensor:
@@ -285,7 +402,8 @@ class MethodReport:
     def text(self) -> str:
         """The table and the verdicts as plain text (what the CLI prints)."""
         shown = ("method", "verdict", "randomization", "randomization_rho", "faithful", "ins_minus_del",
-                 "ins_minus_del_random", "faithfulness_corr", "agreement", "pointing_game", "max_sensitivity")
+                 "ins_minus_del_random", "faithfulness_corr", "agreement", "pointing_game", "max_sensitivity",
+                 "manipulation_moved", "manipulation_spearman", "roar_faithful", "roar_drop", "roar_random_drop")
         shown = [c for c in shown if c in self.columns]
         cells = [[_fmt(row.get(c)) for c in shown] for row in self.rows]
         widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(shown)]
@@ -307,12 +425,15 @@ class MethodReport:
 
     def plot(self, *, n: int = 3) -> Any:
         """One figure: each method's maps of the first ``n`` images (rows), then the randomization
-        cascade (mean Spearman per step) and the deletion curves of every method and of a random map."""
+        cascade (mean Spearman per step) and the deletion curves of every method and of a random map
+        (and, when they ran, the manipulation check's map similarity and the ROAR curves)."""
         from mechlens.attribution.display import as_rgb, draw_map, figure
 
         methods = list(self.methods)
         n = min(n, self.images.shape[0]) if self.images is not None else 0
-        cols = max(n, 2)
+        manipulation = self.details.get("(manipulation)", {}).get("manipulation")
+        roar_result = self.details.get("(roar)", {}).get("roar")
+        cols = max(n, 2 + (manipulation is not None) + (roar_result is not None))
         fig = figure(2.2 * cols, 2.0 * len(methods) + 3.0)
         grid = fig.add_gridspec(len(methods) + 1, cols, height_ratios=[1.0] * len(methods) + [1.4])
         for m, method in enumerate(methods):
@@ -334,7 +455,8 @@ class MethodReport:
         ax.set_xlabel("layers randomized (top first)", fontsize=8)
         ax.set_ylabel("Spearman with trained", fontsize=8)
         ax.set_title("randomization check", fontsize=9)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         ax = fig.add_subplot(grid[len(methods), 1])
         for method in methods:
             curve = self.details.get(method, {}).get("deletion")
@@ -347,7 +469,29 @@ class MethodReport:
         ax.set_xlabel("fraction of pixels deleted", fontsize=8)
         ax.set_ylabel("target score", fontsize=8)
         ax.set_title("deletion (lower is faithful)", fontsize=9)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        panel = 2
+        if manipulation is not None:
+            ax = fig.add_subplot(grid[len(methods), panel])
+            panel += 1
+            rows = [manipulation.row(m) for m in methods]
+            ax.bar(range(len(rows)), [r["spearman"] for r in rows],
+                   color=["tab:red" if r["moved"] else "tab:green" for r in rows])
+            ax.set_xticks(range(len(rows)), [f"{m}*" if m in manipulation.attacked else m for m in methods],
+                          rotation=30, fontsize=7, ha="right")
+            ax.set_ylabel("Spearman before / after", fontsize=8)
+            ax.set_title(f"manipulation (* attacked, red: moved)\npredictions kept on {manipulation.agreement:.0%}",
+                         fontsize=8)
+        if roar_result is not None:
+            ax = fig.add_subplot(grid[len(methods), panel])
+            for method, curve in roar_result.accuracy.items():
+                style = dict(color="0.4", linestyle="--") if method == "random" else {}
+                ax.plot(roar_result.fractions, curve, marker="o", label=method, **style)
+            ax.set_xlabel("fraction of pixels removed", fontsize=8)
+            ax.set_ylabel("test accuracy after retraining", fontsize=8)
+            ax.set_title("ROAR (lower is faithful)", fontsize=9)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         return fig
 
@@ -406,9 +550,24 @@ def _verdict(row: dict[str, Any], info: MethodInfo, passing: set[str]) -> tuple[
         reasons.append(f"agrees with {', '.join(others)}")
     else:
         reasons.append("no other method that passes the randomization check agrees with it")
+    manipulated = bool(row.get("manipulation_moved")) and bool(row.get("manipulation_preserved"))
+    if "manipulation_moved" in row:
+        change = f"Spearman {row['manipulation_spearman']:.2f} with its maps before, border mass {row['manipulation_mass_gain']:+.2f}"
+        if manipulated:
+            reasons.append(f"{MANIPULATION_REASON}: {change}")
+        elif row["manipulation_moved"]:
+            reasons.append(f"maps moved by the manipulation fine-tune, but it also changed the predictions ({change}): "
+                           "not conclusive")
+        else:
+            reasons.append(f"maps not moved by the manipulation fine-tune ({change})")
+    roar_faithful = row.get("roar_faithful")
+    if roar_faithful is not None:
+        drops = (f"accuracy drop {row['roar_drop']:.3g} after removing its top pixels and retraining vs "
+                 f"{row['roar_random_drop']:.3g} for a random ranking")
+        reasons.append(f"faithful under ROAR ({drops})" if roar_faithful else f"not faithful under ROAR ({drops})")
     if status == "fails":
         return "do not trust", reasons
-    if status == "passes" and faithful is not False and others:
+    if status == "passes" and faithful is not False and others and not manipulated and roar_faithful is not False:
         return "trust", reasons
     return "use with care", reasons
 
@@ -429,6 +588,13 @@ def _summary(rows: list[dict[str, Any]]) -> str:
         parts.append(f"Use with care: {', '.join(careful)}.")
     if failing:
         parts.append(f"Do not trust: {', '.join(failing)} (they fail the randomization check).")
+    moved = [r["method"] for r in rows if r.get("manipulation_moved") and r.get("manipulation_preserved")]
+    if moved:
+        parts.append(f"A fine-tune that kept the predictions moved the maps of {', '.join(moved)} (Heo et al. 2019): "
+                     "they show how the function is computed as much as what it uses.")
+    unfaithful = [r["method"] for r in rows if r.get("roar_faithful") is False]
+    if unfaithful:
+        parts.append(f"Under ROAR the top pixels of {', '.join(unfaithful)} carried no more of the class than random ones.")
     occlusion = next((r for r in rows if r["method"] == "occlusion"), None)
     if occlusion is not None:
         against = [r["method"] for r in rows if r["family"] in ("gradient", "cam", "smoothing")
@@ -457,15 +623,29 @@ def evaluate_methods(
     agreement_threshold: float = 0.5,
     seed: int = 0,
     progress: bool = False,
+    manipulation_attack: str | Sequence[str] | None = None,
+    manipulation_options: Mapping[str, Any] | None = None,
+    roar_data: tuple[Any, Any] | None = None,
+    roar_recipe: Any = None,
+    roar_fractions: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+    cache_dir: str | Path | None = None,
 ) -> MethodReport:
-    """Run the report's ``checks`` (default all of :data:`CHECKS`; names or a ``{name: check}``
-    mapping) for every method on ``images`` (pixels, as ``model`` takes them) and decide which
-    methods to trust on this model (see the module docstring). ``target``: any feature (default
-    the predicted class), resolved once. ``masks`` ``[B, H, W]``: ground truth for the pointing
-    game / IoU. ``layer``: for CAMs (default the last spatial stage). ``method_kwargs``:
-    per-method arguments. Two methods agree when the mean Spearman correlation of their |maps|
-    pooled to ``agreement_grid`` cells a side (:func:`map_agreement`) reaches
-    ``agreement_threshold``."""
+    """Run the report's ``checks`` (default those of :data:`CHECKS` not in :data:`OPTIONAL_CHECKS`;
+    names or a ``{name: check}`` mapping) for every method on ``images`` (pixels, as ``model`` takes
+    them) and decide which methods to trust on this model (see the module docstring). ``target``:
+    any feature (default the predicted class), resolved once. ``masks`` ``[B, H, W]``: ground truth
+    for the pointing game / IoU. ``layer``: for CAMs (default the last spatial stage).
+    ``method_kwargs``: per-method arguments. Two methods agree when the mean Spearman correlation
+    of their |maps| pooled to ``agreement_grid`` cells a side (:func:`map_agreement`) reaches
+    ``agreement_threshold``.
+
+    The opt-in checks: ``manipulation`` attacks ``manipulation_attack`` (default
+    :func:`default_attack`), fine-tuning on ``images``; ``manipulation_options`` go to
+    :func:`~mechlens.evaluation.manipulation.manipulation_check` (``steps=``, ``eval_images=``,
+    ``region=``, ``tolerance=``, a ready ``manipulated=``...). ``roar`` retrains on
+    ``roar_data=(train, test)`` with ``roar_recipe`` (a :class:`~mechlens.evaluation.roar.RetrainRecipe`;
+    default :meth:`~mechlens.evaluation.roar.RetrainRecipe.from_model`) at ``roar_fractions``,
+    caching its maps and runs under ``cache_dir`` (a rerun resumes)."""
     started = time.perf_counter()
     infos = [get_method(name) for name in methods]  # unknown names fail before any work
     names = [info.name for info in infos]
@@ -476,7 +656,7 @@ def evaluate_methods(
     if isinstance(checks, Mapping):
         chosen = dict(checks)
     else:
-        wanted = list(CHECKS) if checks is None else list(checks)
+        wanted = [c for c in CHECKS if c not in OPTIONAL_CHECKS] if checks is None else list(checks)
         unknown = [c for c in wanted if c not in CHECKS]
         if unknown:
             import difflib
@@ -485,6 +665,8 @@ def evaluate_methods(
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise ValueError(f"unknown check(s) {unknown}.{hint} Available: {', '.join(CHECKS)}")
         chosen = {c: CHECKS[c] for c in wanted}
+    attack = _opt_in_settings(chosen, names, manipulation_attack, manipulation_options, roar_data, roar_recipe,
+                              cache_dir)
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
         raise ValueError(f"images must be a float tensor [B, C, H, W], got {type(images).__name__} "
                          f"{tuple(getattr(images, 'shape', ()))}")
@@ -503,7 +685,10 @@ def evaluate_methods(
             raise ValueError(f"masks must be [B, H, W] = {[images.shape[0], *images.shape[-2:]]}, got {list(masks.shape)}")
     ctx = CheckContext(model=model, images=images, target=resolved, layer=layer, masks=masks, seed=seed,
                        method_kwargs=kwargs_of, deletion_steps=deletion_steps, deletion_baseline=deletion_baseline,
-                       randomization_layers=randomization_layers)
+                       randomization_layers=randomization_layers, methods=names, manipulation_attack=attack,
+                       manipulation_options=dict(manipulation_options or {}),
+                       roar_data=tuple(roar_data) if roar_data is not None else None, roar_recipe=roar_recipe,
+                       roar_fractions=tuple(roar_fractions), cache_dir=cache_dir, user_target=target, progress=progress)
     rows: list[dict[str, Any]] = []
     from tqdm.auto import tqdm
 
@@ -545,8 +730,55 @@ def evaluate_methods(
                 "images": int(images.shape[0]), "checks": list(chosen), "seed": seed,
                 "agreement_grid": agreement_grid, "agreement_threshold": agreement_threshold,
                 "deletion_steps": deletion_steps, "seconds": round(time.perf_counter() - started, 3)}
+    if "manipulation" in ctx.cache:
+        result = ctx.cache["manipulation"]
+        settings["manipulation"] = {"attacked": list(result.attacked), "agreement": result.agreement,
+                                    "tolerance": result.tolerance, "preserved": result.preserved,
+                                    "max_logit_change": result.max_logit_change, "mean_kl": result.mean_kl}
+    if "roar" in ctx.cache:
+        result = ctx.cache["roar"]
+        settings["roar"] = {"fractions": list(result.fractions), "unmodified_accuracy": result.unmodified_accuracy,
+                            "trained": result.trained, "from_cache": result.from_cache,
+                            "cache_dir": None if cache_dir is None else str(cache_dir)}
     return MethodReport(rows=rows, summary=_summary(rows), agreement=agreement, methods=names, details=ctx.details,
                         attributions={n: ctx.attribution(n) for n in names}, images=images.cpu(), settings=settings)
+
+
+def _opt_in_settings(chosen: Mapping[str, Check], names: list[str], attack: str | Sequence[str] | None,
+                     manipulation_options: Mapping[str, Any] | None, roar_data: Any, roar_recipe: Any,
+                     cache_dir: Any) -> list[str] | None:
+    """Refuse, before any work, settings of an opt-in check that is not run (they would be silently
+    ignored) and what the chosen ones cannot do; returns the methods to attack (resolved names)."""
+    manipulation, roar = chosen.get("manipulation"), chosen.get("roar")
+    if manipulation is None and (attack is not None or manipulation_options):
+        raise ValueError("manipulation_attack / manipulation_options configure the manipulation check, which is not "
+                         "run: add 'manipulation' to checks")
+    if roar is None and (roar_data is not None or roar_recipe is not None or cache_dir is not None):
+        raise ValueError("roar_data / roar_recipe / cache_dir configure the roar check, which is not run: add 'roar' "
+                         "to checks")
+    if roar is not None and roar_data is None:
+        raise ValueError("the roar check retrains on labelled images: pass roar_data=(train, test), datasets of "
+                         "(image, label) or (images, labels) tensors")
+    if roar_data is not None and (not isinstance(roar_data, (tuple, list)) or len(roar_data) != 2):
+        raise ValueError(f"roar_data must be a (train, test) pair, got {type(roar_data).__name__}")
+    if manipulation is None:
+        return None
+    manip = _manipulation_module()
+    if attack is None:
+        return default_attack(names)
+    attacked = [get_method(m).name for m in ([attack] if isinstance(attack, str) else list(attack))]
+    refused = [m for m in attacked if m not in manip.ATTACKABLE]
+    if refused or not attacked:
+        raise ValueError(f"the manipulation check cannot attack {', '.join(refused) or 'nothing'}: it differentiates the "
+                         f"maps of {', '.join(manip.ATTACKABLE)}")
+    return attacked
+
+
+def _manipulation_module() -> Any:
+    import importlib
+
+    # by name: ``mechlens.evaluation`` re-exports functions whose names could shadow its submodules
+    return importlib.import_module("mechlens.evaluation.manipulation")
 
 
 def _registry_status(method: str) -> str:

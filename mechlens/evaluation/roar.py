@@ -80,6 +80,31 @@ class RetrainRecipe:
                    weight_decay=recipe.weight_decay, seed=recipe.seed, channels_last=recipe.channels_last)
         return dataclasses.replace(base, **changes)
 
+    @classmethod
+    def from_model(cls, model: Any, *, model_seed: int = 0, **changes: Any) -> "RetrainRecipe":
+        """Retrain the architecture of ``model`` (an ``nn.Module`` or a ``LoadedModel``, which then
+        normalizes the batches) from a fresh copy: its weights re-initialised by every submodule's
+        ``reset_parameters()`` under a seeded RNG (as the randomization check does), the same on every
+        call; ``changes`` set the other fields (``epochs=``, ``device=``...). For models with no recipe
+        of their own (a checkpoint, a timm or torchvision architecture)."""
+        from mechlens.evaluation.randomization import randomize_module_
+
+        net = model if isinstance(model, nn.Module) else getattr(model, "model", None)
+        wrapped = net is not model and dataclasses.is_dataclass(model)
+        if not isinstance(net, nn.Module) or (net is not model and not wrapped):
+            raise TypeError(f"RetrainRecipe.from_model takes an nn.Module or a LoadedModel, got {type(model).__name__}")
+        if not any(True for _ in net.parameters()):
+            raise ValueError(f"{type(net).__name__} has no parameters: there is nothing to retrain")
+
+        def make() -> Any:
+            import copy
+
+            fresh = copy.deepcopy(net).cpu()
+            randomize_module_(fresh, model_seed)
+            return fresh if net is model else dataclasses.replace(model, model=fresh)
+
+        return dataclasses.replace(cls(make_model=make), **changes)
+
     def build(self) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor] | None]:
         """A fresh model and the batch transform it trains with (its normalization, if any)."""
         made = self.make_model()

@@ -95,3 +95,37 @@ def test_attribute_cli_errors_are_one_readable_line(setup, capsys) -> None:
     assert main(["attribute", "--model", "mechlens:small_cnn_tiny", "--image", str(root / "missing.png"),
                  "--out", str(root / "bad")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_attribute_cli_multilayer_cam_takes_layers_and_cam(setup) -> None:
+    root, paths, weights = setup
+    out = root / "multilayer"
+    assert main(["attribute", "--model", "mechlens:small_cnn_tiny", "--weights", str(weights), "--image", paths[0],
+                 "--method", "multilayer_cam", "saliency", "--layers", "stage2", "stage3", "--cam", "layercam",
+                 "--out", str(out), "--save-maps"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["layers"] == ["stage2", "stage3"] and summary["layer"] is None
+    assert summary["methods"]["multilayer_cam"]["shape"] == [1, 64, 64]  # fused at input resolution
+    assert (out / "shape0_multilayer_cam.png").exists()
+    # one layer: the layer of the one-layer CAMs and the single layer multilayer_cam fuses
+    one = root / "multilayer_one"
+    assert main(["attribute", "--model", "mechlens:small_cnn_tiny", "--weights", str(weights), "--image", paths[0],
+                 "--method", "multilayer_cam", "gradcam", "--layer", "stage3", "--out", str(one)]) == 0
+    summary = json.loads((one / "summary.json").read_text())
+    assert summary["layer"] == "stage3" and summary["layers"] == ["stage3"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "multilayer_cam"], "multilayer_cam fuses the CAMs of several layers: pass --layers L1 L2"),
+    (["--method", "saliency", "--layers", "stage2", "stage3"], "none of the methods saliency takes a layer"),
+    (["--method", "saliency", "--layer", "stage2"], "none of the methods saliency takes a layer"),
+    (["--method", "gradcam", "multilayer_cam", "--layers", "stage2", "stage3"], "gradcam takes one --layer"),
+    (["--method", "gradcam", "--cam", "layercam"], "--cam names the CAM that multilayer_cam fuses"),
+    (["--method", "multilayer_cam", "--layers", "stage2", "--cam", "saliency"], "'saliency' is not one"),
+])
+def test_attribute_cli_layer_errors_are_one_line(setup, capsys, extra, message) -> None:
+    root, paths, _ = setup
+    code = main(["attribute", "--model", "mechlens:small_cnn_tiny", "--image", paths[0], *extra, "--out", str(root / "bad")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (root / "bad").exists()

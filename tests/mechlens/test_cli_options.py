@@ -205,6 +205,23 @@ def test_layer_and_layers_are_one_option_and_repeatable():
     assert parser.parse_args(["store", "verify", "p"]).layer is None
 
 
+@pytest.mark.parametrize("command", ["attribute", "evaluate"])
+def test_cam_commands_take_the_shared_layers_for_multilayer_cam(command):
+    """attribute and evaluate take the shared one-or-more ``--layer/--layers`` (one layer for the
+    CAMs, several for ``multilayer_cam``) and ``--cam`` (the CAM it fuses)."""
+    flags = _flags(COMMANDS[command])
+    assert flags["--layers"] is flags["--layer"] and flags["--layer"].nargs == "+"
+    assert flags["--cam"].dest == "cam" and flags["--cam"].default is None
+    args = build_parser().parse_args([*_command_argv(command, Path("o")), "--layers", "stage2", "stage3", "--cam", "layercam"])
+    assert args.layer == ["stage2", "stage3"] and args.cam == "layercam"
+
+
+def test_evaluate_has_the_opt_in_check_flags():
+    flags = _flags(COMMANDS["evaluate"])
+    for flag in ("--attack", "--manipulation-steps", "--roar-epochs", "--roar-fractions", "--cache-dir"):
+        assert flags[flag].default is None, flag  # given only with its check (--checks ...,manipulation / roar)
+
+
 # ----------------------------------------------------------------------------- rule 6
 @pytest.fixture()
 def store(tmp_path) -> Path:

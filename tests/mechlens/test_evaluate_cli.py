@@ -125,3 +125,73 @@ def test_map_agreement_compares_at_a_common_resolution() -> None:
     assert (map_agreement(fine, coarse) > 0.99).all()  # the same map at two resolutions agrees
     other = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1))
     assert (map_agreement(fine, other).abs() < 0.5).all()
+
+
+# ---------------------------------------------------------------------------- opt-in checks, multilayer CAM
+def test_evaluate_cli_manipulation_check_writes_its_columns(tiny_weights, tmp_path, capsys) -> None:
+    out = tmp_path / "manipulation"
+    code = main(_args(tiny_weights, out, "--methods", "saliency,gradcam", "--checks", "deletion,insertion,manipulation",
+                      "--manipulation-steps", "3", "--masks", "none", "--deletion-steps", "4"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    with open(out / "report.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    for column in ("manipulation_moved", "manipulation_preserved", "manipulation_attacked", "manipulation_mass_gain",
+                   "manipulation_spearman"):
+        assert all(row[column] not in ("", None) for row in rows), column
+    assert [row["manipulation_attacked"] for row in rows] == ["False", "True"]  # gradcam, the default attack
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["manipulation"]["attacked"] == ["gradcam"]
+    assert report["settings"]["checks"] == ["deletion", "insertion", "manipulation"]
+    assert "manipulation" in captured.out
+
+
+def test_evaluate_cli_roar_caches_under_out_and_resumes(tiny_weights, tmp_path, capsys) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    data = "synthetic:shapes?n=12&seed=3&split=test"  # ROAR uses its train and test splits, whatever split= says
+    argv = ["evaluate", "--model", "mechlens:small_cnn_tiny", "--weights", str(tiny_weights), "--data", data,
+            "--images", "2", "--methods", "saliency", "--checks", "roar", "--roar-epochs", "1", "--roar-fractions", "0.5",
+            "--json"]
+    assert main([*argv, "--out", str(first)]) == 0, capsys.readouterr().err
+    row = json.loads(capsys.readouterr().out)["rows"][0]
+    assert {"roar_faithful", "roar_accuracy", "roar_random_accuracy", "roar_drop", "roar_random_drop"} <= set(row)
+    settings = json.loads((first / "report.json").read_text())["settings"]["roar"]
+    assert (settings["trained"], settings["from_cache"]) == (3, 0)  # unmodified, saliency and random at 0.5
+    assert (first / "roar_cache" / "runs").is_dir()
+    assert main([*argv, "--out", str(second), "--cache-dir", str(first / "roar_cache")]) == 0, capsys.readouterr().err
+    again = json.loads(capsys.readouterr().out)["rows"][0]
+    settings = json.loads((second / "report.json").read_text())["settings"]["roar"]
+    assert (settings["trained"], settings["from_cache"]) == (0, 3)
+    assert again["roar_accuracy"] == row["roar_accuracy"]
+
+
+def test_evaluate_cli_multilayer_cam_takes_layers(tiny_weights, tmp_path, capsys) -> None:
+    out = tmp_path / "multi"
+    code = main(_args(tiny_weights, out, "--methods", "multilayer_cam,saliency", "--layers", "stage2", "stage3",
+                      "--cam", "layercam", "--checks", "deletion,insertion", "--masks", "none", "--deletion-steps", "4"))
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert [row["method"] for row in report["rows"]] == ["multilayer_cam", "saliency"]
+    assert report["rows"][0]["deletion_auc"] is not None
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--checks", "roar", "--data", "skimage:astronaut"], "has no labelled train/test splits"),
+    (["--attack", "saliency"], "--attack configure(s) the manipulation check, which is not run: add it to --checks"),
+    (["--roar-epochs", "1"], "--roar-epochs configure(s) the roar check"),
+    (["--checks", "manipulation", "--attack", "occlusion"], "cannot attack occlusion"),
+    (["--checks", "manipulation", "--methods", "occlusion"], "none of the methods ['occlusion'] can be attacked"),
+    (["--methods", "multilayer_cam"], "pass --layers L1 L2"),
+    (["--methods", "saliency", "--layers", "stage2", "stage3"], "none of the methods saliency takes a layer"),
+    (["--methods", "gradcam", "--layers", "stage2", "stage3"], "gradcam takes one --layer"),
+    (["--methods", "gradcam", "--cam", "layercam"], "--cam names the CAM that multilayer_cam fuses"),
+])
+def test_evaluate_cli_refuses_opt_in_and_layer_flags_in_one_line(tiny_weights, tmp_path, capsys, extra, message) -> None:
+    argv = _args(tiny_weights, tmp_path / "bad", *extra)
+    if "--data" in extra:  # the later --data wins
+        argv = [a for i, a in enumerate(argv) if a != DATA]
+        argv.remove("--data")
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "bad").exists()

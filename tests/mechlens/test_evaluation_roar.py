@@ -143,3 +143,24 @@ def test_retrain_recipe_from_shapes() -> None:
     assert recipe.fingerprint() == recipe.fingerprint()
     assert RetrainRecipe.from_shapes(ShapesRecipe(), epochs=3).fingerprint() != recipe.fingerprint()
     assert isinstance(RoarResult(fractions=[0.0, 0.5], accuracy={"a": [1.0, 0.5]}).drop("a"), list)
+
+
+def test_retrain_recipe_from_model_builds_the_same_fresh_copy() -> None:
+    from mechlens.models import load_model
+
+    trained = make_model()
+    with torch.no_grad():
+        trained.head.weight.add_(1.0)  # "trained": differs from a fresh initialisation
+    recipe = RetrainRecipe.from_model(trained, model_seed=0, epochs=1)
+    net, transform = recipe.build()
+    assert transform is None and recipe.epochs == 1
+    assert not torch.equal(net.head.weight, trained.head.weight)  # re-initialised, not the trained weights
+    assert recipe.fingerprint() == recipe.fingerprint()  # the same fresh weights on every call
+    assert RetrainRecipe.from_model(trained, model_seed=1).fingerprint() != RetrainRecipe.from_model(trained).fingerprint()
+    loaded = load_model("mechlens:small_cnn_tiny")
+    net, transform = RetrainRecipe.from_model(loaded).build()
+    assert isinstance(net, torch.nn.Module) and net is not loaded.model and transform is not None
+    with pytest.raises(ValueError, match="no parameters"):
+        RetrainRecipe.from_model(torch.nn.Identity())
+    with pytest.raises(TypeError, match="nn.Module or a LoadedModel"):
+        RetrainRecipe.from_model("resnet18")
