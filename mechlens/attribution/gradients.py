@@ -86,6 +86,24 @@ def input_x_gradient(
     return _result("input_x_gradient", grads * inputs, target, values, inputs)
 
 
+def _ig_path(inputs: torch.Tensor, baseline: Any, n_steps: int, integration: str, *, mean: Any = None,
+             blur_sigma: float | None = None, noise_range: tuple[float, float] | None = None, seed: int | None = 0,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integrated Gradients' path ``(x0, step weights [n_steps], alphas [n_steps])``: the baseline
+    (a broadcast view for a constant) and the quadrature nodes. Shared with the manipulability
+    check, which recomputes the same map differentiably."""
+    constant = constant_baseline_value(baseline)
+    if constant is not None:  # a broadcast scalar: no [B, C, H, W] baseline buffer
+        x0 = inputs.new_full((1,) * inputs.dim(), constant).expand_as(inputs)
+    else:
+        x0 = make_baseline(inputs, baseline, mean=mean, blur_sigma=blur_sigma, noise_range=noise_range,
+                           generator=make_generator(inputs.device, seed, generator)).detach()
+    step_list, alpha_list = quadrature(integration, n_steps)
+    steps = torch.tensor(step_list, device=inputs.device, dtype=inputs.dtype)
+    alphas = torch.tensor(alpha_list, device=inputs.device, dtype=inputs.dtype)
+    return x0, steps, alphas
+
+
 @register_method("integrated_gradients", kind="input", family="gradient", multiplies_batch=True, aliases=("ig",))
 def integrated_gradients(
     model: Any,
@@ -112,16 +130,8 @@ def integrated_gradients(
     model = unwrap(model)
     inputs = check_images(inputs).detach()
     target = resolve_target(model, inputs, target)
-    gen = make_generator(inputs.device, seed, generator)
-    constant = constant_baseline_value(baseline)
-    if constant is not None:  # a broadcast scalar: no [B, C, H, W] baseline buffer
-        x0 = inputs.new_full((1,) * inputs.dim(), constant).expand_as(inputs)
-    else:
-        x0 = make_baseline(inputs, baseline, mean=mean, blur_sigma=blur_sigma, noise_range=noise_range,
-                           generator=gen).detach()
-    step_list, alpha_list = quadrature(integration, n_steps)
-    steps = torch.tensor(step_list, device=inputs.device, dtype=inputs.dtype)
-    alphas = torch.tensor(alpha_list, device=inputs.device, dtype=inputs.dtype)
+    x0, steps, alphas = _ig_path(inputs, baseline, n_steps, integration, mean=mean, blur_sigma=blur_sigma,
+                                 noise_range=noise_range, seed=seed, generator=generator)
     batch = inputs.shape[0]
     total = torch.zeros_like(inputs)
     view = (-1,) + (1,) * (inputs.dim() - 1)

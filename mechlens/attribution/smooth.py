@@ -63,25 +63,16 @@ def noise_tunnel(
     target = resolve_target(model, inputs, target)
     batch = inputs.shape[0]
     gen = make_generator(inputs.device, seed, generator)
-    view = (-1,) + (1,) * (inputs.dim() - 1)
-    if stdevs is not None:
-        sigma = torch.full((batch,), float(stdevs), device=inputs.device, dtype=inputs.dtype)
-    else:
-        flat = inputs.flatten(1)
-        sigma = stdev_spread * (flat.amax(dim=1) - flat.amin(dim=1))
-    draws_per_call = n_samples if internal_batch_size is None else max(1, internal_batch_size // batch)
+    sigma = _noise_std(inputs, stdev_spread, stdevs)
     total = total_sq = None
     first: tuple[str, str, dict[str, Any]] | None = None  # kind, channel_reduce, scalar extras of the base
     kwargs = dict(base_kwargs)
     if base_internal_batch_size is not None:
         kwargs["internal_batch_size"] = base_internal_batch_size
     with inference_model(model, keep=target.layers) as model:
-        for start, stop in chunk_ranges(n_samples, draws_per_call):
+        for start, stop in _draw_chunks(n_samples, batch, internal_batch_size):
             m = stop - start
-            # noisy copies in place of the noise: one [m * B, ...] buffer alive during the base method
-            noisy = torch.randn((m, *inputs.shape), generator=gen, device=gen.device).to(inputs)
-            noisy.mul_(sigma.view(1, *view)).add_(inputs.unsqueeze(0))
-            noisy = noisy.reshape(m * batch, *inputs.shape[1:])
+            noisy = _noisy_copies(inputs, sigma, m, gen)  # alive only during the base method
             result = info.fn(model, noisy, target.repeat(m), **kwargs)
             del noisy
             maps = result.map.reshape(m, batch, *result.map.shape[1:])
@@ -108,6 +99,30 @@ def noise_tunnel(
         features=target.names, values=values, kind=first_kind, input_shape=tuple(inputs.shape),
         channel_reduce=first_reduce, extras=extras,
     )
+
+
+def _noise_std(inputs: torch.Tensor, stdev_spread: float, stdevs: float | None) -> torch.Tensor:
+    """``[B]`` noise standard deviations: ``stdevs`` for all, else ``stdev_spread`` times each
+    sample's value range (Smilkov et al.)."""
+    if stdevs is not None:
+        return torch.full((inputs.shape[0],), float(stdevs), device=inputs.device, dtype=inputs.dtype)
+    flat = inputs.flatten(1)
+    return stdev_spread * (flat.amax(dim=1) - flat.amin(dim=1))
+
+
+def _draw_chunks(n_samples: int, batch: int, internal_batch_size: int | None) -> list[tuple[int, int]]:
+    """The noise draws ``[start, stop)`` run per call of the base method (whole draws at a time)."""
+    return list(chunk_ranges(n_samples, n_samples if internal_batch_size is None else max(1, internal_batch_size // batch)))
+
+
+def _noisy_copies(inputs: torch.Tensor, sigma: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
+    """``[m * B, ...]`` noisy copies of ``inputs``, draw-major (row ``r`` is draw ``r // B`` of
+    sample ``r % B``): the next ``m`` draws of ``gen``. Shared with the manipulability check, so
+    that the same seed gives the same noise there."""
+    # noisy copies in place of the noise: one [m * B, ...] buffer
+    noisy = torch.randn((m, *inputs.shape), generator=gen, device=gen.device).to(inputs)
+    noisy.mul_(sigma.view((1, -1) + (1,) * (inputs.dim() - 1))).add_(inputs.unsqueeze(0))
+    return noisy.reshape(m * inputs.shape[0], *inputs.shape[1:])
 
 
 @register_method("smoothgrad", kind="input", family="smoothing", multiplies_batch=True, aliases=("noise_tunnel",),

@@ -42,6 +42,7 @@ from mechlens.evaluation.metrics import (
     sparseness,
 )
 from mechlens.evaluation.manipulation import (
+    ATTACK_DEFAULTS,
     ATTACKABLE,
     REGIONS,
     ManipulatedModel,
@@ -81,7 +82,7 @@ from mechlens.evaluation.similarity import normalize_maps, spearman, ssim
 from mechlens.evaluation.stability import StabilityResult, attribution_stability, shift_images
 
 __all__ = [
-    "ATTACKABLE", "CHECKS", "OPTIONAL_CHECKS", "Check", "CheckContext", "ManipulatedModel", "ManipulationResult", "MethodReport", "REGIONS",
+    "ATTACK_DEFAULTS", "ATTACKABLE", "CHECKS", "OPTIONAL_CHECKS", "Check", "CheckContext", "ManipulatedModel", "ManipulationResult", "MethodReport", "REGIONS",
     "RetrainRecipe", "RoarResult", "VERDICTS", "attacked_map", "default_attack", "evaluate_methods", "manipulate_model",
     "manipulation_check", "map_agreement", "pixel_ranks", "region_mask", "remove_top_pixels", "roar",
     "MetricResult", "RoadResult", "complexity", "faithfulness_correlation", "infidelity", "max_sensitivity",
