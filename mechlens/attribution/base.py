@@ -99,6 +99,25 @@ def chunk_ranges(total: int, size: int | None) -> Iterator[tuple[int, int]]:
         yield start, min(start + step, total)
 
 
+#: Input elements per forward pass that ``internal_batch_size="auto"`` aims at on CPU (14 rows of
+#: 3x224x224, the cap of 256 rows of 3x32x32): measured on the house SmallCNN, 512 perturbed
+#: 224-px rows ran 2.5x faster in chunks of 16 than of 256, whose activations fall out of cache.
+CPU_PASS_ELEMENTS = 1 << 21
+
+
+def rows_per_pass(internal_batch_size: int | str | None, inputs: torch.Tensor, *, cap: int = 256) -> int | None:
+    """Rows per forward pass: ``internal_batch_size`` as given (None: all at once), or for
+    ``"auto"`` ``cap`` rows on an accelerator and, on CPU, as many as fit
+    :data:`CPU_PASS_ELEMENTS` input elements (at least 1, at most ``cap``)."""
+    if internal_batch_size != "auto":
+        if isinstance(internal_batch_size, str):
+            raise ValueError(f"internal_batch_size must be a positive integer, None or 'auto', got {internal_batch_size!r}")
+        return internal_batch_size
+    if inputs.device.type != "cpu":
+        return cap
+    return max(1, min(cap, CPU_PASS_ELEMENTS // max(1, inputs[0].numel())))
+
+
 # ---------------------------------------------------------------------------- targets
 @dataclass(frozen=True)
 class Target:

@@ -4,7 +4,8 @@
   pixels a map ranks highest first (deletion: replace them by a baseline; insertion: start from
   the baseline and put them back) and follow the explained feature's value. A faithful map makes
   the deletion curve fall fast (low AUC) and the insertion curve rise fast (high AUC). All steps
-  of all samples run batched, ``internal_batch_size`` rows at a time. Ties in a map are broken
+  of all samples run batched, ``internal_batch_size`` rows at a time (``"auto"``: see
+  :func:`~mechlens.attribution.base.rows_per_pass`). Ties in a map are broken
   by a seeded random order, so a constant map is a random deletion order.
 * **Pointing game** (Zhang et al.): is the map's maximum inside the ground-truth mask (within
   ``tolerance`` pixels)?
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from mechlens.engine import eval_mode, unwrap
-from mechlens.attribution.base import Attribution, chunk_ranges, resolve_target, takes_pixels
+from mechlens.attribution.base import Attribution, chunk_ranges, resolve_target, rows_per_pass, takes_pixels
 from mechlens.attribution.baselines import make_baseline
 
 __all__ = [
@@ -97,7 +98,7 @@ def perturbation_curve(
     mode: str = "deletion",
     steps: int = 32,
     baseline: Any = "zeros",
-    internal_batch_size: int | None = 256,
+    internal_batch_size: int | str | None = "auto",
     mean: Any = None,
     blur_sigma: float | None = None,
     seed: int = 0,
@@ -128,7 +129,7 @@ def perturbation_curve(
                          generator=torch.Generator(device=inputs.device).manual_seed(seed)).detach()
     scores = torch.empty((steps + 1) * batch, device=inputs.device, dtype=inputs.dtype)
     with eval_mode(model), torch.no_grad():
-        for start, stop in chunk_ranges((steps + 1) * batch, internal_batch_size):
+        for start, stop in chunk_ranges((steps + 1) * batch, rows_per_pass(internal_batch_size, inputs)):
             rows = torch.arange(start, stop, device=inputs.device)
             step, sample = rows // batch, rows % batch
             changed = (ranks[sample] < counts[step].unsqueeze(1)).view(-1, 1, height, width)

@@ -35,7 +35,9 @@ a metric weighs single input elements (:func:`infidelity`). Unlike Quantus, maps
 normalised by their maximum first (Quantus divides by the batch's largest ``|a|`` by default;
 every metric here except :func:`infidelity`, which is scale-dependent by definition, is
 invariant to that). Targets are any feature (:func:`~mechlens.attribution.resolve_target`); all
-perturbed inputs of all samples run through the model ``internal_batch_size`` rows at a time;
+perturbed inputs of all samples run through the model ``internal_batch_size`` rows at a time
+(``"auto"``: 256 on an accelerator, fewer for large images on CPU, see
+:func:`~mechlens.attribution.base.rows_per_pass`);
 randomness comes only from ``seed`` (a ``torch.Generator``). Results are :class:`MetricResult`
 (per-sample ``values``, ``mean``) or :class:`RoadResult`.
 """
@@ -56,6 +58,7 @@ from mechlens.attribution.base import (
     chunk_ranges,
     get_method,
     resolve_target,
+    rows_per_pass,
     takes_pixels,
 )
 from mechlens.attribution.baselines import make_baseline
@@ -371,7 +374,7 @@ def road(
     percentages: Sequence[float] = tuple(range(1, 100, 2)),
     orders: Sequence[str] = ROAD_ORDERS,
     noise: float = 0.01,
-    internal_batch_size: int | None = 256,
+    internal_batch_size: int | str | None = "auto",
     seed: int = 0,
 ) -> RoadResult:
     """ROAD (Remove And Debias) curves of ``saliency`` for the feature ``target``: for each order
@@ -402,7 +405,7 @@ def road(
     # channels-last feed cost more than it saved on small inputs, and there is nothing to fold for)
     with eval_mode(model), torch.no_grad():
         values, _ = resolved.forward(model, inputs, grads=False)
-        for start, stop in chunk_ranges(total, internal_batch_size):
+        for start, stop in chunk_ranges(total, rows_per_pass(internal_batch_size, inputs)):
             rows = torch.arange(start, stop, device=inputs.device)
             sample, step, order = rows % batch, (rows // batch) % n_pct, rows // (batch * n_pct)
             removed = (ranks[order, sample] < counts[step].unsqueeze(1)).view(-1, height, width)
@@ -440,7 +443,7 @@ def infidelity(
     baseline: Any = "zeros",
     perturbations: torch.Tensor | None = None,
     normalize: bool = False,
-    internal_batch_size: int | None = 256,
+    internal_batch_size: int | str | None = "auto",
     seed: int = 0,
 ) -> MetricResult:
     """Infidelity ``mean_k (a . I_k - (f(x) - f(x - I_k)))^2`` per sample (Yeh et al.; Captum's
@@ -488,7 +491,7 @@ def infidelity(
         perturbed_all = (inputs.unsqueeze(1) - perturbations).flatten(0, 1)
     with eval_mode(model), torch.no_grad():
         values, _ = resolved.forward(model, inputs, grads=False)
-        for start, stop in chunk_ranges(total, internal_batch_size):
+        for start, stop in chunk_ranges(total, rows_per_pass(internal_batch_size, inputs)):
             sample = torch.arange(start, stop, device=inputs.device) // samples
             if perturbations is not None:
                 out, _ = _row_values(model, resolved, sample, perturbed_all[start:stop])
@@ -775,7 +778,7 @@ def faithfulness_correlation(
     baseline: Any = "zeros",
     subsets: Any = None,
     mean: Any = None,
-    internal_batch_size: int | None = 256,
+    internal_batch_size: int | str | None = "auto",
     seed: int = 0,
 ) -> MetricResult:
     """Faithfulness correlation (Bhatt et al. 2020; Quantus ``FaithfulnessCorrelation``): for
@@ -825,7 +828,7 @@ def faithfulness_correlation(
     where = chosen if chosen.dim() == 5 else chosen.unsqueeze(2)  # [B, R, 1 or C, H, W]
     with eval_mode(model), torch.no_grad():
         values, _ = resolved.forward(model, inputs, grads=False)
-        for first, last, start, stop in _sample_chunks(batch, runs, internal_batch_size):
+        for first, last, start, stop in _sample_chunks(batch, runs, rows_per_pass(internal_batch_size, inputs)):
             # rows [start, stop) are runs of samples first..last-1: broadcast, no gathered copies
             part = where.flatten(0, 1)[start:stop].unflatten(0, (last - first, -1))
             images = torch.where(part, base[first:last].unsqueeze(1), inputs[first:last].unsqueeze(1)).flatten(0, 1)

@@ -85,7 +85,8 @@ COLUMNS = ("method", "family", "verdict", "randomization", "randomization_rho", 
            "pointing_game", "pointing_chance", "iou", "stability",
            "manipulation_moved", "manipulation_preserved", "manipulation_attacked", "manipulation_mass_gain",
            "manipulation_spearman", "roar_faithful", "roar_accuracy", "roar_random_accuracy", "roar_drop",
-           "roar_random_drop", "registry_randomization", "seconds", "reasons")
+           "roar_random_drop", "roar_unmodified_accuracy", "roar_chance_p", "registry_randomization", "seconds", "reasons")
+ROAR_CHANCE_ALPHA = 0.05  # the unmodified retrain must beat the majority class at this level (binomial test)
 MANIPULATION_REASON = "maps moved by a fine-tune that kept the predictions (Heo et al. 2019)"
 
 
@@ -284,9 +285,13 @@ def check_roar(ctx: CheckContext, method: str) -> dict[str, Any]:
     name = get_method(method).name
     accuracy, random_accuracy = result.mean_accuracy(name), result.mean_accuracy("random")
     unmodified = result.unmodified_accuracy
-    return {"roar_faithful": bool(accuracy < random_accuracy), "roar_accuracy": accuracy,
+    p_chance = result.chance_p_value()
+    # a retrain at chance on the unmodified data makes every drop zero-ish: no verdict either way
+    faithful = bool(accuracy < random_accuracy) if p_chance < ROAR_CHANCE_ALPHA else None
+    return {"roar_faithful": faithful, "roar_accuracy": accuracy,
             "roar_random_accuracy": random_accuracy, "roar_drop": unmodified - accuracy,
-            "roar_random_drop": unmodified - random_accuracy}
+            "roar_random_drop": unmodified - random_accuracy, "roar_unmodified_accuracy": unmodified,
+            "roar_chance_p": p_chance}
 
 
 def default_attack(methods: Sequence[str]) -> list[str]:
@@ -561,6 +566,10 @@ def _verdict(row: dict[str, Any], info: MethodInfo, passing: set[str]) -> tuple[
         else:
             reasons.append(f"maps not moved by the manipulation fine-tune ({change})")
     roar_faithful = row.get("roar_faithful")
+    if "roar_faithful" in row and roar_faithful is None:
+        reasons.append(f"ROAR inconclusive: retrained on the unmodified data the model reaches accuracy "
+                       f"{row['roar_unmodified_accuracy']:.3g}, not above always answering the majority class "
+                       f"(binomial p = {row['roar_chance_p']:.2g}); train longer (roar epochs) or on more images")
     if roar_faithful is not None:
         drops = (f"accuracy drop {row['roar_drop']:.3g} after removing its top pixels and retraining vs "
                  f"{row['roar_random_drop']:.3g} for a random ranking")

@@ -177,6 +177,22 @@ class RoarResult:
     def unmodified_accuracy(self) -> float:
         return next(iter(self.accuracy.values()))[0]
 
+    def chance_p_value(self) -> float:
+        """One-sided binomial p-value that the model retrained on the unmodified data beats always
+        answering the test set's majority class. ROAR compares accuracy drops, which say nothing
+        when that retrain learnt nothing (everything then sits at chance)."""
+        from scipy.stats import binomtest
+
+        if not {"test_images", "majority_share"} <= set(self.settings):
+            raise ValueError("this RoarResult does not record its test set (settings test_images and majority_share, "
+                             "which roar() writes); cannot test the unmodified retrain against chance")
+        n = int(self.settings["test_images"])
+        majority = float(self.settings["majority_share"])
+        if majority >= 1.0:
+            return 1.0  # one class only: nothing to beat
+        correct = int(round(self.unmodified_accuracy * n))
+        return float(binomtest(correct, n, majority, alternative="greater").pvalue)
+
     def drop(self, method: str) -> list[float]:
         """Accuracy lost at each fraction, relative to the unmodified data."""
         return [self.unmodified_accuracy - a for a in self._curve(method)]
@@ -354,6 +370,7 @@ def roar(
                 retrain(RANDOM, _hash(RANDOM, data_key, repr(f), retrain_key, str(seed)), ranks, f) for f in fractions]
     settings = {"methods": names, "target": target, "absolute": absolute, "seed": seed,
                 "train_images": int(train_x.shape[0]), "test_images": int(test_x.shape[0]),
+                "majority_share": float(torch.bincount(test_y).max()) / max(1, int(test_y.numel())),
                 "image_shape": list(train_x.shape[1:]), "fill": [float(v) for v in fill],
                 "recipe": {k: v for k, v in dataclasses.asdict(recipe).items() if k != "make_model"},
                 "method_kwargs": {k: {a: repr(b) for a, b in v.items()} for k, v in kwargs_of.items()}}

@@ -73,8 +73,8 @@ def test_metrics_benchmark_quick_prints_its_json_line() -> None:
     assert line["benchmark"] == "metrics_vs_quantus"
     metrics, ratios = line["figures"]["metrics"], line["ratios"]
     for name in ("road_morf_1channel", "infidelity_equal_work", "max_sensitivity", "random_logit",
-                 "faithfulness_correlation", "sparseness", "complexity", "relevance_mass_accuracy",
-                 "relevance_rank_accuracy"):
+                 "random_logit_beyond_explanation", "faithfulness_correlation", "sparseness", "complexity",
+                 "relevance_mass_accuracy", "relevance_rank_accuracy"):
         assert metrics[name]["mechlens_ms"] > 0 and metrics[name]["quantus_ms"] > 0 and ratios[name] > 0, name
     assert metrics["road_rgb_both_orders"]["mechlens_ms"] > 0
 

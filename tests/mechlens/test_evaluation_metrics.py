@@ -436,3 +436,19 @@ def test_metrics_run_without_warnings(model, images, labels, maps) -> None:
         sparseness(maps)
         complexity(maps)
         infidelity(model, images, labels, maps, n_perturb_samples=2)
+
+
+def test_auto_rows_per_pass_keeps_large_cpu_images_in_cache_and_changes_no_result(model, images, labels, maps) -> None:
+    from mechlens.attribution.base import rows_per_pass
+
+    big = torch.zeros(2, 3, 224, 224)
+    assert rows_per_pass("auto", big) == (1 << 21) // (3 * 224 * 224) == 13
+    assert rows_per_pass("auto", images) == 256  # 32-px images: the cap
+    assert rows_per_pass(None, big) is None and rows_per_pass(40, big) == 40
+    with pytest.raises(ValueError, match="None or 'auto'"):
+        rows_per_pass("max", big)
+    auto = faithfulness_correlation(model, images, labels, maps, n_runs=20, subset_size=64)
+    whole = faithfulness_correlation(model, images, labels, maps, n_runs=20, subset_size=64, internal_batch_size=None)
+    assert torch.allclose(auto.values, whole.values, atol=1e-6)
+    with pytest.raises(ValueError, match="None or 'auto'"):
+        infidelity(model, images, labels, maps, internal_batch_size="max")

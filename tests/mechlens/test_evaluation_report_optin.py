@@ -157,8 +157,12 @@ def test_roar_through_the_report_is_cached_and_resumes(shapes, monkeypatch, tmp_
     for column in ("roar_faithful", "roar_accuracy", "roar_random_accuracy", "roar_drop", "roar_random_drop"):
         assert all(column in row for row in first.rows), column
     for row in first.rows:
-        assert row["roar_faithful"] == (row["roar_drop"] > row["roar_random_drop"])
-        assert any("under ROAR" in reason for reason in row["reasons"])
+        if row["roar_chance_p"] < 0.05:
+            assert row["roar_faithful"] == (row["roar_drop"] > row["roar_random_drop"])
+            assert any("under ROAR" in reason for reason in row["reasons"])
+        else:  # one epoch may leave the unmodified retrain at chance: then no verdict
+            assert row["roar_faithful"] is None
+            assert any(reason.startswith("ROAR inconclusive") for reason in row["reasons"])
     again = evaluate_methods(model, test[0][:4], None, ["saliency", "gradcam"], **kwargs)
     assert (again.settings["roar"]["trained"], again.settings["roar"]["from_cache"]) == (0, 4)
     assert [r["roar_accuracy"] for r in again.rows] == [r["roar_accuracy"] for r in first.rows]
@@ -168,7 +172,8 @@ def test_roar_through_the_report_is_cached_and_resumes(shapes, monkeypatch, tmp_
 def test_a_method_no_better_than_random_under_roar_is_not_trusted(shapes, monkeypatch) -> None:
     model, train, test = shapes
     fake = RoarResult(fractions=[0.0, 0.5], accuracy={"gradcam": [0.9, 0.5], "hirescam": [0.9, 0.85],
-                                                      "random": [0.9, 0.8]})
+                                                      "random": [0.9, 0.8]},
+                      settings={"test_images": 100, "majority_share": 0.34})
     monkeypatch.setattr(roar_module, "roar", lambda *a, **k: fake)
     report = evaluate_methods(model, test[0][:4], None, ["gradcam", "hirescam"],
                               checks={**PASSING, "roar": CHECKS["roar"]}, roar_data=(train, test))
@@ -177,3 +182,25 @@ def test_a_method_no_better_than_random_under_roar_is_not_trusted(shapes, monkey
     assert rows["hirescam"]["roar_faithful"] is False and rows["hirescam"]["verdict"] == "use with care"
     assert any(reason.startswith("not faithful under ROAR") for reason in rows["hirescam"]["reasons"])
     assert "Under ROAR the top pixels of hirescam" in report.summary
+
+
+def test_roar_at_chance_gives_no_verdict(shapes, monkeypatch) -> None:
+    """A retrain that learnt nothing on the unmodified data makes every drop zero: ROAR then says
+    nothing (binomial test against always answering the majority class), instead of 'not faithful'."""
+    model, train, test = shapes
+    # 40 of 100 right with a 34% majority class: p = 0.13 (one-sided binomial), not above chance
+    fake = RoarResult(fractions=[0.0, 0.5], accuracy={"gradcam": [0.40, 0.40], "random": [0.40, 0.40]},
+                      settings={"test_images": 100, "majority_share": 0.34})
+    assert 0.05 < fake.chance_p_value() < 0.2
+    monkeypatch.setattr(roar_module, "roar", lambda *a, **k: fake)
+    report = evaluate_methods(model, test[0][:4], None, ["gradcam"], checks={**PASSING, "roar": CHECKS["roar"]},
+                              roar_data=(train, test))
+    row = report.rows[0]
+    assert row["roar_faithful"] is None and "roar_chance_p" in row
+    assert any(reason.startswith("ROAR inconclusive") for reason in row["reasons"])
+    assert "Under ROAR" not in report.summary
+    learnt = RoarResult(fractions=[0.0, 0.5], accuracy={"gradcam": [0.60, 0.40], "random": [0.60, 0.55]},
+                        settings={"test_images": 100, "majority_share": 0.34})
+    assert learnt.chance_p_value() < 1e-4
+    with pytest.raises(ValueError, match="does not record its test set"):
+        RoarResult(fractions=[0.0, 0.5], accuracy={"gradcam": [0.6, 0.4]}).chance_p_value()
