@@ -15,7 +15,10 @@ where the attacked maps are computed differentiably (double backpropagation, ``c
 several methods at once: the mean of their losses). :data:`ATTACKABLE`: ``saliency``,
 ``input_x_gradient``, ``integrated_gradients``, ``smoothgrad`` / ``smoothgrad_sq`` / ``vargrad``
 (over saliency, input x gradient or IG), and the gradient CAMs ``gradcam``, ``gradcam_plusplus``,
-``hirescam``, ``xgradcam`` and ``layercam`` at a conv layer. :func:`attacked_map` computes exactly
+``hirescam``, ``xgradcam`` and ``layercam`` at a spatial layer, read in the layout the model
+states as the registry reads it (``[B, C, h, w]``, Swin's ``[B, h, w, C]``, ViT tokens with their
+CLS / register tokens dropped; ``layout=``, ``num_prefix_tokens=``, ``grid=`` as for the CAMs;
+attention runs by its math kernel, the fused ones having no double backward). :func:`attacked_map` computes exactly
 the registered method's ``heatmap(absolute=True)`` (same formula, the registry's own IG path and
 quadrature and SmoothGrad noise code, so the same seed gives the same noise; tested to 1e-6).
 Not attackable: guided backprop (its ReLU gradient hooks stay on the graph and would bend the
@@ -69,19 +72,22 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mechlens.attribution.base import attribute, get_method, make_generator, pixel_space
+from mechlens.attribution.base import attribute, get_method, make_generator, pixel_space, token_grid
 from mechlens.attribution.cam import (
     _gradcam_weights,
     _gradcampp_weights,
     _hirescam_weights,
     _layercam_weights,
     _xgradcam_weights,
+    to_grid,
 )
 from mechlens.attribution.gradients import _ig_path
 from mechlens.attribution.smooth import _draw_chunks, _noise_std, _noisy_copies
 from mechlens.attribution.layers import suggest_cam_layer
 from mechlens.engine import HookSet, eval_mode
+from mechlens.features.layout import infer_layouts
 from mechlens.evaluation.similarity import spearman
 from mechlens.models.layers import get_module
 
@@ -161,7 +167,7 @@ _NOISE = ("smoothgrad", "smoothgrad_sq", "vargrad")
 _IG_KEYS = ("baseline", "n_steps", "integration", "mean", "blur_sigma", "noise_range", "seed", "generator")
 _ACCEPTED: dict[str, tuple[str, ...]] = {
     "saliency": ("abs",), "input_x_gradient": (), "integrated_gradients": _IG_KEYS,
-    **{name: ("layer", "relu") for name in _CAM_WEIGHTS},
+    **{name: ("layer", "relu", "layout", "num_prefix_tokens", "grid") for name in _CAM_WEIGHTS},
     **{name: ("base", "n_samples", "stdev_spread", "stdevs", "seed", "generator", "base_internal_batch_size")
        for name in _NOISE},
 }
@@ -214,11 +220,20 @@ def _raw_map(net: nn.Module, x: torch.Tensor, index: torch.Tensor, method: str, 
             hooks.forward(get_module(net, layer), lambda module, args, out: seen.__setitem__("a", out))
             logits = net(x)
         act = seen.get("a")
-        if not isinstance(act, torch.Tensor) or act.dim() != 4:
+        if not isinstance(act, torch.Tensor) or act.dim() not in (3, 4):
             raise ValueError(f"layer {layer!r} gives {type(act).__name__} {tuple(getattr(act, 'shape', ()))}; "
-                             f"attacking {method} needs a conv layer [B, C, h, w]")
+                             f"attacking {method} needs a spatial layer ([B, C, h, w], [B, h, w, C] or [B, tokens, D])")
+        # the layout from the model, as the registry's CAM reads it (never from the rank: Swin's
+        # stages are [B, h, w, C], ViT blocks [B, tokens, D])
+        known = infer_layouts(net, [layer], x, layout=kwargs.get("layout", "auto"),
+                              num_prefix_tokens=kwargs.get("num_prefix_tokens"))[layer]
+        prefix, grid = 0, kwargs.get("grid")
+        if known.layout == "nlc":
+            prefix, grid = token_grid(net, f"layer {layer!r}", act.shape[1], known.num_prefix_tokens, grid,
+                                      tuple(x.shape[-2:]))
         (grad,) = torch.autograd.grad(logits.gather(1, index[:, None]).sum(), act, create_graph=True)
-        cam = _CAM_WEIGHTS[method](act, grad)
+        cam = _CAM_WEIGHTS[method](to_grid(act, layout=known.layout, num_prefix_tokens=prefix, grid=grid),
+                                   to_grid(grad, layout=known.layout, num_prefix_tokens=prefix, grid=grid))
         return (F.relu(cam) if kwargs.get("relu", True) else cam), "layer", logits
     if method in _NOISE:
         noise = dict(kwargs)
@@ -256,13 +271,17 @@ def attacked_map(net: nn.Module, x: torch.Tensor, index: torch.Tensor, method: s
     if name in _CAM_WEIGHTS and kwargs.get("layer") is None:
         kwargs["layer"] = layer
     _check_kwargs(name, kwargs)
-    amap, kind, logits = _raw_map(net, x, index, name, dict(kwargs))
+    # attention by its math kernel: the fused CPU / flash kernels have no double backward (ViTs)
+    with sdpa_kernel(SDPBackend.MATH):
+        amap, kind, logits = _raw_map(net, x, index, name, dict(kwargs))
+        if logits is None:
+            logits = net(x)
     # Attribution.heatmap(absolute=True): channels summed (the gradient methods' channel_reduce),
     # |.| taken, layer maps resized bilinearly
     heat = amap.sum(dim=1).abs() if kind == "input" else amap.abs()
     if tuple(heat.shape[-2:]) != tuple(x.shape[-2:]):
         heat = F.interpolate(heat.unsqueeze(1), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    return heat, (net(x) if logits is None else logits)
+    return heat, logits
 
 
 def _inside_share(heat: torch.Tensor, region: torch.Tensor) -> torch.Tensor:

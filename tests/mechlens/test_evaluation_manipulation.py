@@ -204,3 +204,36 @@ def test_manipulation_refuses_what_it_cannot_do(shapes_cnn) -> None:
                            methods=("saliency",), attack="saliency", steps=1)
     with pytest.raises(ValueError, match="float tensor of images"):
         manipulate_model(model, fit[0], steps=1)
+
+
+@pytest.mark.parametrize("arch", ["swin", "vit_registers"])
+def test_attacked_cams_read_the_layout_from_the_model(arch) -> None:
+    """A Swin stage is [B, h, w, C] and a ViT block [B, tokens, D] with CLS and register tokens:
+    the attacked CAM must be the registry's map there too (before, a 4-d Swin output was read as
+    [B, C, h, w] and the attack moved a map nobody measures)."""
+    timm = pytest.importorskip("timm")
+    from mechlens.attribution import gradcam, vit_cam_layer, xgradcam
+
+    torch.manual_seed(0)
+    if arch == "swin":
+        model = timm.create_model("swin_tiny_patch4_window7_224", embed_dim=24, depths=(1, 1), num_heads=(1, 2),
+                                  img_size=56, window_size=7, num_classes=3).eval()
+        x, layer, method, reference = torch.rand(2, 3, 56, 56), "norm", "gradcam", gradcam
+    else:
+        model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, reg_tokens=4,
+                                  no_embed_class=True).eval()
+        x, method, reference = torch.rand(2, 3, 32, 32), "xgradcam", xgradcam
+        layer = vit_cam_layer(model)
+    index = torch.tensor([0, 1])
+    heat, _ = attacked_map(model, x, index, method, layer=layer)
+    # the attack runs attention by its math kernel (the fused ones have no double backward), so
+    # the reference does too: with the fused kernel the maps differ by up to 2e-4 of their max
+    # (3 seeds; XGrad-CAM divides by activation sums)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = reference(model, x, index, layer=layer).heatmap(absolute=True)
+    assert heat.shape == expected.shape and heat.requires_grad
+    assert torch.allclose(heat.detach(), expected, atol=1e-6 * float(expected.abs().max()), rtol=1e-4)
+    manipulated = manipulate_model(model, x, method=method, layer=layer, steps=2, batch_size=2)
+    assert len(manipulated.history) == 2
