@@ -507,6 +507,20 @@ def list_methods(pattern: str = "*", *, family: str | None = None) -> list[str]:
     )
 
 
+def default_layer(info: MethodInfo, model: Any, inputs: Any, kwargs: dict[str, Any]) -> str | None:
+    """For a method that needs a layer and has none in ``kwargs``: set ``kwargs["layer"]`` to the
+    CLI's default (:func:`~mechlens.attribution.suggest_cam_layer`) and return it; else None.
+    Every entry point that runs a method by name goes through here, so all pick the same layer."""
+    if not info.needs_layer or kwargs.get("layer") is not None:
+        return None
+    from mechlens.attribution.layers import suggest_cam_layer
+
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        raise ValueError(f"{info.name} needs layer= (or a batch of images to pick the default layer from)")
+    kwargs["layer"] = suggest_cam_layer(model, tuple(inputs.shape[1:]))
+    return kwargs["layer"]
+
+
 def attribute(model: Any, inputs: torch.Tensor, target: Any = None, *, method: str = "saliency", **kwargs: Any) -> Attribution:
     """Explain ``target`` (any feature; see :func:`resolve_target`) on ``inputs`` with the
     registered ``method``; ``kwargs`` go to the method (``layer=`` for CAMs, ``n_steps=`` for IG,
@@ -521,13 +535,7 @@ def attribute(model: Any, inputs: torch.Tensor, target: Any = None, *, method: s
     if (isinstance(inputs, torch.Tensor) and inputs.dim() == 3 and preprocessing is not None
             and tuple(inputs.shape) == tuple(preprocessing.input_size)):
         inputs = inputs.unsqueeze(0)
-    chosen = None
-    if info.needs_layer and kwargs.get("layer") is None:
-        from mechlens.attribution.layers import suggest_cam_layer
-
-        if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
-            raise ValueError(f"{method} needs layer= (or a batch of images to pick the default layer from)")
-        chosen = kwargs["layer"] = suggest_cam_layer(model, tuple(inputs.shape[1:]))
+    chosen = default_layer(info, model, inputs, kwargs)
     result = info.fn(model, inputs, target, **kwargs)
     if chosen is not None:
         result.extras.setdefault("layer", chosen)

@@ -56,6 +56,7 @@ from mechlens.attribution.base import (
     Target,
     check_images,
     chunk_ranges,
+    default_layer,
     get_method,
     resolve_target,
     rows_per_pass,
@@ -553,6 +554,7 @@ def max_sensitivity(
     model = unwrap(model)
     inputs = check_images(inputs).detach()
     info = get_method(method)
+    default_layer(info, model, inputs, method_kwargs)
     resolved = resolve_target(model, inputs, target)
     if n_perturb_samples < 1:
         raise ValueError("n_perturb_samples must be at least 1")
@@ -652,6 +654,7 @@ def random_logit(
     model = unwrap(model)
     inputs = check_images(inputs).detach()
     info = get_method(method)
+    default_layer(info, model, inputs, method_kwargs)
     resolved = resolve_target(model, inputs, target)
     batch = inputs.shape[0]
     if others is None:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from mechlens.engine import unwrap
-from mechlens.attribution.base import Attribution, get_method, resolve_target, takes_pixels
+from mechlens.attribution.base import Attribution, default_layer, get_method, resolve_target, takes_pixels
 from mechlens.evaluation.similarity import spearman, ssim
 from mechlens.models.layers import get_module, resolve_layers
 
@@ -155,6 +155,7 @@ def randomization_check(
     method_kwargs = {**kwargs, **(method_kwargs or {})}
     model = unwrap(model)
     info = get_method(method)
+    default_layer(info, model, inputs, method_kwargs)  # chosen on the trained model, kept for every step
     order = randomization_layers(model) if layers is None else resolve_layers(model, layers)
     resolved = resolve_target(model, inputs, target)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mechlens.engine import unwrap
-from mechlens.attribution.base import get_method, resolve_target, takes_pixels
+from mechlens.attribution.base import default_layer, get_method, resolve_target, takes_pixels
 from mechlens.evaluation.similarity import spearman
 
 __all__ = ["StabilityResult", "attribution_stability", "shift_images"]
@@ -74,6 +74,7 @@ def attribution_stability(
     model = unwrap(model)
     info = get_method(method)
     inputs = inputs.detach()
+    default_layer(info, model, inputs, method_kwargs)
     resolved = resolve_target(model, inputs, target)
     batch = inputs.shape[0]
     copies, names = [], []

@@ -452,3 +452,22 @@ def test_auto_rows_per_pass_keeps_large_cpu_images_in_cache_and_changes_no_resul
     assert torch.allclose(auto.values, whole.values, atol=1e-6)
     with pytest.raises(ValueError, match="None or 'auto'"):
         infidelity(model, images, labels, maps, internal_batch_size="max")
+
+
+def test_metrics_that_run_a_layer_method_by_name_take_attributes_default_layer(model, images, labels) -> None:
+    """max_sensitivity / random_logit / stability / randomization with a CAM and no layer= pick the
+    layer attribute() picks (before: a TypeError from deep inside the method)."""
+    from mechlens.attribution import attribute, suggest_cam_layer
+    from mechlens.evaluation import attribution_stability, randomization_check
+
+    layer = suggest_cam_layer(model, tuple(images.shape[1:]))
+    assert attribute(model, images, labels, method="gradcam").extras["layer"] == layer
+    implicit = random_logit(model, images, labels, "gradcam", seed=3)
+    explicit = random_logit(model, images, labels, "gradcam", seed=3, layer=layer)
+    assert torch.equal(implicit.values, explicit.values)
+    implicit = max_sensitivity(model, images, labels, "gradcam", n_perturb_samples=2)
+    explicit = max_sensitivity(model, images, labels, "gradcam", n_perturb_samples=2, layer=layer)
+    assert torch.equal(implicit.values, explicit.values)
+    assert attribution_stability(model, images[:2], labels[:2], "gradcam", shifts=[(1, 0)], n_noise=0) is not None
+    checked = randomization_check(model, images[:2], labels[:2], "gradcam", layers=["head"])
+    assert checked.spearman.shape[0] == 1
