@@ -13,7 +13,8 @@ the advice, and writes ``report.csv``, ``report.json`` and ``report.png`` to ``-
 Two expensive checks are opt-in, named in ``--checks``: ``manipulation`` fine-tunes a copy of the
 model so that the maps of ``--attack`` (default gradcam when it is among the methods) move to the
 image border while the predictions stay (``--manipulation-steps``), and measures how far every
-method's maps moved; ``roar`` removes each method's top pixels from the train and test splits of
+method's maps moved on held-out images (``--manipulation-held-out``: the next images of
+``--data``, as many as ``--images`` by default); ``roar`` removes each method's top pixels from the train and test splits of
 ``--data`` (synthetic shapes and digits have them), retrains a re-initialised copy of the model
 (``--roar-epochs``) at ``--roar-fractions`` and compares the accuracy drop with a random ranking;
 its maps and runs are cached under ``--cache-dir`` (default ``OUT/roar_cache``), so a rerun resumes.
@@ -64,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "the first attackable one)")
     parser.add_argument("--manipulation-steps", type=int, default=None, metavar="N",
                         help="fine-tuning steps of the manipulation check (default 300)")
+    parser.add_argument("--manipulation-held-out", type=int, default=None, metavar="N",
+                        help="images of --data after the evaluated ones on which the manipulation check measures "
+                             "(default: as many as --images; 0: measure on the images it fine-tunes on)")
     parser.add_argument("--roar-epochs", type=int, default=None, metavar="N",
                         help="epochs of each ROAR retrain (default 8)")
     parser.add_argument("--roar-fractions", default=None, metavar="F,F",
@@ -147,7 +151,8 @@ def _opt_in(args: argparse.Namespace, checks: list[str] | None, methods: list[st
 
     chosen = set(checks or ())
     kwargs: dict[str, Any] = {}
-    manipulation_flags = {"--attack": args.attack, "--manipulation-steps": args.manipulation_steps}
+    manipulation_flags = {"--attack": args.attack, "--manipulation-steps": args.manipulation_steps,
+                          "--manipulation-held-out": args.manipulation_held_out}
     roar_flags = {"--roar-epochs": args.roar_epochs, "--roar-fractions": args.roar_fractions,
                   "--cache-dir": args.cache_dir}
     for check, flags in (("manipulation", manipulation_flags), ("roar", roar_flags)):
@@ -163,6 +168,8 @@ def _opt_in(args: argparse.Namespace, checks: list[str] | None, methods: list[st
             if args.manipulation_steps < 1:
                 raise ValueError("--manipulation-steps must be at least 1")
             kwargs["manipulation_options"] = {"steps": args.manipulation_steps}
+        if args.manipulation_held_out is not None and args.manipulation_held_out < 0:
+            raise ValueError("--manipulation-held-out must be 0 (measure on the fine-tuning images) or more")
     if "roar" in chosen:
         kwargs["cache_dir"] = Path(args.cache_dir) if args.cache_dir is not None else Path(args.out) / "roar_cache"
         if args.roar_fractions is not None:
@@ -173,6 +180,19 @@ def _opt_in(args: argparse.Namespace, checks: list[str] | None, methods: list[st
         if args.roar_epochs is not None and args.roar_epochs < 1:
             raise ValueError("--roar-epochs must be at least 1")
     return kwargs
+
+
+def _held_out(args: argparse.Namespace, dataset: Any, count: int) -> range:
+    """Indices of the images the manipulation check measures on: the ones after the evaluated
+    ``count`` (the fine-tune sees only those), as many as asked; refused when --data has too few."""
+    wanted = count if args.manipulation_held_out is None else args.manipulation_held_out
+    if wanted == 0:
+        return range(0)
+    if len(dataset) < count + wanted:
+        raise ValueError(f"the manipulation check measures on {wanted} held-out images after the {count} evaluated "
+                         f"ones, but --data has {len(dataset)}: use a larger dataset, a smaller "
+                         "--manipulation-held-out, or --manipulation-held-out 0 to measure on the fine-tuning images")
+    return range(count, count + wanted)
 
 
 def _roar_source(spec: str) -> tuple[str, str]:
@@ -235,6 +255,11 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     count = min(args.images, len(dataset))
     images = torch.stack([torch.as_tensor(dataset[i][0]).float() for i in range(count)]).to(device)
     masks = _masks(args, dataset, count, tuple(images.shape[-2:]))
+    if "manipulation" in (checks or ()):
+        held_out = _held_out(args, dataset, count)
+        if held_out:
+            extra = torch.stack([torch.as_tensor(dataset[i][0]).float() for i in held_out]).to(device)
+            opt_in.setdefault("manipulation_options", {})["eval_images"] = extra
     report = evaluate_methods(loaded, images, args.target, methods, masks=masks, layer=layer, checks=checks,
                               method_kwargs=_method_kwargs(methods, args, multilayer),
                               deletion_steps=args.deletion_steps, seed=args.seed,

@@ -743,7 +743,10 @@ def evaluate_methods(
         result = ctx.cache["manipulation"]
         settings["manipulation"] = {"attacked": list(result.attacked), "agreement": result.agreement,
                                     "tolerance": result.tolerance, "preserved": result.preserved,
-                                    "max_logit_change": result.max_logit_change, "mean_kl": result.mean_kl}
+                                    "max_logit_change": result.max_logit_change, "mean_kl": result.mean_kl,
+                                    "measured_on": (f"{len(ctx.manipulation_options['eval_images'])} held-out images"
+                                                    if ctx.manipulation_options.get("eval_images") is not None
+                                                    else "the images it fine-tuned on")}
     if "roar" in ctx.cache:
         result = ctx.cache["roar"]
         settings["roar"] = {"fractions": list(result.fractions), "unmodified_accuracy": result.unmodified_accuracy,

@@ -142,8 +142,22 @@ def test_evaluate_cli_manipulation_check_writes_its_columns(tiny_weights, tmp_pa
     assert [row["manipulation_attacked"] for row in rows] == ["False", "True"]  # gradcam, the default attack
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["manipulation"]["attacked"] == ["gradcam"]
+    assert report["settings"]["manipulation"]["measured_on"] == "4 held-out images"  # the 4 after the evaluated 4
     assert report["settings"]["checks"] == ["deletion", "insertion", "manipulation"]
     assert "manipulation" in captured.out
+
+
+def test_evaluate_cli_manipulation_held_out_images(tiny_weights, tmp_path, capsys) -> None:
+    code = main(_args(tiny_weights, tmp_path / "same", "--methods", "gradcam", "--checks", "manipulation",
+                      "--manipulation-steps", "2", "--manipulation-held-out", "0", "--masks", "none"))
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "same" / "report.json").read_text())
+    assert report["settings"]["manipulation"]["measured_on"] == "the images it fine-tuned on"
+    code = main(_args(tiny_weights, tmp_path / "many", "--methods", "gradcam", "--checks", "manipulation",
+                      "--manipulation-held-out", "100000", "--masks", "none"))
+    assert code != 0 and "--manipulation-held-out 0 to measure on the fine-tuning images" in capsys.readouterr().err
+    code = main(_args(tiny_weights, tmp_path / "flag", "--methods", "gradcam", "--manipulation-held-out", "3"))
+    assert code != 0 and "add it to --checks" in capsys.readouterr().err
 
 
 def test_evaluate_cli_roar_caches_under_out_and_resumes(tiny_weights, tmp_path, capsys) -> None:
