@@ -13,7 +13,12 @@ gradient. :func:`evaluate_methods` measures, per method, on one model and one ba
 * ``deletion`` / ``insertion``: the AUCs of the pixel-flipping curves (:func:`deletion_curve`) and
   of a random map on the same images. A method is *faithful* when its insertion AUC exceeds its
   deletion AUC by more than the random map's do (``ins_minus_del`` against
-  ``ins_minus_del_random``): a random order deletes and inserts symmetrically (deleting a fraction
+  ``ins_minus_del_random``), tested over the images: a one-sided Wilcoxon signed-rank test of
+  each image's gain over the random map at level :data:`FAITHFUL_ALPHA` (``faithful_p``; a
+  map no better than random is called faithful at most that often, shown by
+  ``benchmarks/report_calibration.py``). Not significant: ``faithful`` is False when the mean
+  gain is not positive and None (not established) otherwise; either way not *trust*. A random
+  order deletes and inserts symmetrically (deleting a fraction
   t is inserting 1 - t), so its gap is about 0. "Deletes faster than random" alone is not used:
   deleting random pixels makes the images out of distribution faster than deleting a blob does
   (measured on the shapes CNN: Grad-CAM's and occlusion's deletion AUCs were *above* a random
@@ -64,6 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from mechlens.attribution.base import Attribution, MethodInfo, Target, attribute, get_method, pixel_space, resolve_target
@@ -79,13 +85,14 @@ __all__ = ["CHECKS", "OPTIONAL_CHECKS", "Check", "CheckContext", "MethodReport",
 
 VERDICTS = ("trust", "use with care", "do not trust")
 PASS_BELOW, FAIL_AT = 0.5, 0.6  # the registry's randomization thresholds (mechlens.attribution.base.MethodInfo)
-COLUMNS = ("method", "family", "verdict", "randomization", "randomization_rho", "faithful", "ins_minus_del",
-           "ins_minus_del_random", "deletion_auc", "deletion_auc_random", "insertion_auc", "insertion_auc_random",
+COLUMNS = ("method", "family", "verdict", "randomization", "randomization_rho", "faithful", "faithful_p",
+           "ins_minus_del", "ins_minus_del_random", "deletion_auc", "deletion_auc_random", "insertion_auc", "insertion_auc_random",
            "agreement", "agrees_with",
            "pointing_game", "pointing_chance", "iou", "stability",
            "manipulation_moved", "manipulation_preserved", "manipulation_attacked", "manipulation_mass_gain",
            "manipulation_spearman", "roar_faithful", "roar_accuracy", "roar_random_accuracy", "roar_drop",
            "roar_random_drop", "roar_unmodified_accuracy", "roar_chance_p", "registry_randomization", "seconds", "reasons")
+FAITHFUL_ALPHA = 0.05  # level of the one-sided test that a map beats a random one (faithfulness_test)
 ROAR_CHANCE_ALPHA = 0.05  # the unmodified retrain must beat the majority class at this level (binomial test)
 MANIPULATION_REASON = "maps moved by a fine-tune that kept the predictions (Heo et al. 2019)"
 
@@ -165,6 +172,23 @@ def _random_curves(ctx: CheckContext) -> tuple[Any, Any]:
         ctx.cache["random_curves"] = (deletion_curve(ctx.model, ctx.images, ctx.target, maps, **kw),
                                       insertion_curve(ctx.model, ctx.images, ctx.target, maps, **kw))
     return ctx.cache["random_curves"]
+
+
+def faithfulness_test(deletion: Any, insertion: Any, random_deletion: Any, random_insertion: Any
+                      ) -> tuple[bool | None, float]:
+    """``(faithful, p)``: one-sided Wilcoxon signed-rank test, over the images, that a map's
+    insertion - deletion AUC gain exceeds a random map's on the same images (curves from
+    :func:`deletion_curve` / :func:`insertion_curve`). ``faithful``: True when ``p`` <
+    :data:`FAITHFUL_ALPHA`, False when the mean gain is not positive, None (not established)
+    otherwise."""
+    from scipy.stats import wilcoxon
+
+    gain = ((insertion.auc - deletion.auc) - (random_insertion.auc - random_deletion.auc)).double().cpu().numpy()
+    gain = gain[np.isfinite(gain)]
+    p = float(wilcoxon(gain, alternative="greater").pvalue) if np.any(gain != 0) else 1.0
+    if p < FAITHFUL_ALPHA:
+        return True, p
+    return (False if gain.size == 0 or gain.mean() <= 0 else None), p
 
 
 def check_deletion(ctx: CheckContext, method: str) -> dict[str, Any]:
@@ -406,7 +430,7 @@ class MethodReport:
 
     def text(self) -> str:
         """The table and the verdicts as plain text (what the CLI prints)."""
-        shown = ("method", "verdict", "randomization", "randomization_rho", "faithful", "ins_minus_del",
+        shown = ("method", "verdict", "randomization", "randomization_rho", "faithful", "faithful_p", "ins_minus_del",
                  "ins_minus_del_random", "faithfulness_corr", "agreement", "pointing_game", "max_sensitivity",
                  "manipulation_moved", "manipulation_spearman", "roar_faithful", "roar_drop", "roar_random_drop")
         shown = [c for c in shown if c in self.columns]
@@ -547,9 +571,11 @@ def _verdict(row: dict[str, Any], info: MethodInfo, passing: set[str]) -> tuple[
     else:
         reasons.append(f"randomization check inconclusive (Spearman up to {row.get('randomization_rho', float('nan')):.2f})")
     faithful = row.get("faithful")
-    if faithful is not None:
-        gap = f"insertion - deletion AUC {row['ins_minus_del']:.3g} vs {row['ins_minus_del_random']:.3g} for a random map"
-        reasons.append(f"faithful ({gap})" if faithful else f"not faithful ({gap})")
+    if "faithful" in row:
+        gap = (f"insertion - deletion AUC {row['ins_minus_del']:.3g} vs {row['ins_minus_del_random']:.3g} for a random "
+               f"map, p = {row['faithful_p']:.2g}")
+        verdicts = {True: "faithful", False: "not faithful", None: "faithfulness not established"}
+        reasons.append(f"{verdicts[faithful]} ({gap})")
     others = [m for m in row.get("agrees_with", []) if m in passing and m != row["method"]]
     if others:
         reasons.append(f"agrees with {', '.join(others)}")
@@ -576,7 +602,8 @@ def _verdict(row: dict[str, Any], info: MethodInfo, passing: set[str]) -> tuple[
         reasons.append(f"faithful under ROAR ({drops})" if roar_faithful else f"not faithful under ROAR ({drops})")
     if status == "fails":
         return "do not trust", reasons
-    if status == "passes" and faithful is not False and others and not manipulated and roar_faithful is not False:
+    established = faithful is True or "faithful" not in row  # measured: only a significant gain counts
+    if status == "passes" and established and others and not manipulated and roar_faithful is not False:
         return "trust", reasons
     return "use with care", reasons
 
@@ -716,7 +743,12 @@ def evaluate_methods(
             if {"deletion_auc", "insertion_auc", "deletion_auc_random", "insertion_auc_random"} <= set(row):
                 row["ins_minus_del"] = row["insertion_auc"] - row["deletion_auc"]
                 row["ins_minus_del_random"] = row["insertion_auc_random"] - row["deletion_auc_random"]
-                row["faithful"] = bool(row["ins_minus_del"] > row["ins_minus_del_random"])
+                curves = ctx.details.get(info.name, {})
+                if {"deletion", "insertion"} <= set(curves) and "random_curves" in ctx.cache:
+                    row["faithful"], row["faithful_p"] = faithfulness_test(curves["deletion"], curves["insertion"],
+                                                                           *ctx.cache["random_curves"])
+                else:  # AUC columns from custom checks without per-image curves: nothing to test on
+                    row["faithful"], row["faithful_p"] = None, float("nan")
             row["registry_randomization"] = info.randomization
             row["seconds"] = round(time.perf_counter() - t0, 3)
             rows.append(row)

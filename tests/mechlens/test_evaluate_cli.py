@@ -209,3 +209,23 @@ def test_evaluate_cli_refuses_opt_in_and_layer_flags_in_one_line(tiny_weights, t
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "bad").exists()
+
+
+def test_report_calibration_benchmark_quick_prints_its_json_line(trained_shapes_model) -> None:
+    """benchmarks/report_calibration.py --quick: 20 null runs (a random map against the random
+    control) and 3 power runs on the shapes model. The exact one-sided Wilcoxon test calls at most
+    5% of null runs faithful, so more than 5 of 20 has probability 3e-4; the old mean-gain rule
+    called 0.6 of them faithful. Grad-CAM and occlusion were called faithful in 3 of 3 runs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "report_calibration.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--cache", str(trained_shapes_model.checkpoint.parent)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["benchmark"] == "report_calibration"
+    figures = line["figures"]
+    assert figures["runs"] == 20 and figures["null_fpr"] <= 0.25
+    assert max(figures[f"power/{m}"] for m in ("input_x_gradient", "gradcam", "occlusion")) > 0

@@ -302,3 +302,25 @@ def test_registry_randomization_labels_match_what_the_check_measures(shapes, met
         assert 0.05 < worst < 0.75, (label, worst)
     else:
         assert "passes" in variant and worst < 0.5, (label, worst)
+
+
+def test_faithfulness_test_is_one_sided_over_images() -> None:
+    """True only when the per-image gain over the random map is significant (exact one-sided
+    Wilcoxon), False when the mean gain is not positive, None (not established) in between."""
+    from types import SimpleNamespace
+
+    from mechlens.evaluation.report import faithfulness_test
+
+    def curves(insertion_minus_deletion):
+        gap = torch.as_tensor(insertion_minus_deletion, dtype=torch.float64)
+        return SimpleNamespace(auc=torch.zeros_like(gap)), SimpleNamespace(auc=gap)  # deletion, insertion
+
+    control = curves([0.0] * 8)
+    faithful, p = faithfulness_test(*curves([0.3, 0.2, 0.4, 0.1, 0.5, 0.2, 0.3, 0.25]), *control)
+    assert faithful is True and abs(p - 1 / 256) < 1e-12  # 8 positive gains: the exact minimum
+    faithful, p = faithfulness_test(*curves([-0.3, -0.2, -0.4, -0.1, -0.5, -0.2, -0.3, -0.25]), *control)
+    assert faithful is False and p > 0.99
+    faithful, p = faithfulness_test(*curves([0.3, -0.2, 0.4, -0.1, 0.05, -0.2, 0.3, 0.01]), *control)
+    assert faithful is None and 0.05 <= p < 1
+    assert faithfulness_test(*curves([0.0] * 8), *control) == (False, 1.0)
+    assert faithfulness_test(*curves([0.3, 0.2, 0.4]), *curves([0.0] * 3))[0] is None  # 3 images: p >= 1/8
