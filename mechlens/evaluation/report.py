@@ -50,7 +50,10 @@ ask for them with ``checks=[..., "manipulation", "roar"]``):
   all methods at once, cached and resumable under ``cache_dir``: ``roar_accuracy`` (mean test
   accuracy over ``roar_fractions`` after removing each method's top pixels and retraining),
   ``roar_random_accuracy`` (a random ranking), ``roar_drop`` / ``roar_random_drop`` (from the
-  unmodified data) and ``roar_faithful`` (its drop is larger than the random ranking's).
+  unmodified data) and ``roar_faithful``: True when its accuracy is below the random ranking's
+  by a one-sided two-proportion test at 0.05 (``roar_gap_p``; the test images' sampling only,
+  not the retraining's noise), False when it is not below at all, None otherwise and when the
+  retrain on the unmodified data does not beat the majority class (``roar_chance_p``).
 
 Verdicts: ``trust`` (passes the randomization check, is faithful, and agrees with another method
 that passes; and, when those checks ran, is not moved by a fine-tune that kept the predictions and
@@ -90,7 +93,7 @@ COLUMNS = ("method", "family", "verdict", "randomization", "randomization_rho", 
            "agreement", "agrees_with",
            "pointing_game", "pointing_chance", "iou", "stability",
            "manipulation_moved", "manipulation_preserved", "manipulation_attacked", "manipulation_mass_gain",
-           "manipulation_spearman", "roar_faithful", "roar_accuracy", "roar_random_accuracy", "roar_drop",
+           "manipulation_spearman", "roar_faithful", "roar_gap_p", "roar_accuracy", "roar_random_accuracy", "roar_drop",
            "roar_random_drop", "roar_unmodified_accuracy", "roar_chance_p", "registry_randomization", "seconds", "reasons")
 FAITHFUL_ALPHA = 0.05  # level of the one-sided test that a map beats a random one (faithfulness_test)
 ROAR_CHANCE_ALPHA = 0.05  # the unmodified retrain must beat the majority class at this level (binomial test)
@@ -304,6 +307,19 @@ def _roar(ctx: CheckContext, method: str) -> Any:
     return ctx.cache["roar"]
 
 
+def _roar_gap_p(accuracy: float, random_accuracy: float, n: int) -> float:
+    """One-sided p-value that the method's mean ROAR accuracy is below the random ranking's, by a
+    two-proportion z-test on ``n`` test images per arm. It treats the mean over fractions as one
+    proportion (its variance is at most a single fraction's) and the arms as independent (they
+    share the test images, which only lowers the variance of the gap): conservative for the test
+    sample; the retraining's own noise (one retrain per fraction) is not in it."""
+    from scipy.stats import norm
+
+    pooled = (accuracy + random_accuracy) / 2
+    spread = math.sqrt(max(2 * pooled * (1 - pooled) / max(n, 1), 1e-12))
+    return float(norm.sf((random_accuracy - accuracy) / spread))
+
+
 def check_roar(ctx: CheckContext, method: str) -> dict[str, Any]:
     result = _roar(ctx, method)
     name = get_method(method).name
@@ -311,8 +327,11 @@ def check_roar(ctx: CheckContext, method: str) -> dict[str, Any]:
     unmodified = result.unmodified_accuracy
     p_chance = result.chance_p_value()
     # a retrain at chance on the unmodified data makes every drop zero-ish: no verdict either way
-    faithful = bool(accuracy < random_accuracy) if p_chance < ROAR_CHANCE_ALPHA else None
-    return {"roar_faithful": faithful, "roar_accuracy": accuracy,
+    faithful = None
+    gap_p = _roar_gap_p(accuracy, random_accuracy, int(result.settings["test_images"]))
+    if p_chance < ROAR_CHANCE_ALPHA:
+        faithful = True if gap_p < ROAR_CHANCE_ALPHA else (False if accuracy >= random_accuracy else None)
+    return {"roar_faithful": faithful, "roar_gap_p": gap_p, "roar_accuracy": accuracy,
             "roar_random_accuracy": random_accuracy, "roar_drop": unmodified - accuracy,
             "roar_random_drop": unmodified - random_accuracy, "roar_unmodified_accuracy": unmodified,
             "roar_chance_p": p_chance}
@@ -596,10 +615,12 @@ def _verdict(row: dict[str, Any], info: MethodInfo, passing: set[str]) -> tuple[
         reasons.append(f"ROAR inconclusive: retrained on the unmodified data the model reaches accuracy "
                        f"{row['roar_unmodified_accuracy']:.3g}, not above always answering the majority class "
                        f"(binomial p = {row['roar_chance_p']:.2g}); train longer (roar epochs) or on more images")
+    drops = (f"accuracy drop {row.get('roar_drop', float('nan')):.3g} after removing its top pixels and retraining "
+             f"vs {row.get('roar_random_drop', float('nan')):.3g} for a random ranking, p = {row.get('roar_gap_p', float('nan')):.2g}")
     if roar_faithful is not None:
-        drops = (f"accuracy drop {row['roar_drop']:.3g} after removing its top pixels and retraining vs "
-                 f"{row['roar_random_drop']:.3g} for a random ranking")
         reasons.append(f"faithful under ROAR ({drops})" if roar_faithful else f"not faithful under ROAR ({drops})")
+    elif "roar_faithful" in row and row.get("roar_chance_p", 1.0) < ROAR_CHANCE_ALPHA:
+        reasons.append(f"faithfulness under ROAR not established ({drops})")
     if status == "fails":
         return "do not trust", reasons
     established = faithful is True or "faithful" not in row  # measured: only a significant gain counts

@@ -157,8 +157,9 @@ def test_roar_through_the_report_is_cached_and_resumes(shapes, monkeypatch, tmp_
     for column in ("roar_faithful", "roar_accuracy", "roar_random_accuracy", "roar_drop", "roar_random_drop"):
         assert all(column in row for row in first.rows), column
     for row in first.rows:
-        if row["roar_chance_p"] < 0.05:
-            assert row["roar_faithful"] == (row["roar_drop"] > row["roar_random_drop"])
+        if row["roar_chance_p"] < 0.05:  # faithful only when significant, unfaithful when not below random
+            expected = True if row["roar_gap_p"] < 0.05 else (False if row["roar_drop"] <= row["roar_random_drop"] else None)
+            assert row["roar_faithful"] is expected
             assert any("under ROAR" in reason for reason in row["reasons"])
         else:  # one epoch may leave the unmodified retrain at chance: then no verdict
             assert row["roar_faithful"] is None
@@ -179,6 +180,7 @@ def test_a_method_no_better_than_random_under_roar_is_not_trusted(shapes, monkey
                               checks={**PASSING, "roar": CHECKS["roar"]}, roar_data=(train, test))
     rows = {r["method"]: r for r in report.rows}
     assert rows["gradcam"]["roar_faithful"] is True and rows["gradcam"]["verdict"] == "trust"
+    assert rows["gradcam"]["roar_gap_p"] < 1e-4  # 0.5 vs 0.8 on 100 images
     assert rows["hirescam"]["roar_faithful"] is False and rows["hirescam"]["verdict"] == "use with care"
     assert any(reason.startswith("not faithful under ROAR") for reason in rows["hirescam"]["reasons"])
     assert "Under ROAR the top pixels of hirescam" in report.summary
@@ -204,3 +206,19 @@ def test_roar_at_chance_gives_no_verdict(shapes, monkeypatch) -> None:
     assert learnt.chance_p_value() < 1e-4
     with pytest.raises(ValueError, match="does not record its test set"):
         RoarResult(fractions=[0.0, 0.5], accuracy={"gradcam": [0.6, 0.4]}).chance_p_value()
+
+
+def test_a_small_roar_gap_is_not_called_faithful(shapes, monkeypatch) -> None:
+    """1 point below random on 100 test images is within sampling noise: not established, which
+    neither earns nor blocks trust; 1 point above random is 'not faithful'."""
+    model, train, test = shapes
+    fake = RoarResult(fractions=[0.0, 0.5], accuracy={"gradcam": [0.9, 0.79], "hirescam": [0.9, 0.81],
+                                                      "random": [0.9, 0.80]},
+                      settings={"test_images": 100, "majority_share": 0.34})
+    monkeypatch.setattr(roar_module, "roar", lambda *a, **k: fake)
+    report = evaluate_methods(model, test[0][:4], None, ["gradcam", "hirescam"],
+                              checks={**PASSING, "roar": CHECKS["roar"]}, roar_data=(train, test))
+    rows = {r["method"]: r for r in report.rows}
+    assert rows["gradcam"]["roar_faithful"] is None and 0.3 < rows["gradcam"]["roar_gap_p"] < 0.5
+    assert any(r.startswith("faithfulness under ROAR not established") for r in rows["gradcam"]["reasons"])
+    assert rows["hirescam"]["roar_faithful"] is False
